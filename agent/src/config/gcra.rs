@@ -1,0 +1,89 @@
+//! Configured rates → the GCRA parameters the kernel enforces. The kernel
+//! only adds and compares: each unit (connection, byte, knock) costs a fixed
+//! number of nanoseconds of budget, and the burst is how far the budget may
+//! run ahead of real time. A cost of 0 means unlimited.
+
+use portcullis_common::{BYTE_COST_SHIFT, KernelConfig};
+
+use super::{KnockSection, Limits};
+
+const NS_PER_SEC: u64 = 1_000_000_000;
+
+/// One identity's rate limits in kernel units (the rate fields of
+/// `portcullis_common::Identity`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Gcra {
+    /// Nanoseconds of budget one new connection costs.
+    pub conn_cost_ns: u64,
+    pub conn_burst_ns: u64,
+    /// Nanoseconds per ingress byte, fixed point with `BYTE_COST_SHIFT`
+    /// fraction bits.
+    pub in_byte_cost: u64,
+    pub in_burst_ns: u64,
+    /// Nanoseconds per egress byte, same fixed point.
+    pub out_byte_cost: u64,
+    pub out_burst_ns: u64,
+}
+
+impl Limits {
+    pub fn to_gcra(&self) -> Gcra {
+        let (conn_cost_ns, conn_burst_ns) = event_gcra(self.conn_per_sec, self.conn_burst);
+        let (in_byte_cost, in_burst_ns) = byte_gcra(self.bytes_per_sec, self.bytes_burst);
+        let (out_byte_cost, out_burst_ns) =
+            byte_gcra(self.egress_bytes_per_sec, self.egress_bytes_burst);
+        Gcra {
+            conn_cost_ns,
+            conn_burst_ns,
+            in_byte_cost,
+            in_burst_ns,
+            out_byte_cost,
+            out_burst_ns,
+        }
+    }
+}
+
+impl KnockSection {
+    /// The node-wide kernel knobs. With knocking off, the knock fields stay 0
+    /// (port 0 tells the kernel there is no knock port to limit).
+    pub fn kernel_config(&self, events_per_sec: u32) -> KernelConfig {
+        let mut config = KernelConfig {
+            events_per_sec,
+            ..KernelConfig::default()
+        };
+        if self.enabled() {
+            config.knock_port = self.port;
+            (config.knock_src_cost_ns, config.knock_src_burst_ns) =
+                event_gcra(self.per_source_per_sec, self.per_source_burst);
+            (config.knock_all_cost_ns, config.knock_all_burst_ns) =
+                event_gcra(self.global_per_sec, self.global_burst);
+        }
+        config
+    }
+}
+
+/// `(cost, burst)` in nanoseconds for `per_sec` discrete events (connections,
+/// knocks) with `burst` of them allowed back to back.
+fn event_gcra(per_sec: u32, burst: u32) -> (u64, u64) {
+    if per_sec == 0 {
+        return (0, 0);
+    }
+    let cost = NS_PER_SEC / u64::from(per_sec);
+    (cost, cost.saturating_mul(u64::from(burst)))
+}
+
+/// `(cost, burst)` for a byte rate. The cost is fixed point because a byte
+/// at any realistic rate costs well under a nanosecond; the burst is computed
+/// from the rate directly so it carries no rounding from the cost.
+fn byte_gcra(per_sec: u64, burst: u64) -> (u64, u64) {
+    if per_sec == 0 {
+        return (0, 0);
+    }
+    let ns = u128::from(NS_PER_SEC);
+    let cost = (ns << BYTE_COST_SHIFT) / u128::from(per_sec);
+    let burst_ns = u128::from(burst) * ns / u128::from(per_sec);
+    (saturate(cost), saturate(burst_ns))
+}
+
+fn saturate(v: u128) -> u64 {
+    u64::try_from(v).unwrap_or(u64::MAX)
+}

@@ -1,0 +1,186 @@
+//! The configuration file as written: every key optional, integers as TOML's
+//! `i64`, addresses as text. Ranges, defaults, required keys and
+//! cross-references are `validate`'s job, so their errors can name the key
+//! and the fix in plain words instead of serde's type names.
+//!
+//! Every struct denies unknown keys. When serde rejects the file, `parse`
+//! finds which section and key were at fault (serde's own message names
+//! neither) and reports that path with the toml crate's line/column text.
+
+use std::collections::BTreeMap;
+
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use toml::{Table, Value};
+
+use super::{ConfigError, LogFormat, Protocol, XdpMode};
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawConfig {
+    #[serde(default)]
+    pub agent: RawAgent,
+    #[serde(default)]
+    pub kernel: RawKernel,
+    #[serde(default)]
+    pub knock: RawKnock,
+    #[serde(default)]
+    pub limits: RawLimits,
+    #[serde(default)]
+    pub identities: BTreeMap<String, RawLimits>,
+    #[serde(default)]
+    pub services: Vec<RawService>,
+    #[serde(default)]
+    pub admissions: Vec<RawAdmission>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAgent {
+    pub node_id: Option<String>,
+    pub log_format: Option<LogFormat>,
+    pub stats_interval_ms: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKernel {
+    pub interfaces: Option<Vec<String>>,
+    pub xdp_mode: Option<XdpMode>,
+    pub egress: Option<bool>,
+    pub pin_dir: Option<String>,
+    pub bpffs: Option<String>,
+    pub max_flows: Option<i64>,
+    pub max_admissions: Option<i64>,
+    pub max_knock_sources: Option<i64>,
+    pub events_per_sec: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawKnock {
+    pub port: Option<i64>,
+    pub per_source_per_sec: Option<i64>,
+    pub per_source_burst: Option<i64>,
+    pub global_per_sec: Option<i64>,
+    pub global_burst: Option<i64>,
+}
+
+/// Both `[limits]` and each `[identities.<name>]` (a subset of the same keys).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawLimits {
+    pub conn_per_sec: Option<i64>,
+    pub conn_burst: Option<i64>,
+    pub bytes_per_sec: Option<i64>,
+    pub bytes_burst: Option<i64>,
+    pub egress_bytes_per_sec: Option<i64>,
+    pub egress_bytes_burst: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawService {
+    pub name: Option<String>,
+    pub protocol: Option<Protocol>,
+    pub port: Option<i64>,
+    pub address: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAdmission {
+    pub identity: Option<String>,
+    pub source: Option<String>,
+    pub service: Option<String>,
+    pub ttl_secs: Option<i64>,
+    pub source_port: Option<i64>,
+}
+
+/// Parses the file's text into its raw shape.
+pub(super) fn parse(text: &str) -> Result<RawConfig, ConfigError> {
+    toml::from_str(text).map_err(|error| {
+        let detail = error.to_string();
+        // A document that is not even a table is a syntax error: no key to blame.
+        match toml::from_str::<Table>(text) {
+            Err(_) => ConfigError::Syntax { detail },
+            Ok(doc) => ConfigError::Toml {
+                field: locate(&doc),
+                fix: fix_for(error.message()),
+                detail,
+            },
+        }
+    })
+}
+
+/// The path of the first key serde rejects. Each section is deserialized on
+/// its own, then key by key; this works because every raw field is optional,
+/// so a single key can only fail for its own sake.
+fn locate(doc: &Table) -> String {
+    doc.iter()
+        .find_map(|(key, value)| match key.as_str() {
+            "agent" => probe::<RawAgent>(key, value),
+            "kernel" => probe::<RawKernel>(key, value),
+            "knock" => probe::<RawKnock>(key, value),
+            "limits" => probe::<RawLimits>(key, value),
+            "identities" => probe_entries::<RawLimits>(key, value),
+            "services" => probe_items::<RawService>(key, value),
+            "admissions" => probe_items::<RawAdmission>(key, value),
+            _ => Some(key.clone()),
+        })
+        // Unreachable while the list above matches RawConfig; stay useful anyway.
+        .unwrap_or_else(|| "config".to_owned())
+}
+
+/// `Some(path)` of the offending key if `value` is not a valid `T`.
+fn probe<T: DeserializeOwned>(path: &str, value: &Value) -> Option<String> {
+    if value.clone().try_into::<T>().is_ok() {
+        return None;
+    }
+    let Value::Table(table) = value else {
+        return Some(path.to_owned());
+    };
+    let culprit = table.iter().find(|&(key, value)| {
+        let single = Table::from_iter([(key.clone(), value.clone())]);
+        Value::Table(single).try_into::<T>().is_err()
+    });
+    Some(match culprit {
+        Some((key, _)) => format!("{path}.{key}"),
+        None => path.to_owned(),
+    })
+}
+
+/// `[[section]]`: an array of tables, blamed as `section[i].key`.
+fn probe_items<T: DeserializeOwned>(path: &str, value: &Value) -> Option<String> {
+    let Value::Array(items) = value else {
+        return Some(path.to_owned());
+    };
+    items
+        .iter()
+        .enumerate()
+        .find_map(|(i, item)| probe::<T>(&format!("{path}[{i}]"), item))
+}
+
+/// `[section.<name>]`: a table of tables, blamed as `section.name.key`.
+fn probe_entries<T: DeserializeOwned>(path: &str, value: &Value) -> Option<String> {
+    let Value::Table(entries) = value else {
+        return Some(path.to_owned());
+    };
+    entries
+        .iter()
+        .find_map(|(name, entry)| probe::<T>(&format!("{path}.{name}"), entry))
+}
+
+/// Plain-words advice for serde's message kinds; the message itself (with
+/// the expected keys or values) follows in the toml crate's text.
+fn fix_for(message: &str) -> &'static str {
+    if message.starts_with("unknown field") {
+        "not a known key here; remove it or fix its spelling (the valid keys are listed below)"
+    } else if message.starts_with("unknown variant") {
+        "not an allowed value; use one of the values listed below"
+    } else if message.starts_with("invalid type") {
+        "wrong kind of value (text, number, boolean, list or table); fix it as described below"
+    } else {
+        "fix the value as described below"
+    }
+}

@@ -1,0 +1,384 @@
+//! Typed handles on every map, opened either from a freshly loaded object or
+//! from pins, and the operations the agent performs on them. Nothing else in
+//! the agent touches aya maps.
+
+use std::{
+    net::IpAddr,
+    path::{Path, PathBuf},
+};
+
+use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
+use portcullis_common::{
+    ADMIT_ONE_USE, Admission, AdmissionKey, DropEvent, Flow, FlowKey, IDENTITY_FREE,
+    IDENTITY_LIVE, IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig, MAX_IDENTITIES, Meta,
+    PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry,
+    RateState, Reason, ServiceKey, maps as names,
+};
+
+use super::KernelError;
+
+pub struct Maps {
+    pub ports: Array<MapData, PortEntry>,
+    pub services: HashMap<MapData, ServiceKey, u32>,
+    pub admissions: HashMap<MapData, AdmissionKey, Admission>,
+    pub identities: Array<MapData, Identity>,
+    pub rates: Array<MapData, RateState>,
+    pub flows: HashMap<MapData, FlowKey, Flow>,
+    pub id_stats: PerCpuArray<MapData, IdentityStats>,
+    pub drops: PerCpuArray<MapData, u64>,
+    pub config: Array<MapData, KernelConfig>,
+    pub events: RingBuf<MapData>,
+    pub meta: Array<MapData, Meta>,
+}
+
+/// One protected service as the kernel sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ServiceEntry {
+    pub id: u32,
+    pub proto: u8,
+    pub port: u16,
+    pub addr: Option<IpAddr>,
+}
+
+/// IPv4 as IPv4-mapped IPv6 (the kernel's key format), IPv6 as is.
+pub fn addr_bytes(ip: IpAddr) -> [u8; 16] {
+    match ip {
+        IpAddr::V4(v4) => portcullis_common::v4_mapped(v4.octets()),
+        IpAddr::V6(v6) => v6.octets(),
+    }
+}
+
+pub fn bytes_addr(b: [u8; 16]) -> IpAddr {
+    let v6 = std::net::Ipv6Addr::from(b);
+    match v6.to_ipv4_mapped() {
+        Some(v4) => IpAddr::V4(v4),
+        None => IpAddr::V6(v6),
+    }
+}
+
+impl Maps {
+    /// Takes the maps out of a loaded object.
+    pub fn from_ebpf(ebpf: &mut aya::Ebpf) -> Result<Self, KernelError> {
+        Self::build(|name| {
+            ebpf.take_map(name)
+                .ok_or_else(|| KernelError::MissingMap(name.to_string()))
+        })
+    }
+
+    /// Opens pinned maps under `dir` (`<pin_dir>/maps`).
+    pub fn from_pins(dir: &Path) -> Result<Self, KernelError> {
+        Self::build(|name| {
+            let path = dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|e| KernelError::Map {
+                map: name.to_string(),
+                detail: format!("open pin {}: {e}", path.display()),
+            })?;
+            Map::from_map_data(data).map_err(|e| KernelError::map(name, e))
+        })
+    }
+
+    fn build(mut take: impl FnMut(&str) -> Result<Map, KernelError>) -> Result<Self, KernelError> {
+        macro_rules! typed {
+            ($name:expr) => {{
+                let m = take($name)?;
+                m.try_into().map_err(|e| KernelError::map($name, e))?
+            }};
+        }
+        Ok(Maps {
+            ports: typed!(names::PORTS),
+            services: typed!(names::SERVICES),
+            admissions: typed!(names::ADMISSIONS),
+            identities: typed!(names::IDENTITIES),
+            rates: typed!(names::RATES),
+            flows: typed!(names::FLOWS),
+            id_stats: typed!(names::ID_STATS),
+            drops: typed!(names::DROPS),
+            config: typed!(names::CONFIG),
+            events: typed!(names::EVENTS),
+            meta: typed!(names::META),
+        })
+    }
+
+    pub fn read_meta(&self) -> Result<Meta, KernelError> {
+        self.meta.get(&0, 0).map_err(|e| KernelError::map(names::META, e))
+    }
+
+    pub fn write_meta(&mut self, meta: Meta) -> Result<(), KernelError> {
+        self.meta
+            .set(0, meta, 0)
+            .map_err(|e| KernelError::map(names::META, e))
+    }
+
+    pub fn set_kernel_config(&mut self, cfg: KernelConfig) -> Result<(), KernelError> {
+        self.config
+            .set(0, cfg, 0)
+            .map_err(|e| KernelError::map(names::CONFIG, e))
+    }
+
+    /// Makes the port table and the address-specific service map exactly
+    /// match `services` (plus the knock port), writing only what differs.
+    pub fn sync_services(
+        &mut self,
+        services: &[ServiceEntry],
+        knock_port: u16,
+    ) -> Result<(), KernelError> {
+        let mut want = vec![PortEntry::default(); PORT_TABLE_SIZE as usize];
+        let mut want_by_addr = std::collections::HashMap::new();
+        for s in services {
+            let e = &mut want[s.port as usize];
+            match (s.addr, s.proto == PROTO_TCP) {
+                (None, true) => e.tcp_service = s.id,
+                (None, false) => e.udp_service = s.id,
+                (Some(a), tcp) => {
+                    e.flags |= if tcp { PORT_TCP_BY_ADDR } else { PORT_UDP_BY_ADDR };
+                    let key = ServiceKey {
+                        addr: addr_bytes(a),
+                        port: s.port,
+                        proto: s.proto,
+                        _pad: 0,
+                    };
+                    want_by_addr.insert(key, s.id);
+                }
+            }
+        }
+        if knock_port != 0 {
+            want[knock_port as usize].flags |= PORT_KNOCK;
+        }
+        // Address-specific entries first, so a port flag never points at a
+        // missing entry; stale ones removed after the port table is right.
+        for (k, v) in &want_by_addr {
+            self.services
+                .insert(k, v, 0)
+                .map_err(|e| KernelError::map(names::SERVICES, e))?;
+        }
+        for (port, entry) in want.iter().enumerate() {
+            let cur = self
+                .ports
+                .get(&(port as u32), 0)
+                .map_err(|e| KernelError::map(names::PORTS, e))?;
+            if cur != *entry {
+                self.ports
+                    .set(port as u32, *entry, 0)
+                    .map_err(|e| KernelError::map(names::PORTS, e))?;
+            }
+        }
+        let stale: Vec<ServiceKey> = self
+            .services
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !want_by_addr.contains_key(k))
+            .collect();
+        for k in stale {
+            let _ = self.services.remove(&k);
+        }
+        Ok(())
+    }
+
+    pub fn identity(&self, slot: u32) -> Result<Identity, KernelError> {
+        self.identities
+            .get(&slot, 0)
+            .map_err(|e| KernelError::map(names::IDENTITIES, e))
+    }
+
+    /// The slot holding the identity with this key, if any.
+    pub fn find_identity(&self, key: u64) -> Result<Option<u32>, KernelError> {
+        for slot in 1..MAX_IDENTITIES {
+            let id = self.identity(slot)?;
+            if id.state != IDENTITY_FREE && id.key == key {
+                return Ok(Some(slot));
+            }
+        }
+        Ok(None)
+    }
+
+    /// Writes (or refreshes the limits of) a live identity; slot 0 is never
+    /// used so that a zeroed value can never look like a valid reference.
+    /// Returns the slot and its current epoch.
+    pub fn upsert_identity(&mut self, mut ident: Identity) -> Result<(u32, u32), KernelError> {
+        let slot = match self.find_identity(ident.key)? {
+            Some(s) => s,
+            None => self.free_slot()?,
+        };
+        let cur = self.identity(slot)?;
+        ident.state = IDENTITY_LIVE;
+        // Keep the epoch across refreshes: existing admissions stay valid.
+        // A revoked slot being reused gets a new epoch, which kills
+        // anything still carrying the old one.
+        ident.epoch = if cur.state == IDENTITY_REVOKED {
+            cur.epoch.wrapping_add(1)
+        } else {
+            cur.epoch
+        };
+        if cur.state == IDENTITY_FREE {
+            self.rates
+                .set(slot, RateState::default(), 0)
+                .map_err(|e| KernelError::map(names::RATES, e))?;
+        }
+        self.identities
+            .set(slot, ident, 0)
+            .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
+        Ok((slot, ident.epoch))
+    }
+
+    fn free_slot(&self) -> Result<u32, KernelError> {
+        for slot in 1..MAX_IDENTITIES {
+            if self.identity(slot)?.state == IDENTITY_FREE {
+                return Ok(slot);
+            }
+        }
+        Err(KernelError::IdentitiesExhausted(MAX_IDENTITIES - 1))
+    }
+
+    /// Admits `source` to `service` as identity `slot` until `expires_ns`
+    /// (kernel monotonic time). `src_port` != 0 makes it flow-scoped.
+    pub fn admit(
+        &mut self,
+        slot: u32,
+        source: IpAddr,
+        service: u32,
+        src_port: u16,
+        expires_ns: u64,
+    ) -> Result<(), KernelError> {
+        let ident = self.identity(slot)?;
+        if ident.state != IDENTITY_LIVE {
+            return Err(KernelError::IdentityNotLive(slot));
+        }
+        let key = AdmissionKey {
+            addr: addr_bytes(source),
+            service,
+            src_port,
+            _pad: 0,
+        };
+        let value = Admission {
+            identity: slot,
+            epoch: ident.epoch,
+            expires_ns,
+            flags: if src_port != 0 { ADMIT_ONE_USE } else { 0 },
+            _pad: 0,
+        };
+        self.admissions
+            .insert(key, value, 0)
+            .map_err(|e| KernelError::map(names::ADMISSIONS, e))
+    }
+
+    /// Revokes an identity: its epoch changes, so every flow and admission
+    /// that carries the old one dies on its next packet.
+    pub fn revoke_identity(&mut self, slot: u32) -> Result<usize, KernelError> {
+        let mut ident = self.identity(slot)?;
+        ident.state = IDENTITY_REVOKED;
+        ident.epoch = ident.epoch.wrapping_add(1);
+        self.identities
+            .set(slot, ident, 0)
+            .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
+        let removed = self.remove_admissions(|k, v| {
+            let _ = k;
+            v.identity == slot
+        })?;
+        self.remove_flows(|_, f| f.identity == slot)?;
+        Ok(removed)
+    }
+
+    /// Removes every admission of `source` to `service` (any source port)
+    /// and the flows they created.
+    pub fn revoke_source(&mut self, source: IpAddr, service: u32) -> Result<usize, KernelError> {
+        let addr = addr_bytes(source);
+        let removed = self.remove_admissions(|k, _| k.addr == addr && k.service == service)?;
+        self.remove_flows(|k, f| k.src == addr && f.service == service)?;
+        Ok(removed)
+    }
+
+    /// Deletes admissions whose kernel-time expiry has passed (the kernel
+    /// already ignores them; this returns the space).
+    pub fn reap_expired(&mut self, now_ns: u64) -> Result<usize, KernelError> {
+        self.remove_admissions(|_, v| v.expires_ns <= now_ns)
+    }
+
+    pub fn admissions(&self) -> Vec<(AdmissionKey, Admission)> {
+        self.admissions.iter().filter_map(Result::ok).collect()
+    }
+
+    fn remove_admissions(
+        &mut self,
+        pred: impl Fn(&AdmissionKey, &Admission) -> bool,
+    ) -> Result<usize, KernelError> {
+        let doomed: Vec<AdmissionKey> = self
+            .admissions
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            let _ = self.admissions.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &Flow) -> bool) -> Result<usize, KernelError> {
+        let doomed: Vec<FlowKey> = self
+            .flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, v)| pred(k, v))
+            .map(|(k, _)| k)
+            .collect();
+        for k in &doomed {
+            let _ = self.flows.remove(k);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Drop (and pass) counters summed over CPUs, indexed by `Reason`.
+    pub fn reason_counts(&self) -> Result<[u64; Reason::COUNT as usize], KernelError> {
+        let mut out = [0u64; Reason::COUNT as usize];
+        for (i, slot) in out.iter_mut().enumerate() {
+            let per_cpu = self
+                .drops
+                .get(&(i as u32), 0)
+                .map_err(|e| KernelError::map(names::DROPS, e))?;
+            *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    pub fn identity_stats(&self, slot: u32) -> Result<IdentityStats, KernelError> {
+        let per_cpu = self
+            .id_stats
+            .get(&slot, 0)
+            .map_err(|e| KernelError::map(names::ID_STATS, e))?;
+        let mut s = IdentityStats::default();
+        for c in per_cpu.iter() {
+            s.connections += c.connections;
+            s.packets_in += c.packets_in;
+            s.bytes_in += c.bytes_in;
+            s.packets_out += c.packets_out;
+            s.bytes_out += c.bytes_out;
+            s.dropped += c.dropped;
+        }
+        Ok(s)
+    }
+
+    /// Drains the sampled drop events the kernel has written so far.
+    pub fn drain_events(&mut self, max: usize) -> Vec<DropEvent> {
+        let mut out = Vec::new();
+        while out.len() < max {
+            let Some(item) = self.events.next() else { break };
+            if item.len() >= std::mem::size_of::<DropEvent>() {
+                // SAFETY: the kernel wrote a DropEvent (repr(C), Pod); the
+                // read is unaligned-safe.
+                let ev = unsafe { std::ptr::read_unaligned(item.as_ptr() as *const DropEvent) };
+                out.push(ev);
+            }
+        }
+        out
+    }
+
+    pub fn flow_count(&self) -> usize {
+        self.flows.keys().filter_map(Result::ok).count()
+    }
+}
+
+/// Where each map is pinned.
+pub fn pin_path(pin_dir: &Path, map: &str) -> PathBuf {
+    pin_dir.join("maps").join(map)
+}

@@ -1,0 +1,4 @@
+//! The portcullis agent: the modules behind the `portcullis` binary.
+
+pub mod config;
+pub mod kernel;

@@ -1,0 +1,240 @@
+//! The XDP decision (design.md, "Data plane"): unprotected traffic passes on
+//! one array lookup; traffic to a protected service passes only on a live
+//! flow or admission, within the identity's rates; everything else drops
+//! with a counted reason. No RST, no ICMP: the port looks closed.
+
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use portcullis_common::{
+    ADMIT_ONE_USE, Admission, AdmissionKey, Flow, FlowKey, IDENTITY_LIVE, PORT_KNOCK,
+    PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
+};
+
+use crate::{
+    ADMISSIONS, CONFIG, FLOWS, ID_STATS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES,
+    SERVICES, count, events,
+    parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
+    ratelimit::{byte_cost, conform},
+};
+
+/// A flow re-validates against its admission at least this often, so an
+/// admission deleted by the agent stops its flows within a second even if
+/// the agent never touches the flow table.
+const FLOW_RECHECK_NS: u64 = 1_000_000_000;
+
+#[inline(always)]
+pub fn decide(ctx: &XdpContext) -> u32 {
+    let (data, end) = (ctx.data(), ctx.data_end());
+    let pkt = match parse(data, end) {
+        Parsed::Pass => return xdp_action::XDP_PASS,
+        Parsed::Bad(reason) => return drop(reason, None, 0),
+        Parsed::L4(s) => s,
+    };
+    let Some(port) = PORTS.get(pkt.dport as u32) else {
+        return xdp_action::XDP_PASS;
+    };
+    let (service, by_addr) = if pkt.proto == PROTO_TCP {
+        (port.tcp_service, port.flags & PORT_TCP_BY_ADDR != 0)
+    } else {
+        if port.flags & PORT_KNOCK != 0 {
+            return knock(&pkt);
+        }
+        (port.udp_service, port.flags & PORT_UDP_BY_ADDR != 0)
+    };
+    let service = if by_addr {
+        lookup_by_addr(&pkt).unwrap_or(service)
+    } else {
+        service
+    };
+    if service == 0 {
+        return xdp_action::XDP_PASS;
+    }
+    if pkt.first_fragment {
+        // Fragments cannot be judged per packet; a legitimate client of a
+        // model port has no reason to fragment (PMTU discovery avoids it).
+        return drop(Reason::Fragment, Some(&pkt), service);
+    }
+    let len = (end - data) as u64;
+    enforce(&pkt, service, len)
+}
+
+#[inline(always)]
+fn lookup_by_addr(pkt: &Summary) -> Option<u32> {
+    let key = ServiceKey {
+        addr: pkt.dst,
+        port: pkt.dport,
+        proto: pkt.proto,
+        _pad: 0,
+    };
+    unsafe { SERVICES.get(&key) }.copied()
+}
+
+#[inline(always)]
+fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
+    let now = unsafe { bpf_ktime_get_ns() };
+    let key = FlowKey {
+        src: pkt.src,
+        dst: pkt.dst,
+        sport: pkt.sport,
+        dport: pkt.dport,
+        proto: pkt.proto,
+        _pad: [0; 3],
+    };
+    let mut revalidating = false;
+    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        let flow = unsafe { &mut *flow };
+        let Some(ident) = IDENTITIES.get(flow.identity) else {
+            return drop(Reason::Revoked, Some(pkt), service);
+        };
+        if ident.state != IDENTITY_LIVE || ident.epoch != flow.epoch {
+            let _ = FLOWS.remove(&key);
+            return drop_for(flow.identity, Reason::Revoked, pkt, service);
+        }
+        if now < flow.expires_ns {
+            return admit_packet(flow.identity, ident.in_byte_cost, ident.in_burst_ns, len, now, false, pkt, service);
+        }
+        revalidating = true;
+    }
+    // No flow (or its cached expiry passed): the admission decides.
+    let mut akey = AdmissionKey {
+        addr: pkt.src,
+        service,
+        src_port: 0,
+        _pad: 0,
+    };
+    let adm: Admission = match unsafe { ADMISSIONS.get(&akey) } {
+        Some(a) => *a,
+        None => {
+            // A flow-scoped admission covers exactly this source port.
+            akey.src_port = pkt.sport;
+            match unsafe { ADMISSIONS.get(&akey) } {
+                Some(a) => *a,
+                None => {
+                    if revalidating {
+                        let _ = FLOWS.remove(&key);
+                    }
+                    return drop(Reason::NoAdmission, Some(pkt), service);
+                }
+            }
+        }
+    };
+    if now >= adm.expires_ns {
+        if revalidating {
+            let _ = FLOWS.remove(&key);
+        }
+        return drop_for(adm.identity, Reason::Expired, pkt, service);
+    }
+    let Some(ident) = IDENTITIES.get(adm.identity) else {
+        return drop(Reason::Revoked, Some(pkt), service);
+    };
+    if ident.state != IDENTITY_LIVE || ident.epoch != adm.epoch {
+        if revalidating {
+            let _ = FLOWS.remove(&key);
+        }
+        return drop_for(adm.identity, Reason::Revoked, pkt, service);
+    }
+    let new_conn = !revalidating
+        && (pkt.proto == PROTO_UDP
+            || (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN);
+    if new_conn {
+        let Some(rate) = RATES.get_ptr_mut(adm.identity) else {
+            return drop(Reason::Revoked, Some(pkt), service);
+        };
+        if !conform(unsafe { &raw mut (*rate).conn_tat }, now, ident.conn_cost_ns, ident.conn_burst_ns) {
+            return drop_for(adm.identity, Reason::ConnRate, pkt, service);
+        }
+    }
+    let recheck = now.saturating_add(FLOW_RECHECK_NS);
+    let flow = Flow {
+        identity: adm.identity,
+        epoch: adm.epoch,
+        service,
+        _pad: 0,
+        expires_ns: if adm.expires_ns < recheck { adm.expires_ns } else { recheck },
+    };
+    if FLOWS.insert(&key, &flow, 0).is_err() {
+        return drop_for(adm.identity, Reason::FlowInsert, pkt, service);
+    }
+    if adm.flags & ADMIT_ONE_USE != 0 {
+        let _ = ADMISSIONS.remove(&akey);
+    }
+    admit_packet(adm.identity, ident.in_byte_cost, ident.in_burst_ns, len, now, new_conn, pkt, service)
+}
+
+/// Charges the identity's ingress byte rate and counters for a packet that
+/// an admission covers.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+fn admit_packet(
+    slot: u32,
+    byte_cost_q16: u64,
+    burst_ns: u64,
+    len: u64,
+    now: u64,
+    new_conn: bool,
+    pkt: &Summary,
+    service: u32,
+) -> u32 {
+    if byte_cost_q16 != 0 {
+        let Some(rate) = RATES.get_ptr_mut(slot) else {
+            return drop(Reason::Revoked, Some(pkt), service);
+        };
+        if !conform(unsafe { &raw mut (*rate).in_tat }, now, byte_cost(len, byte_cost_q16), burst_ns) {
+            return drop_for(slot, Reason::ByteRate, pkt, service);
+        }
+    }
+    if let Some(st) = ID_STATS.get_ptr_mut(slot) {
+        let st = unsafe { &mut *st };
+        st.packets_in += 1;
+        st.bytes_in += len;
+        if new_conn {
+            st.connections += 1;
+        }
+    }
+    count(Reason::Passed);
+    xdp_action::XDP_PASS
+}
+
+/// Pre-auth limit for knock datagrams: per source, then node-wide, so a
+/// single noisy source cannot spend the node budget of everyone else.
+#[inline(always)]
+fn knock(pkt: &Summary) -> u32 {
+    let Some(cfg) = CONFIG.get(0) else {
+        return drop(Reason::KnockGlobalRate, Some(pkt), 0);
+    };
+    let now = unsafe { bpf_ktime_get_ns() };
+    match KNOCK_SRC.get_ptr_mut(&pkt.src) {
+        Some(tat) => {
+            if !conform(tat, now, cfg.knock_src_cost_ns, cfg.knock_src_burst_ns) {
+                return drop(Reason::KnockSourceRate, Some(pkt), 0);
+            }
+        }
+        None => {
+            // First datagram from this source: one unit of its budget.
+            let _ = KNOCK_SRC.insert(&pkt.src, &now.saturating_add(cfg.knock_src_cost_ns), 0);
+        }
+    }
+    let Some(all) = KNOCK_ALL.get_ptr_mut(0) else {
+        return drop(Reason::KnockGlobalRate, Some(pkt), 0);
+    };
+    if !conform(all, now, cfg.knock_all_cost_ns, cfg.knock_all_burst_ns) {
+        return drop(Reason::KnockGlobalRate, Some(pkt), 0);
+    }
+    count(Reason::KnockPassed);
+    xdp_action::XDP_PASS
+}
+
+#[inline(always)]
+fn drop(reason: Reason, pkt: Option<&Summary>, service: u32) -> u32 {
+    count(reason);
+    events::sample(reason, pkt, service);
+    xdp_action::XDP_DROP
+}
+
+/// A drop attributed to a known identity also lands in its counters.
+#[inline(always)]
+fn drop_for(slot: u32, reason: Reason, pkt: &Summary, service: u32) -> u32 {
+    if let Some(st) = ID_STATS.get_ptr_mut(slot) {
+        unsafe { (*st).dropped += 1 };
+    }
+    drop(reason, Some(pkt), service)
+}

@@ -1,0 +1,325 @@
+//! Developer tasks for portcullis, run as `cargo xtask <task>`.
+//!
+//! Every task shells out to the ordinary tools (rustup, cargo, apt-get, mount)
+//! with inherited stdio and stops at the first command that fails.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+
+/// bpf-linker must link the same LLVM as the nightly rustc; 0.10.3 does.
+const BPF_LINKER_VERSION: &str = "0.10.3";
+/// Debian packages the tests and the demo use.
+const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "ethtool"];
+const BPFFS: &str = "/sys/fs/bpf";
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "portcullis developer tasks"
+)]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install prerequisites: toolchains, bpf-linker, Debian packages, bpffs (root, idempotent)
+    Setup,
+    /// Build release binaries (the agent's build.rs builds the eBPF object)
+    Build,
+    /// Run the test suite as root; extra arguments go to `cargo test`
+    Test {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Check formatting and run clippy with warnings denied
+    Lint,
+    /// setup, then lint, then test
+    Ci,
+    /// Run benchmarks; extra arguments go to the benchmark binary
+    Bench {
+        what: Bench,
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Build and run `portcullis demo`; extra arguments go to the demo
+    Demo {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Bench {
+    Xdp,
+    All,
+}
+
+fn main() -> ExitCode {
+    match dispatch(Cli::parse().task) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(task: Task) -> Result<()> {
+    match task {
+        Task::Setup => setup(),
+        Task::Build => build(),
+        Task::Test { args } => test(&args),
+        Task::Lint => lint(),
+        Task::Ci => {
+            setup()?;
+            lint()?;
+            test(&[])
+        }
+        Task::Bench { what, args } => bench(what, &args),
+        Task::Demo { args } => demo(&args),
+    }
+}
+
+// ---- tasks ----------------------------------------------------------------
+
+fn setup() -> Result<()> {
+    require_root("setup", "it installs system packages and mounts bpffs")?;
+    ensure_nightly()?;
+    ensure_component("nightly", "rust-src")?;
+    ensure_component("stable", "clippy")?;
+    ensure_component("stable", "rustfmt")?;
+    ensure_bpf_linker()?;
+    ensure_apt_packages()?;
+    ensure_bpffs()?;
+    println!("setup: done");
+    Ok(())
+}
+
+fn build() -> Result<()> {
+    run(cargo().args(["build", "--release"]))
+}
+
+fn test(args: &[String]) -> Result<()> {
+    require_root(
+        "test",
+        "it loads BPF programs and creates network namespaces",
+    )?;
+    run(cargo().args(["test", "--release"]).args(args))
+}
+
+fn lint() -> Result<()> {
+    run(cargo().args(["fmt", "--all", "--", "--check"]))?;
+    run(cargo().args([
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))
+}
+
+fn bench(what: Bench, args: &[String]) -> Result<()> {
+    match what {
+        Bench::Xdp | Bench::All => bench_xdp(args),
+    }
+}
+
+fn bench_xdp(args: &[String]) -> Result<()> {
+    run(cargo()
+        .args([
+            "run",
+            "--release",
+            "-p",
+            "portcullis-tests",
+            "--bin",
+            "portcullis-bench",
+        ])
+        .args(["--", "xdp"])
+        .args(args))
+}
+
+fn demo(args: &[String]) -> Result<()> {
+    build()?;
+    let binary = target_dir().join("release").join("portcullis");
+    run(Command::new(binary)
+        .current_dir(workspace_root())
+        .arg("demo")
+        .args(args))
+}
+
+// ---- setup steps ----------------------------------------------------------
+
+fn ensure_nightly() -> Result<()> {
+    let list = capture(Command::new("rustup").args(["toolchain", "list"]))?;
+    if list.lines().any(|l| l.starts_with("nightly")) {
+        println!("setup: nightly toolchain present");
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["toolchain", "install", "nightly", "--profile", "minimal"]))
+}
+
+fn ensure_component(toolchain: &str, component: &str) -> Result<()> {
+    let installed = capture(Command::new("rustup").args([
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        toolchain,
+    ]))?;
+    let prefix = format!("{component}-");
+    if installed
+        .lines()
+        .any(|l| l == component || l.starts_with(&prefix))
+    {
+        println!("setup: {component} ({toolchain}) present");
+        return Ok(());
+    }
+    run(Command::new("rustup").args(["component", "add", component, "--toolchain", toolchain]))
+}
+
+fn ensure_bpf_linker() -> Result<()> {
+    let version = capture(Command::new("bpf-linker").arg("--version")).unwrap_or_default();
+    if version.split_whitespace().any(|w| w == BPF_LINKER_VERSION) {
+        println!("setup: bpf-linker {BPF_LINKER_VERSION} present");
+        return Ok(());
+    }
+    run(Command::new("cargo").args([
+        "install",
+        "bpf-linker",
+        "--version",
+        BPF_LINKER_VERSION,
+        "--locked",
+    ]))
+}
+
+fn ensure_apt_packages() -> Result<()> {
+    let missing: Vec<&str> = APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|p| !dpkg_installed(p))
+        .collect();
+    if missing.is_empty() {
+        println!(
+            "setup: Debian packages present ({})",
+            APT_PACKAGES.join(", ")
+        );
+        return Ok(());
+    }
+    println!("setup: installing Debian packages: {}", missing.join(", "));
+    run(apt().arg("update"))?;
+    run(apt()
+        .args(["install", "-y", "--no-install-recommends"])
+        .args(&missing))
+}
+
+fn dpkg_installed(package: &str) -> bool {
+    capture(Command::new("dpkg-query").args(["-W", "-f=${Status}", package]))
+        .is_ok_and(|status| status == "install ok installed")
+}
+
+fn ensure_bpffs() -> Result<()> {
+    let fs_type = capture(Command::new("stat").args(["-f", "-c", "%T", BPFFS]))?;
+    if fs_type == "bpf_fs" {
+        println!("setup: bpffs mounted at {BPFFS}");
+        return Ok(());
+    }
+    run(Command::new("mount").args(["-t", "bpf", "bpf", BPFFS]))
+}
+
+// ---- helpers --------------------------------------------------------------
+
+fn require_root(task: &str, why: &str) -> Result<()> {
+    let uid = capture(Command::new("id").arg("-u"))?;
+    if uid != "0" {
+        bail!("`cargo xtask {task}` must run as root ({why}); current uid is {uid}");
+    }
+    Ok(())
+}
+
+/// The workspace root: the parent of this crate's directory.
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask lives inside the workspace")
+        .to_path_buf()
+}
+
+fn target_dir() -> PathBuf {
+    std::env::var_os("CARGO_TARGET_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| workspace_root().join("target"))
+}
+
+fn cargo() -> Command {
+    let mut cmd = Command::new("cargo");
+    cmd.current_dir(workspace_root());
+    cmd
+}
+
+fn apt() -> Command {
+    let mut cmd = Command::new("apt-get");
+    cmd.env("DEBIAN_FRONTEND", "noninteractive");
+    cmd
+}
+
+/// Runs a command with inherited stdio; fails naming the command.
+fn run(cmd: &mut Command) -> Result<()> {
+    let shown = describe(cmd);
+    println!("+ {shown}");
+    let status = cmd
+        .status()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !status.success() {
+        bail!("`{shown}` failed ({status})");
+    }
+    Ok(())
+}
+
+/// Runs a command quietly and returns its trimmed stdout; fails naming the command.
+fn capture(cmd: &mut Command) -> Result<String> {
+    let shown = describe(cmd);
+    let out = cmd
+        .output()
+        .with_context(|| format!("could not start `{shown}`"))?;
+    if !out.status.success() {
+        bail!("`{shown}` failed ({})", out.status);
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+fn describe(cmd: &Command) -> String {
+    std::iter::once(cmd.get_program())
+        .chain(cmd.get_args())
+        .map(|s| s.to_string_lossy())
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn test_args(argv: &[&str]) -> Vec<String> {
+        match Cli::try_parse_from(argv).expect("parses").task {
+            Task::Test { args } => args,
+            _ => panic!("not the test task"),
+        }
+    }
+
+    #[test]
+    fn test_passes_extra_arguments_through() {
+        assert!(test_args(&["xtask", "test"]).is_empty());
+        assert_eq!(test_args(&["xtask", "test", "knock"]), ["knock"]);
+        assert_eq!(
+            test_args(&["xtask", "test", "--", "knock", "--", "--nocapture"]),
+            ["knock", "--", "--nocapture"]
+        );
+    }
+}
