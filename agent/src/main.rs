@@ -1,1 +1,143 @@
-fn main(){}
+//! `portcullis`: one binary, subcommands only; the work lives in the library.
+
+use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
+
+use clap::{Args, Parser, Subcommand};
+use portcullis_agent::{admin, config::Config, runtime};
+
+#[derive(Parser)]
+#[command(name = "portcullis", version, about = "eBPF/XDP admission enforcement for model-serving ports")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the node agent (loads or adopts the kernel programs and enforces).
+    Agent(AgentCmd),
+    /// Self-contained demo in network namespaces on the embedded defaults.
+    Demo,
+}
+
+#[derive(Args)]
+#[command(args_conflicts_with_subcommands = true)]
+struct AgentCmd {
+    #[command(subcommand)]
+    action: Option<AgentAction>,
+    #[command(flatten)]
+    run: RunArgs,
+}
+
+#[derive(Args)]
+struct RunArgs {
+    /// Configuration file (TOML).
+    #[arg(long, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Written with the origin (fresh/adopted/replaced) once enforcing.
+    #[arg(long, value_name = "PATH")]
+    ready_file: Option<PathBuf>,
+    /// Print a commented example configuration and exit.
+    #[arg(long)]
+    print_example_config: bool,
+}
+
+#[derive(Args)]
+struct ConfigArg {
+    #[arg(long, value_name = "FILE")]
+    config: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum AgentAction {
+    /// Counters per reason, admissions and flows, read from the pinned maps.
+    Status(ConfigArg),
+    /// Admit a source to a service as an identity (break-glass, root only).
+    Admit {
+        #[command(flatten)]
+        c: ConfigArg,
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        source: IpAddr,
+        #[arg(long)]
+        service: String,
+        #[arg(long, value_parser = clap::value_parser!(u64).range(1..=31_536_000))]
+        ttl_secs: u64,
+        /// Non-zero: admit exactly this source port, once.
+        #[arg(long, default_value_t = 0)]
+        source_port: u16,
+    },
+    /// Revoke an identity, or a source's admissions to a service.
+    Revoke {
+        #[command(flatten)]
+        c: ConfigArg,
+        #[arg(long, conflicts_with_all = ["source", "service"], required_unless_present = "source")]
+        identity: Option<String>,
+        #[arg(long, requires = "service")]
+        source: Option<IpAddr>,
+        #[arg(long, requires = "source")]
+        service: Option<String>,
+    },
+    /// Remove all pinned programs and maps (stops enforcement).
+    Detach(ConfigArg),
+}
+
+fn load(path: &std::path::Path) -> anyhow::Result<Config> {
+    Ok(Config::load(path)?)
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match dispatch(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("portcullis: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn dispatch(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Demo => portcullis_agent::demo::run(),
+        Command::Agent(AgentCmd { action: None, run }) => {
+            if run.print_example_config {
+                print!("{}", portcullis_agent::config::EXAMPLE);
+                return Ok(());
+            }
+            let Some(path) = run.config else {
+                anyhow::bail!("--config FILE is required (see --print-example-config)");
+            };
+            let cfg = load(&path)?;
+            portcullis_agent::logging::init(&cfg.agent.log_format);
+            let rt = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            rt.block_on(runtime::run(cfg, runtime::RunOptions { ready_file: run.ready_file }))
+        }
+        Command::Agent(AgentCmd { action: Some(a), .. }) => {
+            portcullis_agent::logging::init_plain();
+            match a {
+                AgentAction::Status(c) => admin::status(&load(&c.config)?),
+                AgentAction::Admit { c, identity, source, service, ttl_secs, source_port } => admin::admit(
+                    &load(&c.config)?,
+                    &identity,
+                    source,
+                    &service,
+                    Duration::from_secs(ttl_secs),
+                    source_port,
+                ),
+                AgentAction::Revoke { c, identity: Some(id), .. } => {
+                    admin::revoke_identity(&load(&c.config)?, &id)
+                }
+                AgentAction::Revoke { c, source: Some(src), service: Some(svc), .. } => {
+                    admin::revoke_source(&load(&c.config)?, src, &svc)
+                }
+                AgentAction::Revoke { .. } => anyhow::bail!("give --identity NAME, or --source IP with --service NAME"),
+                AgentAction::Detach(c) => admin::detach(&load(&c.config)?),
+            }
+        }
+    }
+}

@@ -9,15 +9,17 @@ const FNV64_PRIME: u64 = 0x0000_0100_0000_01b3;
 
 /// FNV-1a, 32 bits, over the UTF-8 bytes of `s`.
 pub fn fnv1a32(s: &str) -> u32 {
-    s.bytes()
-        .fold(FNV32_OFFSET, |h, b| (h ^ u32::from(b)).wrapping_mul(FNV32_PRIME))
+    s.bytes().fold(FNV32_OFFSET, |h, b| {
+        (h ^ u32::from(b)).wrapping_mul(FNV32_PRIME)
+    })
 }
 
 /// An identity's key (`Identity::key` in the kernel): FNV-1a, 64 bits, of its
 /// name, so a restarted agent can map identity slots back to names.
 pub fn identity_key(name: &str) -> u64 {
-    name.bytes()
-        .fold(FNV64_OFFSET, |h, b| (h ^ u64::from(b)).wrapping_mul(FNV64_PRIME))
+    name.bytes().fold(FNV64_OFFSET, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(FNV64_PRIME)
+    })
 }
 
 /// A service's id. Never 0, because 0 means "no service" in the kernel's port

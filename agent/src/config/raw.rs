@@ -100,7 +100,7 @@ pub(super) struct RawAdmission {
 /// Parses the file's text into its raw shape.
 pub(super) fn parse(text: &str) -> Result<RawConfig, ConfigError> {
     toml::from_str(text).map_err(|error| {
-        let detail = error.to_string();
+        let detail = error.to_string().trim_end().to_owned();
         // A document that is not even a table is a syntax error: no key to blame.
         match toml::from_str::<Table>(text) {
             Err(_) => ConfigError::Syntax { detail },

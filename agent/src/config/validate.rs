@@ -1,0 +1,630 @@
+//! Raw file contents → the typed [`Config`]: defaults, ranges, names and
+//! cross-references. Every error names the key (`services[1].port`) and says
+//! the fix; the first problem found is reported, section by section.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io;
+use std::net::IpAddr;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use portcullis_common::{
+    BYTE_COST_SHIFT, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
+    MAX_IDENTITIES, MAX_SERVICES,
+};
+
+use super::raw::{RawAdmission, RawAgent, RawConfig, RawKernel, RawKnock, RawLimits, RawService};
+use super::{
+    AgentSection, Config, ConfigError, KernelSection, KnockSection, Limits, LogFormat, Protocol,
+    Service, StaticAdmission, XdpMode, service_id,
+};
+
+const DEFAULT_STATS_INTERVAL_MS: u64 = 1_000;
+const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/portcullis";
+const DEFAULT_BPFFS: &str = "/sys/fs/bpf";
+const DEFAULT_EVENTS_PER_SEC: u32 = 100;
+const MAX_TTL_SECS: i64 = 31_536_000;
+const U32_MAX: i64 = u32::MAX as i64;
+/// The highest event rate (connections, knocks) whose GCRA cost, 1e9/rate
+/// ns, is still non-zero: the kernel reads a zero cost as "unlimited".
+const MAX_EVENT_RATE: i64 = 1_000_000_000;
+/// The same bound for byte rates, whose cost carries fraction bits.
+const MAX_BYTE_RATE: i64 = 1_000_000_000 << BYTE_COST_SHIFT;
+
+/// Validates `raw`; `hostname` is asked only if `agent.node_id` is absent.
+pub(super) fn validate(
+    raw: RawConfig,
+    hostname: impl FnOnce() -> io::Result<String>,
+) -> Result<Config, ConfigError> {
+    let agent = agent(raw.agent, hostname)?;
+    let kernel = kernel(raw.kernel)?;
+    let knock = knock(&raw.knock)?;
+    let limits = limits("limits", &raw.limits, &Limits::default())?;
+    let identities = identities(&raw.identities, &limits)?;
+    let services = services(&raw.services, &knock)?;
+    let admissions = admissions(&raw.admissions, &services)?;
+    check_identity_slots(&identities, &admissions)?;
+    Ok(Config {
+        agent,
+        kernel,
+        knock,
+        limits,
+        services,
+        identities,
+        admissions,
+    })
+}
+
+fn agent(
+    raw: RawAgent,
+    hostname: impl FnOnce() -> io::Result<String>,
+) -> Result<AgentSection, ConfigError> {
+    let node_id = match raw.node_id {
+        Some(id) if is_node_id(&id) => id,
+        Some(id) => {
+            return Err(invalid(
+                "agent.node_id",
+                format!("{id:?} is not a valid node id; {NODE_ID_RULE}"),
+            ));
+        }
+        None => node_id_from_hostname(hostname)?,
+    };
+    let interval_ms = int(
+        "agent.stats_interval_ms",
+        raw.stats_interval_ms,
+        DEFAULT_STATS_INTERVAL_MS,
+        100..=60_000,
+    )?;
+    Ok(AgentSection {
+        node_id,
+        log_format: raw.log_format.unwrap_or(LogFormat::Text),
+        stats_interval: Duration::from_millis(interval_ms),
+    })
+}
+
+const NODE_ID_RULE: &str = "use 1-64 characters from A-Z, a-z, 0-9, '.', '_' and '-'";
+
+fn node_id_from_hostname(
+    hostname: impl FnOnce() -> io::Result<String>,
+) -> Result<String, ConfigError> {
+    let name = hostname().map_err(|e| {
+        invalid(
+            "agent.node_id",
+            format!("not set, and the hostname cannot be read ({e}); set node_id"),
+        )
+    })?;
+    let name = name.trim();
+    if is_node_id(name) {
+        return Ok(name.to_owned());
+    }
+    Err(invalid(
+        "agent.node_id",
+        format!(
+            "not set, and the hostname {name:?} is not a valid node id; set node_id and {NODE_ID_RULE}"
+        ),
+    ))
+}
+
+fn is_node_id(id: &str) -> bool {
+    (1..=64).contains(&id.len())
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+}
+
+fn kernel(raw: RawKernel) -> Result<KernelSection, ConfigError> {
+    Ok(KernelSection {
+        interfaces: interfaces(raw.interfaces)?,
+        xdp_mode: raw.xdp_mode.unwrap_or(XdpMode::Auto),
+        egress: raw.egress.unwrap_or(true),
+        pin_dir: absolute("kernel.pin_dir", raw.pin_dir, DEFAULT_PIN_DIR)?,
+        bpffs: absolute("kernel.bpffs", raw.bpffs, DEFAULT_BPFFS)?,
+        max_flows: int(
+            "kernel.max_flows",
+            raw.max_flows,
+            DEFAULT_MAX_FLOWS,
+            1_024..=4_194_304,
+        )?,
+        max_admissions: int(
+            "kernel.max_admissions",
+            raw.max_admissions,
+            DEFAULT_MAX_ADMISSIONS,
+            16..=1_048_576,
+        )?,
+        max_knock_sources: int(
+            "kernel.max_knock_sources",
+            raw.max_knock_sources,
+            DEFAULT_MAX_KNOCK_SOURCES,
+            16..=1_048_576,
+        )?,
+        events_per_sec: int(
+            "kernel.events_per_sec",
+            raw.events_per_sec,
+            DEFAULT_EVENTS_PER_SEC,
+            0..=100_000,
+        )?,
+    })
+}
+
+fn interfaces(raw: Option<Vec<String>>) -> Result<Vec<String>, ConfigError> {
+    let names = raw.ok_or_else(|| {
+        invalid(
+            "kernel.interfaces",
+            "missing; list the network interfaces to guard, e.g. interfaces = [\"eth0\"]",
+        )
+    })?;
+    if names.is_empty() {
+        return Err(invalid(
+            "kernel.interfaces",
+            "the list is empty; name at least one network interface, e.g. [\"eth0\"]",
+        ));
+    }
+    for (i, name) in names.iter().enumerate() {
+        let field = format!("kernel.interfaces[{i}]");
+        if !is_ifname(name) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{name:?} is not a valid interface name; use a name as `ip link` shows it \
+                     (1-15 bytes, no '/', ':' or whitespace, not \".\" or \"..\")"
+                ),
+            ));
+        }
+        if let Some(first) = names[..i].iter().position(|n| n == name) {
+            return Err(invalid(
+                field,
+                format!(
+                    "{name:?} is already listed as kernel.interfaces[{first}]; list each interface once"
+                ),
+            ));
+        }
+    }
+    Ok(names)
+}
+
+/// The kernel's `dev_valid_name()`: 1-15 bytes (IFNAMSIZ with its NUL), not
+/// "." or "..", no '/', ':' or whitespace. Control characters are refused
+/// too: a NUL would silently cut the name short.
+fn is_ifname(name: &str) -> bool {
+    (1..=15).contains(&name.len())
+        && name != "."
+        && name != ".."
+        && !name
+            .chars()
+            .any(|c| matches!(c, '/' | ':') || c.is_whitespace() || c.is_control())
+}
+
+fn absolute(field: &str, raw: Option<String>, default: &str) -> Result<PathBuf, ConfigError> {
+    let path = PathBuf::from(raw.unwrap_or_else(|| default.to_owned()));
+    if path.is_absolute() {
+        return Ok(path);
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{:?} is a relative path; use an absolute path such as {default:?}",
+            path.display().to_string()
+        ),
+    ))
+}
+
+fn knock(raw: &RawKnock) -> Result<KnockSection, ConfigError> {
+    let default = KnockSection::default();
+    let port = int("knock.port", raw.port, default.port, 0..=65_535)?;
+    // With knocking off (port 0) the rates are unused, so 0 is fine for them.
+    let min = i64::from(port != 0);
+    Ok(KnockSection {
+        port,
+        per_source_per_sec: int(
+            "knock.per_source_per_sec",
+            raw.per_source_per_sec,
+            default.per_source_per_sec,
+            min..=MAX_EVENT_RATE,
+        )?,
+        per_source_burst: int(
+            "knock.per_source_burst",
+            raw.per_source_burst,
+            default.per_source_burst,
+            min..=U32_MAX,
+        )?,
+        global_per_sec: int(
+            "knock.global_per_sec",
+            raw.global_per_sec,
+            default.global_per_sec,
+            min..=MAX_EVENT_RATE,
+        )?,
+        global_burst: int(
+            "knock.global_burst",
+            raw.global_burst,
+            default.global_burst,
+            min..=U32_MAX,
+        )?,
+    })
+}
+
+/// Resolves one limits table over `base`: `[limits]` over the built-in
+/// defaults, or an identity's overrides over `[limits]`. `section` prefixes
+/// the field paths.
+fn limits(section: &str, raw: &RawLimits, base: &Limits) -> Result<Limits, ConfigError> {
+    let field = |key: &str| format!("{section}.{key}");
+    let resolved = Limits {
+        conn_per_sec: int(
+            &field("conn_per_sec"),
+            raw.conn_per_sec,
+            base.conn_per_sec,
+            0..=MAX_EVENT_RATE,
+        )?,
+        conn_burst: int(
+            &field("conn_burst"),
+            raw.conn_burst,
+            base.conn_burst,
+            0..=U32_MAX,
+        )?,
+        bytes_per_sec: int(
+            &field("bytes_per_sec"),
+            raw.bytes_per_sec,
+            base.bytes_per_sec,
+            0..=MAX_BYTE_RATE,
+        )?,
+        bytes_burst: int(
+            &field("bytes_burst"),
+            raw.bytes_burst,
+            base.bytes_burst,
+            0..=i64::MAX,
+        )?,
+        egress_bytes_per_sec: int(
+            &field("egress_bytes_per_sec"),
+            raw.egress_bytes_per_sec,
+            base.egress_bytes_per_sec,
+            0..=MAX_BYTE_RATE,
+        )?,
+        egress_bytes_burst: int(
+            &field("egress_bytes_burst"),
+            raw.egress_bytes_burst,
+            base.egress_bytes_burst,
+            0..=i64::MAX,
+        )?,
+    };
+    let bursts = [
+        (
+            "conn",
+            u64::from(resolved.conn_per_sec),
+            u64::from(resolved.conn_burst),
+            raw.conn_burst,
+        ),
+        (
+            "bytes",
+            resolved.bytes_per_sec,
+            resolved.bytes_burst,
+            raw.bytes_burst,
+        ),
+        (
+            "egress_bytes",
+            resolved.egress_bytes_per_sec,
+            resolved.egress_bytes_burst,
+            raw.egress_bytes_burst,
+        ),
+    ];
+    for (kind, rate, burst, written) in bursts {
+        if rate != 0 && burst == 0 {
+            // An identity may inherit the zero burst from [limits]: say so,
+            // or the user looks for a 0 that is not in the identity's table.
+            let origin = if written.is_some() {
+                ""
+            } else {
+                " (inherited from [limits])"
+            };
+            return Err(invalid(
+                field(&format!("{kind}_burst")),
+                format!(
+                    "is 0{origin} while {kind}_per_sec is {rate}; a non-zero rate needs a burst \
+                     of at least 1 (or set {kind}_per_sec = 0 for unlimited)"
+                ),
+            ));
+        }
+    }
+    Ok(resolved)
+}
+
+fn identities(
+    raw: &BTreeMap<String, RawLimits>,
+    base: &Limits,
+) -> Result<BTreeMap<String, Limits>, ConfigError> {
+    raw.iter()
+        .map(|(name, overrides)| {
+            let section = format!("identities.{name}");
+            check_name(&section, name, "identity")?;
+            Ok((name.clone(), limits(&section, overrides, base)?))
+        })
+        .collect()
+}
+
+fn services(raw: &[RawService], knock: &KnockSection) -> Result<Vec<Service>, ConfigError> {
+    if raw.is_empty() {
+        return Err(invalid(
+            "services",
+            "none defined; add at least one [[services]] table with a name and a port",
+        ));
+    }
+    if raw.len() > MAX_SERVICES as usize {
+        return Err(invalid(
+            "services",
+            format!(
+                "{} services defined; at most {MAX_SERVICES} are supported",
+                raw.len()
+            ),
+        ));
+    }
+    let mut services = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.iter().enumerate() {
+        let service = service(i, raw)?;
+        check_service_is_new(i, &service, &services)?;
+        check_not_knock_port(i, &service, knock)?;
+        services.push(service);
+    }
+    Ok(services)
+}
+
+fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
+    let field = |key: &str| format!("services[{i}].{key}");
+    let name = required(
+        &field("name"),
+        raw.name.clone(),
+        "name the service, e.g. name = \"llm\"",
+    )?;
+    check_name(&field("name"), &name, "service")?;
+    let port = required(
+        &field("port"),
+        raw.port,
+        "set the port the service listens on (1-65535)",
+    )?;
+    let address = raw
+        .address
+        .as_deref()
+        .map(|text| ip(&field("address"), text))
+        .transpose()?;
+    Ok(Service {
+        id: service_id(&name),
+        name,
+        protocol: raw.protocol.unwrap_or(Protocol::Tcp),
+        port: port_number(&field("port"), port)?,
+        address,
+    })
+}
+
+/// Rejects a service that repeats an earlier one's name, id or
+/// (protocol, port, address): the kernel tables have room for only one.
+fn check_service_is_new(i: usize, new: &Service, earlier: &[Service]) -> Result<(), ConfigError> {
+    for (j, old) in earlier.iter().enumerate() {
+        if old.name == new.name {
+            return Err(invalid(
+                format!("services[{i}].name"),
+                format!(
+                    "{:?} is already the name of services[{j}]; give each service its own name",
+                    new.name
+                ),
+            ));
+        }
+        if old.id == new.id {
+            return Err(invalid(
+                format!("services[{i}].name"),
+                format!(
+                    "{:?} hashes to the same service id as {:?} (services[{j}]); rename one of them",
+                    new.name, old.name
+                ),
+            ));
+        }
+        if (old.protocol, old.port, old.address) == (new.protocol, new.port, new.address) {
+            let on = new
+                .address
+                .map_or("any address".to_owned(), |a| a.to_string());
+            return Err(invalid(
+                format!("services[{i}].port"),
+                format!(
+                    "{} port {} on {on} is already protected by services[{j}] ({:?}); \
+                     remove one, or change its port or address",
+                    new.protocol, new.port, old.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Knock datagrams are UDP to knock.port; a UDP service there would receive
+/// them, and the kernel could not tell knocks from service traffic.
+fn check_not_knock_port(
+    i: usize,
+    service: &Service,
+    knock: &KnockSection,
+) -> Result<(), ConfigError> {
+    if knock.enabled() && service.protocol == Protocol::Udp && service.port == knock.port {
+        return Err(invalid(
+            format!("services[{i}].port"),
+            format!(
+                "udp port {} is the knock port (knock.port); use another port, or move knock.port",
+                service.port
+            ),
+        ));
+    }
+    Ok(())
+}
+
+fn admissions(
+    raw: &[RawAdmission],
+    services: &[Service],
+) -> Result<Vec<StaticAdmission>, ConfigError> {
+    let mut admissions: Vec<StaticAdmission> = Vec::with_capacity(raw.len());
+    for (i, raw) in raw.iter().enumerate() {
+        let new = admission(i, raw, services)?;
+        // Same kernel key (source, service, source port): the second would
+        // silently overwrite the first.
+        let same = |old: &StaticAdmission| {
+            (old.source, &old.service, old.source_port)
+                == (new.source, &new.service, new.source_port)
+        };
+        if let Some(j) = admissions.iter().position(same) {
+            return Err(invalid(
+                format!("admissions[{i}]"),
+                format!(
+                    "admits the same source, service and source_port as admissions[{j}]; remove one"
+                ),
+            ));
+        }
+        admissions.push(new);
+    }
+    Ok(admissions)
+}
+
+fn admission(
+    i: usize,
+    raw: &RawAdmission,
+    services: &[Service],
+) -> Result<StaticAdmission, ConfigError> {
+    let field = |key: &str| format!("admissions[{i}].{key}");
+    let identity = required(
+        &field("identity"),
+        raw.identity.clone(),
+        "name the identity to admit, e.g. identity = \"alice\"",
+    )?;
+    check_name(&field("identity"), &identity, "identity")?;
+    let source = required(
+        &field("source"),
+        raw.source.as_deref(),
+        "give the client's address, e.g. source = \"10.1.0.2\"",
+    )?;
+    let service = required(
+        &field("service"),
+        raw.service.clone(),
+        "name a [[services]] entry",
+    )?;
+    if !services.iter().any(|s| s.name == service) {
+        let known: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+        return Err(invalid(
+            field("service"),
+            format!(
+                "no [[services]] entry is named {service:?}; use one of: {}",
+                known.join(", ")
+            ),
+        ));
+    }
+    let ttl_secs = required(
+        &field("ttl_secs"),
+        raw.ttl_secs,
+        "set the admission's lifetime in seconds (1-31536000)",
+    )?;
+    Ok(StaticAdmission {
+        identity,
+        source: ip(&field("source"), source)?,
+        service,
+        ttl: Duration::from_secs(int(
+            &field("ttl_secs"),
+            Some(ttl_secs),
+            0,
+            1..=MAX_TTL_SECS,
+        )?),
+        source_port: int(&field("source_port"), raw.source_port, 0, 0..=65_535)?,
+    })
+}
+
+/// Identities live in a fixed-size kernel array: at least those the config
+/// names (overrides and static admissions) must fit in it.
+fn check_identity_slots(
+    identities: &BTreeMap<String, Limits>,
+    admissions: &[StaticAdmission],
+) -> Result<(), ConfigError> {
+    let mut names: BTreeSet<&str> = identities.keys().map(String::as_str).collect();
+    names.extend(admissions.iter().map(|a| a.identity.as_str()));
+    if names.len() <= MAX_IDENTITIES as usize {
+        return Ok(());
+    }
+    Err(invalid(
+        "identities",
+        format!(
+            "{} identities are named in [identities] and [[admissions]]; the kernel has {MAX_IDENTITIES} slots, name fewer",
+            names.len()
+        ),
+    ))
+}
+
+/// Service and identity names: 1-64 characters a-z 0-9 _ -, starting with a
+/// letter, so they are safe in map keys, metric labels and Cedar entity ids.
+fn check_name(field: &str, name: &str, kind: &str) -> Result<(), ConfigError> {
+    let valid = (1..=64).contains(&name.len())
+        && name.starts_with(|c: char| c.is_ascii_lowercase())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'_' | b'-'));
+    if valid {
+        return Ok(());
+    }
+    Err(invalid(
+        field,
+        format!(
+            "{name:?} is not a valid {kind} name; use 1-64 characters from a-z, 0-9, '_' and '-', \
+             starting with a letter"
+        ),
+    ))
+}
+
+/// Parses an address. IPv4-mapped IPv6 (`::ffff:a.b.c.d`) becomes plain
+/// IPv4: the kernel stores both forms alike, so duplicate checks must too.
+fn ip(field: &str, text: &str) -> Result<IpAddr, ConfigError> {
+    text.parse::<IpAddr>()
+        .map(|a| a.to_canonical())
+        .map_err(|_| {
+            invalid(
+                field,
+                format!(
+                    "{text:?} is not an IP address; write one IPv4 or IPv6 address such as \
+                 \"10.1.0.1\" or \"fd00::1\" (no port, no prefix length)"
+                ),
+            )
+        })
+}
+
+fn port_number(field: &str, value: i64) -> Result<u16, ConfigError> {
+    u16::try_from(value)
+        .ok()
+        .filter(|&port| port != 0)
+        .ok_or_else(|| invalid(field, format!("{value} is not a valid port; use 1-65535")))
+}
+
+/// An optional integer key: `default` when absent, else it must lie in `range`
+/// (which callers keep inside `T`'s range).
+fn int<T: TryFrom<i64>>(
+    field: &str,
+    value: Option<i64>,
+    default: T,
+    range: RangeInclusive<i64>,
+) -> Result<T, ConfigError> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    range
+        .contains(&value)
+        .then(|| T::try_from(value).ok())
+        .flatten()
+        .ok_or_else(|| {
+            invalid(
+                field,
+                format!(
+                    "{value} is out of range; use {}-{}",
+                    range.start(),
+                    range.end()
+                ),
+            )
+        })
+}
+
+fn required<T>(field: &str, value: Option<T>, fix: &str) -> Result<T, ConfigError> {
+    value.ok_or_else(|| invalid(field, format!("missing; {fix}")))
+}
+
+fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        field: field.into(),
+        message: message.into(),
+    }
+}
