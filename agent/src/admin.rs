@@ -27,7 +27,11 @@ fn service_id(cfg: &Config, name: &str) -> anyhow::Result<u32> {
         Some(s) => Ok(s.id),
         None => bail!(
             "--service {name}: no such service in the config; known: {}",
-            cfg.services.iter().map(|s| s.name.as_str()).collect::<Vec<_>>().join(", ")
+            cfg.services
+                .iter()
+                .map(|s| s.name.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
         ),
     }
 }
@@ -67,14 +71,19 @@ pub fn admit(
     let id = service_id(cfg, service)?;
     let mut m = maps(cfg)?;
     apply::admit(&mut m, cfg, identity, source, id, source_port, ttl)?;
-    println!("admitted {identity} from {source} to {service} for {}s", ttl.as_secs());
+    println!(
+        "admitted {identity} from {source} to {service} for {}s",
+        ttl.as_secs()
+    );
     Ok(())
 }
 
 pub fn revoke_identity(cfg: &Config, identity: &str) -> anyhow::Result<()> {
     let mut m = maps(cfg)?;
     let Some(slot) = m.find_identity(identity_key(identity))? else {
-        bail!("--identity {identity}: the kernel holds no such identity (never admitted, or already reclaimed)");
+        bail!(
+            "--identity {identity}: the kernel holds no such identity (never admitted, or already reclaimed)"
+        );
     };
     let n = m.revoke_identity(slot)?;
     println!("revoked identity {identity} (slot {slot}); removed {n} admissions");

@@ -54,7 +54,11 @@ pub fn identity_value(name: &str, limits: &Limits) -> Identity {
 }
 
 /// Writes (or refreshes) an identity with its configured limits.
-pub fn upsert_identity(maps: &mut Maps, cfg: &Config, name: &str) -> Result<(u32, u32), KernelError> {
+pub fn upsert_identity(
+    maps: &mut Maps,
+    cfg: &Config,
+    name: &str,
+) -> Result<(u32, u32), KernelError> {
     maps.upsert_identity(identity_value(name, &cfg.identity_limits(name)))
 }
 
@@ -79,7 +83,15 @@ pub fn apply(maps: &mut Maps, cfg: &Config, origin: Origin) -> Result<usize, Ker
         let Some(svc) = cfg.service(&a.service) else {
             continue; // validation guarantees it exists
         };
-        admit(maps, cfg, &a.identity, a.source, svc.id, a.source_port, a.ttl)?;
+        admit(
+            maps,
+            cfg,
+            &a.identity,
+            a.source,
+            svc.id,
+            a.source_port,
+            a.ttl,
+        )?;
         installed += 1;
     }
     Ok(installed)

@@ -10,7 +10,9 @@ fn filter() -> EnvFilter {
 }
 
 pub fn init(format: &LogFormat) {
-    let b = tracing_subscriber::fmt().with_env_filter(filter()).with_writer(std::io::stderr);
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter())
+        .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => b.json().try_init(),
         LogFormat::Text => b.try_init(),

@@ -6,7 +6,11 @@ use clap::{Args, Parser, Subcommand};
 use portcullis_agent::{admin, config::Config, runtime};
 
 #[derive(Parser)]
-#[command(name = "portcullis", version, about = "eBPF/XDP admission enforcement for model-serving ports")]
+#[command(
+    name = "portcullis",
+    version,
+    about = "eBPF/XDP admission enforcement for model-serving ports"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -115,13 +119,27 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(runtime::run(cfg, runtime::RunOptions { ready_file: run.ready_file }))
+            rt.block_on(runtime::run(
+                cfg,
+                runtime::RunOptions {
+                    ready_file: run.ready_file,
+                },
+            ))
         }
-        Command::Agent(AgentCmd { action: Some(a), .. }) => {
+        Command::Agent(AgentCmd {
+            action: Some(a), ..
+        }) => {
             portcullis_agent::logging::init_plain();
             match a {
                 AgentAction::Status(c) => admin::status(&load(&c.config)?),
-                AgentAction::Admit { c, identity, source, service, ttl_secs, source_port } => admin::admit(
+                AgentAction::Admit {
+                    c,
+                    identity,
+                    source,
+                    service,
+                    ttl_secs,
+                    source_port,
+                } => admin::admit(
                     &load(&c.config)?,
                     &identity,
                     source,
@@ -129,13 +147,20 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     Duration::from_secs(ttl_secs),
                     source_port,
                 ),
-                AgentAction::Revoke { c, identity: Some(id), .. } => {
-                    admin::revoke_identity(&load(&c.config)?, &id)
+                AgentAction::Revoke {
+                    c,
+                    identity: Some(id),
+                    ..
+                } => admin::revoke_identity(&load(&c.config)?, &id),
+                AgentAction::Revoke {
+                    c,
+                    source: Some(src),
+                    service: Some(svc),
+                    ..
+                } => admin::revoke_source(&load(&c.config)?, src, &svc),
+                AgentAction::Revoke { .. } => {
+                    anyhow::bail!("give --identity NAME, or --source IP with --service NAME")
                 }
-                AgentAction::Revoke { c, source: Some(src), service: Some(svc), .. } => {
-                    admin::revoke_source(&load(&c.config)?, src, &svc)
-                }
-                AgentAction::Revoke { .. } => anyhow::bail!("give --identity NAME, or --source IP with --service NAME"),
                 AgentAction::Detach(c) => admin::detach(&load(&c.config)?),
             }
         }

@@ -59,7 +59,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             _ = int.recv() => break,
         }
     }
-    tracing::info!(event = "stopping", "agent stopping; programs stay pinned and keep enforcing");
+    tracing::info!(
+        event = "stopping",
+        "agent stopping; programs stay pinned and keep enforcing"
+    );
     Ok(())
 }
 
@@ -96,7 +99,8 @@ fn report(
 
 fn write_ready(path: &std::path::Path, word: &str) -> anyhow::Result<()> {
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, format!("{word}\n")).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::write(&tmp, format!("{word}\n"))
+        .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
 }

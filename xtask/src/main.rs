@@ -110,6 +110,10 @@ fn test(args: &[String]) -> Result<()> {
         "test",
         "it loads BPF programs and creates network namespaces",
     )?;
+    // The end-to-end tests run the real `portcullis` binary from
+    // target/release, so build it first rather than rely on cargo test's
+    // side effects.
+    build()?;
     run(cargo().args(["test", "--release"]).args(args))
 }
 

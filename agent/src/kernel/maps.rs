@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use portcullis_common::{
-    ADMIT_ONE_USE, Admission, AdmissionKey, DropEvent, Flow, FlowKey, IDENTITY_FREE,
-    IDENTITY_LIVE, IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig, MAX_IDENTITIES, Meta,
-    PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry,
-    RateState, Reason, ServiceKey, maps as names,
+    ADMIT_ONE_USE, Admission, AdmissionKey, DropEvent, Flow, FlowKey, IDENTITY_FREE, IDENTITY_LIVE,
+    IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig, MAX_IDENTITIES, Meta, PORT_KNOCK,
+    PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry, RateState, Reason,
+    ServiceKey, maps as names,
 };
 
 use super::KernelError;
@@ -100,7 +100,9 @@ impl Maps {
     }
 
     pub fn read_meta(&self) -> Result<Meta, KernelError> {
-        self.meta.get(&0, 0).map_err(|e| KernelError::map(names::META, e))
+        self.meta
+            .get(&0, 0)
+            .map_err(|e| KernelError::map(names::META, e))
     }
 
     pub fn write_meta(&mut self, meta: Meta) -> Result<(), KernelError> {
@@ -130,7 +132,11 @@ impl Maps {
                 (None, true) => e.tcp_service = s.id,
                 (None, false) => e.udp_service = s.id,
                 (Some(a), tcp) => {
-                    e.flags |= if tcp { PORT_TCP_BY_ADDR } else { PORT_UDP_BY_ADDR };
+                    e.flags |= if tcp {
+                        PORT_TCP_BY_ADDR
+                    } else {
+                        PORT_UDP_BY_ADDR
+                    };
                     let key = ServiceKey {
                         addr: addr_bytes(a),
                         port: s.port,
@@ -314,7 +320,10 @@ impl Maps {
         Ok(doomed.len())
     }
 
-    fn remove_flows(&mut self, pred: impl Fn(&FlowKey, &Flow) -> bool) -> Result<usize, KernelError> {
+    fn remove_flows(
+        &mut self,
+        pred: impl Fn(&FlowKey, &Flow) -> bool,
+    ) -> Result<usize, KernelError> {
         let doomed: Vec<FlowKey> = self
             .flows
             .iter()
@@ -362,7 +371,9 @@ impl Maps {
     pub fn drain_events(&mut self, max: usize) -> Vec<DropEvent> {
         let mut out = Vec::new();
         while out.len() < max {
-            let Some(item) = self.events.next() else { break };
+            let Some(item) = self.events.next() else {
+                break;
+            };
             if item.len() >= std::mem::size_of::<DropEvent>() {
                 // SAFETY: the kernel wrote a DropEvent (repr(C), Pod); the
                 // read is unaligned-safe.

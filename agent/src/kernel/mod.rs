@@ -259,7 +259,8 @@ impl Kernel {
             let name = entry.file_name().to_string_lossy().into_owned();
             if !wanted.contains(&name) {
                 tracing::info!(link = %name, "detaching link no longer in the config");
-                std::fs::remove_file(entry.path()).map_err(|e| KernelError::io(&entry.path(), e))?;
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| KernelError::io(&entry.path(), e))?;
             }
         }
         Ok(())
@@ -275,7 +276,8 @@ impl Kernel {
                 continue;
             };
             for entry in entries.flatten() {
-                std::fs::remove_file(entry.path()).map_err(|e| KernelError::io(&entry.path(), e))?;
+                std::fs::remove_file(entry.path())
+                    .map_err(|e| KernelError::io(&entry.path(), e))?;
                 removed += 1;
             }
             let _ = std::fs::remove_dir(&dir);
@@ -309,7 +311,8 @@ impl Unattached {
                 .ok_or_else(|| KernelError::program(name, "missing in object"))?
                 .try_into()
                 .map_err(|e| KernelError::program(name, e))?;
-            p.load().map_err(|e| KernelError::program(name, verifier(e)))?;
+            p.load()
+                .map_err(|e| KernelError::program(name, verifier(e)))?;
         }
         let tc: &mut SchedClassifier = ebpf
             .program_mut(programs::EGRESS)
@@ -323,12 +326,18 @@ impl Unattached {
     }
 
     pub fn xdp(&self, name: &str) -> &Xdp {
-        let p = self.ebpf.program(name).expect("program loaded by Unattached::load");
+        let p = self
+            .ebpf
+            .program(name)
+            .expect("program loaded by Unattached::load");
         p.try_into().expect("program is XDP")
     }
 
     pub fn tc(&self, name: &str) -> &SchedClassifier {
-        let p = self.ebpf.program(name).expect("program loaded by Unattached::load");
+        let p = self
+            .ebpf
+            .program(name)
+            .expect("program loaded by Unattached::load");
         p.try_into().expect("program is TC")
     }
 }
@@ -340,7 +349,12 @@ fn verifier(e: aya::programs::ProgramError) -> String {
 
 /// Attaches (or atomically re-points a pinned link to) the XDP program.
 /// Returns whether an existing link was replaced.
-fn attach_xdp(xdp: &mut Xdp, pin_dir: &Path, iface: &str, mode: AttachMode) -> Result<bool, KernelError> {
+fn attach_xdp(
+    xdp: &mut Xdp,
+    pin_dir: &Path,
+    iface: &str,
+    mode: AttachMode,
+) -> Result<bool, KernelError> {
     let path = link_path(pin_dir, "xdp", iface);
     let err = |detail: String| KernelError::Attach {
         program: programs::INGRESS.into(),
@@ -354,12 +368,17 @@ fn attach_xdp(xdp: &mut Xdp, pin_dir: &Path, iface: &str, mode: AttachMode) -> R
         let _ = xdp.take_link(id);
         return Ok(true);
     }
-    let id = xdp.attach(iface, mode.xdp()).map_err(|e| err(format!("{e:#}")))?;
+    let id = xdp
+        .attach(iface, mode.xdp())
+        .map_err(|e| err(format!("{e:#}")))?;
     let link = xdp.take_link(id).map_err(|e| err(e.to_string()))?;
     let fd: FdLink = link
         .try_into()
-        .map_err(|e: aya::programs::links::LinkError| err(format!("not a bpf_link ({e}); kernel too old")))?;
-    fd.pin(&path).map_err(|e| err(format!("pin {}: {e}", path.display())))?;
+        .map_err(|e: aya::programs::links::LinkError| {
+            err(format!("not a bpf_link ({e}); kernel too old"))
+        })?;
+    fd.pin(&path)
+        .map_err(|e| err(format!("pin {}: {e}", path.display())))?;
     Ok(false)
 }
 
@@ -384,7 +403,10 @@ fn attach_tc(tc: &mut SchedClassifier, pin_dir: &Path, iface: &str) -> Result<bo
     let link = tc.take_link(id).map_err(|e| err(e.to_string()))?;
     let fd: FdLink = link
         .try_into()
-        .map_err(|e: aya::programs::links::LinkError| err(format!("not a TCX link ({e}); kernel < 6.6")))?;
-    fd.pin(&path).map_err(|e| err(format!("pin {}: {e}", path.display())))?;
+        .map_err(|e: aya::programs::links::LinkError| {
+            err(format!("not a TCX link ({e}); kernel < 6.6"))
+        })?;
+    fd.pin(&path)
+        .map_err(|e| err(format!("pin {}: {e}", path.display())))?;
     Ok(false)
 }
