@@ -51,7 +51,12 @@ pub fn decide(ctx: &TcContext) -> i32 {
     {
         let now = unsafe { bpf_ktime_get_ns() };
         let cost = byte_cost(len, ident.out_byte_cost);
-        if !conform(unsafe { &raw mut (*rate).out_tat }, now, cost, ident.out_burst_ns) {
+        if !conform(
+            unsafe { &raw mut (*rate).out_tat },
+            now,
+            cost,
+            ident.out_burst_ns,
+        ) {
             count(Reason::EgressCap);
             if let Some(st) = ID_STATS.get_ptr_mut(slot) {
                 unsafe { (*st).dropped += 1 };

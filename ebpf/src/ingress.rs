@@ -10,8 +10,8 @@ use portcullis_common::{
 };
 
 use crate::{
-    ADMISSIONS, CONFIG, FLOWS, ID_STATS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES,
-    SERVICES, count, events,
+    ADMISSIONS, CONFIG, FLOWS, ID_STATS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES, SERVICES,
+    count, events,
     parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
     ratelimit::{byte_cost, conform},
 };
@@ -90,7 +90,16 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
             return drop_for(flow.identity, Reason::Revoked, pkt, service);
         }
         if now < flow.expires_ns {
-            return admit_packet(flow.identity, ident.in_byte_cost, ident.in_burst_ns, len, now, false, pkt, service);
+            return admit_packet(
+                flow.identity,
+                ident.in_byte_cost,
+                ident.in_burst_ns,
+                len,
+                now,
+                false,
+                pkt,
+                service,
+            );
         }
         revalidating = true;
     }
@@ -139,25 +148,48 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         let Some(rate) = RATES.get_ptr_mut(adm.identity) else {
             return drop(Reason::Revoked, Some(pkt), service);
         };
-        if !conform(unsafe { &raw mut (*rate).conn_tat }, now, ident.conn_cost_ns, ident.conn_burst_ns) {
+        if !conform(
+            unsafe { &raw mut (*rate).conn_tat },
+            now,
+            ident.conn_cost_ns,
+            ident.conn_burst_ns,
+        ) {
             return drop_for(adm.identity, Reason::ConnRate, pkt, service);
         }
     }
+    let one_use = adm.flags & ADMIT_ONE_USE != 0;
     let recheck = now.saturating_add(FLOW_RECHECK_NS);
+    // A one-use admission is consumed below, so its flow cannot re-validate
+    // against it: it keeps the admission's expiry (identity revocation still
+    // reaches it through the epoch, and the agent removes it on revoke).
+    let expires_ns = if one_use || adm.expires_ns < recheck {
+        adm.expires_ns
+    } else {
+        recheck
+    };
     let flow = Flow {
         identity: adm.identity,
         epoch: adm.epoch,
         service,
         _pad: 0,
-        expires_ns: if adm.expires_ns < recheck { adm.expires_ns } else { recheck },
+        expires_ns,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
         return drop_for(adm.identity, Reason::FlowInsert, pkt, service);
     }
-    if adm.flags & ADMIT_ONE_USE != 0 {
+    if one_use {
         let _ = ADMISSIONS.remove(&akey);
     }
-    admit_packet(adm.identity, ident.in_byte_cost, ident.in_burst_ns, len, now, new_conn, pkt, service)
+    admit_packet(
+        adm.identity,
+        ident.in_byte_cost,
+        ident.in_burst_ns,
+        len,
+        now,
+        new_conn,
+        pkt,
+        service,
+    )
 }
 
 /// Charges the identity's ingress byte rate and counters for a packet that
@@ -178,7 +210,12 @@ fn admit_packet(
         let Some(rate) = RATES.get_ptr_mut(slot) else {
             return drop(Reason::Revoked, Some(pkt), service);
         };
-        if !conform(unsafe { &raw mut (*rate).in_tat }, now, byte_cost(len, byte_cost_q16), burst_ns) {
+        if !conform(
+            unsafe { &raw mut (*rate).in_tat },
+            now,
+            byte_cost(len, byte_cost_q16),
+            burst_ns,
+        ) {
             return drop_for(slot, Reason::ByteRate, pkt, service);
         }
     }

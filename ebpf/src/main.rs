@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     Admission, AdmissionKey, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
-    DropEvent as _DropEvent, EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity,
-    IdentityStats, KernelConfig, MAX_IDENTITIES, MAX_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry,
-    RateState, Reason, ServiceKey,
+    DropEvent as _DropEvent, EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityStats,
+    KernelConfig, MAX_IDENTITIES, MAX_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry, RateState,
+    Reason, ServiceKey,
 };
 
 /// Destination port → services on it (one array lookup decides the

@@ -11,9 +11,7 @@ use network_types::{
     udp::UdpHdr,
     vlan::VlanHdr,
 };
-use portcullis_common::{
-    FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason,
-};
+use portcullis_common::{FAMILY_V4, FAMILY_V6, MAX_IPV6_EXT_HEADERS, PROTO_TCP, PROTO_UDP, Reason};
 
 const ETH_P_IPV4: u16 = 0x0800;
 const ETH_P_IPV6: u16 = 0x86dd;

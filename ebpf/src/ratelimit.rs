@@ -20,7 +20,11 @@ pub fn conform(tat: *mut u64, now: u64, cost_ns: u64, burst_ns: u64) -> bool {
     // Conform while the schedule runs at most `burst_ns` ahead of now; one
     // unit always fits an idle bucket, so a packet larger than the burst is
     // throttled, never starved.
-    let limit = if burst_ns > cost_ns { burst_ns } else { cost_ns };
+    let limit = if burst_ns > cost_ns {
+        burst_ns
+    } else {
+        cost_ns
+    };
     if next - now > limit {
         return false;
     }
@@ -37,6 +41,10 @@ pub fn byte_cost(bytes: u64, cost_q16: u64) -> u64 {
     const MAX_BYTES: u64 = (1 << 17) - 1;
     const MAX_COST: u64 = 1 << 46;
     let bytes = if bytes > MAX_BYTES { MAX_BYTES } else { bytes };
-    let cost = if cost_q16 > MAX_COST { MAX_COST } else { cost_q16 };
+    let cost = if cost_q16 > MAX_COST {
+        MAX_COST
+    } else {
+        cost_q16
+    };
     (bytes * cost) >> portcullis_common::BYTE_COST_SHIFT
 }
