@@ -86,8 +86,11 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
             return drop(Reason::Revoked, Some(pkt), service);
         };
         if ident.state != IDENTITY_LIVE || ident.epoch != flow.epoch {
+            // Read the slot before the delete: a deleted element's memory
+            // can be reused at once by an insert on another CPU.
+            let slot = flow.identity;
             let _ = FLOWS.remove(&key);
-            return drop_for(flow.identity, Reason::Revoked, pkt, service);
+            return drop_for(slot, Reason::Revoked, pkt, service);
         }
         if now < flow.expires_ns {
             return admit_packet(

@@ -1,1 +1,5 @@
+//! Test support for portcullis: crafted packets for BPF_PROG_TEST_RUN.
+//! (Network-namespace helpers live in `portcullis_agent::netns`, shared with
+//! the demo.)
 
+pub mod packet;
