@@ -1,10 +1,10 @@
 //! The portcullis agent: the modules behind the `portcullis` binary.
 
-pub mod config;
-pub mod kernel;
-pub mod netns;
 pub mod admin;
 pub mod apply;
+pub mod config;
 pub mod demo;
+pub mod kernel;
 pub mod logging;
+pub mod netns;
 pub mod runtime;

@@ -3,7 +3,7 @@
 //! admissions, until SIGTERM/SIGINT. Exiting leaves everything pinned: the
 //! kernel keeps enforcing (fail static).
 
-use std::path::PathBuf;
+use std::{path::PathBuf, time::Duration};
 
 use anyhow::Context;
 use portcullis_common::Reason;
@@ -49,11 +49,16 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let mut tick = tokio::time::interval(cfg.agent.stats_interval);
+    // `events_per_sec` is a per-second budget the kernel only counts down.
+    let mut second = tokio::time::interval(Duration::from_secs(1));
     let mut last = kernel.maps.reason_counts()?;
     loop {
         tokio::select! {
             _ = tick.tick() => {
                 last = report(&mut kernel.maps, last)?;
+            }
+            _ = second.tick() => {
+                kernel.maps.reset_event_budget()?;
             }
             _ = term.recv() => break,
             _ = int.recv() => break,

@@ -303,8 +303,10 @@ pub struct IdentityStats {
 pub struct KernelConfig {
     /// UDP port of the knock listener; 0 disables the pre-auth limiter.
     pub knock_port: u16,
-    pub _pad0: u16,
-    /// Sampled events per CPU per second (0: none).
+    /// `CFG_*` flags.
+    pub flags: u16,
+    /// Sampled events per CPU per second (0: none). The agent resets each
+    /// CPU's budget every second, so the kernel never reads a clock for it.
     pub events_per_sec: u32,
     /// Per-source knock GCRA: ns per datagram and tolerance.
     pub knock_src_cost_ns: u64,
@@ -314,11 +316,16 @@ pub struct KernelConfig {
     pub knock_all_burst_ns: u64,
 }
 
-/// `PCL_EVT_BUDGET[0]` (per CPU): the sampling window.
+/// `KernelConfig::flags`: flow-scoped admissions may exist, so a miss on
+/// the (source, service) admission also tries the exact source port. Off,
+/// the drop path saves a hash lookup.
+pub const CFG_FLOW_SCOPED: u16 = 1;
+
+/// `PCL_EVT_BUDGET[0]` (per CPU): events sampled since the agent last reset
+/// the budget (every second).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventBudget {
-    pub window_start_ns: u64,
     pub count: u32,
     pub _pad: u32,
 }

@@ -2,7 +2,7 @@
 //! whose flow they answer (cost of output) and optionally capped (an
 //! extraction guard). Traffic that is not a response of a known flow passes.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, programs::TcContext};
+use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
 use portcullis_common::{FlowKey, PROTO_TCP, Reason};
 
 use crate::{
@@ -49,7 +49,7 @@ pub fn decide(ctx: &TcContext) -> i32 {
         && ident.out_byte_cost != 0
         && let Some(rate) = RATES.get_ptr_mut(slot)
     {
-        let now = unsafe { bpf_ktime_get_ns() };
+        let now = unsafe { bpf_ktime_get_coarse_ns() };
         let cost = byte_cost(len, ident.out_byte_cost);
         if !conform(
             unsafe { &raw mut (*rate).out_tat },

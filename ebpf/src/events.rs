@@ -1,14 +1,14 @@
 //! Sampled drop events: at most `events_per_sec` per CPU per second reach the
-//! ring buffer, submitted without wake-ups (the agent polls on a timer), so a
-//! flood costs one per-CPU counter bump per packet and nothing more.
+//! ring buffer, submitted without wake-ups (the agent polls on a timer). The
+//! agent resets the per-CPU budget every second, so an over-budget drop costs
+//! two array lookups and a compare: no clock read, no ring buffer.
 
-use aya_ebpf::helpers::bpf_ktime_get_ns;
+use aya_ebpf::helpers::bpf_ktime_get_coarse_ns;
 use portcullis_common::{DropEvent, Reason};
 
 use crate::{CONFIG, EVENT_BUDGET, EVENTS, parse::Summary};
 
 const BPF_RB_NO_WAKEUP: u64 = 1;
-const WINDOW_NS: u64 = 1_000_000_000;
 
 #[inline(always)]
 pub fn sample(reason: Reason, pkt: Option<&Summary>, service: u32) {
@@ -20,11 +20,6 @@ pub fn sample(reason: Reason, pkt: Option<&Summary>, service: u32) {
         return;
     };
     let budget = unsafe { &mut *budget };
-    let now = unsafe { bpf_ktime_get_ns() };
-    if now.wrapping_sub(budget.window_start_ns) >= WINDOW_NS {
-        budget.window_start_ns = now;
-        budget.count = 0;
-    }
     if budget.count >= cfg.events_per_sec {
         return;
     }
@@ -33,7 +28,7 @@ pub fn sample(reason: Reason, pkt: Option<&Summary>, service: u32) {
         return; // ring full: the per-reason counters still have it
     };
     let mut ev = DropEvent {
-        time_ns: now,
+        time_ns: unsafe { bpf_ktime_get_coarse_ns() },
         reason: reason as u32,
         service,
         ..DropEvent::default()

@@ -3,10 +3,10 @@
 //! flow or admission, within the identity's rates; everything else drops
 //! with a counted reason. No RST, no ICMP: the port looks closed.
 
-use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_ns, programs::XdpContext};
+use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use portcullis_common::{
-    ADMIT_ONE_USE, Admission, AdmissionKey, Flow, FlowKey, IDENTITY_LIVE, PORT_KNOCK,
-    PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
+    ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, Flow, FlowKey, IDENTITY_LIVE,
+    PORT_KNOCK, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
 };
 
 use crate::{
@@ -70,7 +70,9 @@ fn lookup_by_addr(pkt: &Summary) -> Option<u32> {
 
 #[inline(always)]
 fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
-    let now = unsafe { bpf_ktime_get_ns() };
+    // Jiffy resolution is plenty for expiries and rate buckets, and costs a
+    // fraction of the precise clock on the per-packet path.
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     let key = FlowKey {
         src: pkt.src,
         dst: pkt.dst,
@@ -79,34 +81,25 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         proto: pkt.proto,
         _pad: [0; 3],
     };
+    // A bare SYN always opens (or retransmits) a connection, so it goes
+    // straight to the admission: a SYN flood costs one lookup per packet.
+    let syn =
+        pkt.proto == PROTO_TCP && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
     let mut revalidating = false;
-    if let Some(flow) = FLOWS.get_ptr_mut(&key) {
-        let flow = unsafe { &mut *flow };
-        let Some(ident) = IDENTITIES.get(flow.identity) else {
-            return drop(Reason::Revoked, Some(pkt), service);
-        };
-        if ident.state != IDENTITY_LIVE || ident.epoch != flow.epoch {
-            // Read the slot before the delete: a deleted element's memory
-            // can be reused at once by an insert on another CPU.
-            let slot = flow.identity;
-            let _ = FLOWS.remove(&key);
-            return drop_for(slot, Reason::Revoked, pkt, service);
+    if !syn && let Some(flow) = FLOWS.get_ptr_mut(&key) {
+        match flow_verdict(unsafe { &*flow }, now) {
+            FlowVerdict::Live(slot, cost, burst) => {
+                return admit_packet(slot, cost, burst, len, now, false, pkt, service);
+            }
+            FlowVerdict::Revoked(slot) => {
+                let _ = FLOWS.remove(&key);
+                return drop_for(slot, Reason::Revoked, pkt, service);
+            }
+            FlowVerdict::Stale => revalidating = true,
         }
-        if now < flow.expires_ns {
-            return admit_packet(
-                flow.identity,
-                ident.in_byte_cost,
-                ident.in_burst_ns,
-                len,
-                now,
-                false,
-                pkt,
-                service,
-            );
-        }
-        revalidating = true;
     }
-    // No flow (or its cached expiry passed): the admission decides.
+    // No flow, a SYN, or a flow whose cached expiry passed: the admission
+    // decides.
     let mut akey = AdmissionKey {
         addr: pkt.src,
         service,
@@ -116,11 +109,30 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
     let adm: Admission = match unsafe { ADMISSIONS.get(&akey) } {
         Some(a) => *a,
         None => {
-            // A flow-scoped admission covers exactly this source port.
+            // A flow-scoped admission covers exactly this source port; only
+            // looked for when the agent says some may exist.
+            let scoped = match CONFIG.get(0) {
+                Some(c) => c.flags & CFG_FLOW_SCOPED != 0,
+                None => false,
+            };
             akey.src_port = pkt.sport;
-            match unsafe { ADMISSIONS.get(&akey) } {
+            let exact = if scoped {
+                unsafe { ADMISSIONS.get(&akey) }
+            } else {
+                None
+            };
+            match exact {
                 Some(a) => *a,
                 None => {
+                    // A retransmitted SYN of a connection whose one-use
+                    // admission its first SYN consumed.
+                    if scoped
+                        && syn
+                        && let Some(flow) = unsafe { FLOWS.get(&key) }
+                        && let FlowVerdict::Live(slot, cost, burst) = flow_verdict(flow, now)
+                    {
+                        return admit_packet(slot, cost, burst, len, now, false, pkt, service);
+                    }
                     if revalidating {
                         let _ = FLOWS.remove(&key);
                     }
@@ -144,9 +156,10 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         }
         return drop_for(adm.identity, Reason::Revoked, pkt, service);
     }
-    let new_conn = !revalidating
-        && (pkt.proto == PROTO_UDP
-            || (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN);
+    // UDP has no handshake: a datagram without a flow opens one. A TCP
+    // non-SYN without a flow (evicted from the LRU, or a table from before
+    // an upgrade) re-creates its flow without counting a new connection.
+    let new_conn = syn || (pkt.proto == PROTO_UDP && !revalidating);
     if new_conn {
         let Some(rate) = RATES.get_ptr_mut(adm.identity) else {
             return drop(Reason::Revoked, Some(pkt), service);
@@ -195,6 +208,33 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
     )
 }
 
+enum FlowVerdict {
+    /// Identity live, cache fresh: slot, ingress byte cost and burst.
+    Live(u32, u64, u64),
+    /// The identity was revoked since the flow was created.
+    Revoked(u32),
+    /// The cached expiry passed: re-validate against the admission.
+    Stale,
+}
+
+#[inline(always)]
+fn flow_verdict(flow: &Flow, now: u64) -> FlowVerdict {
+    // Copy the slot first: if the flow is deleted, its memory can be reused
+    // at once by an insert on another CPU.
+    let slot = flow.identity;
+    let Some(ident) = IDENTITIES.get(slot) else {
+        return FlowVerdict::Revoked(slot);
+    };
+    if ident.state != IDENTITY_LIVE || ident.epoch != flow.epoch {
+        return FlowVerdict::Revoked(slot);
+    }
+    if now < flow.expires_ns {
+        FlowVerdict::Live(slot, ident.in_byte_cost, ident.in_burst_ns)
+    } else {
+        FlowVerdict::Stale
+    }
+}
+
 /// Charges the identity's ingress byte rate and counters for a packet that
 /// an admission covers.
 #[inline(always)]
@@ -241,7 +281,7 @@ fn knock(pkt: &Summary) -> u32 {
     let Some(cfg) = CONFIG.get(0) else {
         return drop(Reason::KnockGlobalRate, Some(pkt), 0);
     };
-    let now = unsafe { bpf_ktime_get_ns() };
+    let now = unsafe { bpf_ktime_get_coarse_ns() };
     match KNOCK_SRC.get_ptr_mut(&pkt.src) {
         Some(tat) => {
             if !conform(tat, now, cfg.knock_src_cost_ns, cfg.knock_src_burst_ns) {

@@ -17,9 +17,8 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     Admission, AdmissionKey, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
-    DropEvent as _DropEvent, EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityStats,
-    KernelConfig, MAX_IDENTITIES, MAX_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry, RateState,
-    Reason, ServiceKey,
+    EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityStats, KernelConfig,
+    MAX_IDENTITIES, MAX_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry, RateState, Reason, ServiceKey,
 };
 
 /// Destination port → services on it (one array lookup decides the
@@ -101,12 +100,6 @@ fn count(reason: Reason) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
         unsafe { *c += 1 };
     }
-}
-
-/// Keeps the META map referenced so the loader creates it.
-#[inline(always)]
-fn _touch_meta() -> bool {
-    META.get(0).is_some()
 }
 
 #[cfg(not(test))]

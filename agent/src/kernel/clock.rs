@@ -1,5 +1,6 @@
-//! Kernel monotonic time: what `bpf_ktime_get_ns` returns (CLOCK_MONOTONIC),
-//! so expiries written by the agent compare correctly in the kernel.
+//! Kernel time as the programs read it: `bpf_ktime_get_coarse_ns`, which is
+//! CLOCK_MONOTONIC_COARSE (jiffy resolution). Expiries the agent writes must
+//! come from the same clock to compare correctly in the kernel.
 
 use std::time::Duration;
 
@@ -8,8 +9,8 @@ pub fn monotonic_ns() -> u64 {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    // SAFETY: valid pointer to a timespec; the clock always exists on Linux.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
     debug_assert_eq!(rc, 0);
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }

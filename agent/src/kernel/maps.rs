@@ -9,10 +9,10 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use portcullis_common::{
-    ADMIT_ONE_USE, Admission, AdmissionKey, DropEvent, Flow, FlowKey, IDENTITY_FREE, IDENTITY_LIVE,
-    IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig, MAX_IDENTITIES, Meta, PORT_KNOCK,
-    PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry, RateState, Reason,
-    ServiceKey, maps as names,
+    ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, DropEvent, EventBudget, Flow, FlowKey,
+    IDENTITY_FREE, IDENTITY_LIVE, IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig,
+    MAX_IDENTITIES, Meta, PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR,
+    PROTO_TCP, PortEntry, RateState, Reason, ServiceKey, maps as names,
 };
 
 use super::KernelError;
@@ -28,6 +28,7 @@ pub struct Maps {
     pub drops: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, KernelConfig>,
     pub events: RingBuf<MapData>,
+    pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub meta: Array<MapData, Meta>,
 }
 
@@ -95,6 +96,7 @@ impl Maps {
             drops: typed!(names::DROPS),
             config: typed!(names::CONFIG),
             events: typed!(names::EVENTS),
+            event_budget: typed!(names::EVENT_BUDGET),
             meta: typed!(names::META),
         })
     }
@@ -111,10 +113,48 @@ impl Maps {
             .map_err(|e| KernelError::map(names::META, e))
     }
 
-    pub fn set_kernel_config(&mut self, cfg: KernelConfig) -> Result<(), KernelError> {
+    fn kernel_config(&self) -> Result<KernelConfig, KernelError> {
+        self.config
+            .get(&0, 0)
+            .map_err(|e| KernelError::map(names::CONFIG, e))
+    }
+
+    /// Writes the node knobs, keeping the runtime flags the agent manages
+    /// (`CFG_FLOW_SCOPED`) as they are.
+    pub fn set_kernel_config(&mut self, mut cfg: KernelConfig) -> Result<(), KernelError> {
+        cfg.flags =
+            (cfg.flags & !CFG_FLOW_SCOPED) | (self.kernel_config()?.flags & CFG_FLOW_SCOPED);
+        self.write_kernel_config(cfg)
+    }
+
+    fn write_kernel_config(&mut self, cfg: KernelConfig) -> Result<(), KernelError> {
         self.config
             .set(0, cfg, 0)
             .map_err(|e| KernelError::map(names::CONFIG, e))
+    }
+
+    fn set_flow_scoped(&mut self, on: bool) -> Result<(), KernelError> {
+        let mut cfg = self.kernel_config()?;
+        let want = if on {
+            cfg.flags | CFG_FLOW_SCOPED
+        } else {
+            cfg.flags & !CFG_FLOW_SCOPED
+        };
+        if want != cfg.flags {
+            cfg.flags = want;
+            self.write_kernel_config(cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Starts a new sampling second on every CPU.
+    pub fn reset_event_budget(&mut self) -> Result<(), KernelError> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| KernelError::map(names::EVENT_BUDGET, e))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![EventBudget::default(); n])
+            .map_err(|e| KernelError::map(names::EVENT_BUDGET, e))?;
+        self.event_budget
+            .set(0, zeros, 0)
+            .map_err(|e| KernelError::map(names::EVENT_BUDGET, e))
     }
 
     /// Makes the port table and the address-specific service map exactly
@@ -255,6 +295,10 @@ impl Maps {
             src_port,
             _pad: 0,
         };
+        if src_port != 0 {
+            // Before the insert: the kernel must look for it once it exists.
+            self.set_flow_scoped(true)?;
+        }
         let value = Admission {
             identity: slot,
             epoch: ident.epoch,
@@ -296,7 +340,13 @@ impl Maps {
     /// Deletes admissions whose kernel-time expiry has passed (the kernel
     /// already ignores them; this returns the space).
     pub fn reap_expired(&mut self, now_ns: u64) -> Result<usize, KernelError> {
-        self.remove_admissions(|_, v| v.expires_ns <= now_ns)
+        let n = self.remove_admissions(|_, v| v.expires_ns <= now_ns)?;
+        // The kernel consumes flow-scoped admissions itself; once none are
+        // left, spare the drop path its extra lookup.
+        if !self.admissions().iter().any(|(k, _)| k.src_port != 0) {
+            self.set_flow_scoped(false)?;
+        }
+        Ok(n)
     }
 
     pub fn admissions(&self) -> Vec<(AdmissionKey, Admission)> {
