@@ -357,34 +357,14 @@ impl Maps {
         &mut self,
         pred: impl Fn(&AdmissionKey, &Admission) -> bool,
     ) -> Result<usize, KernelError> {
-        let doomed: Vec<AdmissionKey> = self
-            .admissions
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| pred(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            let _ = self.admissions.remove(k);
-        }
-        Ok(doomed.len())
+        remove_where(&mut self.admissions, pred)
     }
 
     fn remove_flows(
         &mut self,
         pred: impl Fn(&FlowKey, &Flow) -> bool,
     ) -> Result<usize, KernelError> {
-        let doomed: Vec<FlowKey> = self
-            .flows
-            .iter()
-            .filter_map(Result::ok)
-            .filter(|(k, v)| pred(k, v))
-            .map(|(k, _)| k)
-            .collect();
-        for k in &doomed {
-            let _ = self.flows.remove(k);
-        }
-        Ok(doomed.len())
+        remove_where(&mut self.flows, pred)
     }
 
     /// Drop (and pass) counters summed over CPUs, indexed by `Reason`.
@@ -437,6 +417,24 @@ impl Maps {
     pub fn flow_count(&self) -> usize {
         self.flows.keys().filter_map(Result::ok).count()
     }
+}
+
+/// Deletes the entries `pred` selects. Keys are collected first: deleting
+/// while iterating a BPF hash map restarts or skips the walk.
+fn remove_where<K: aya::Pod, V: aya::Pod>(
+    map: &mut HashMap<MapData, K, V>,
+    pred: impl Fn(&K, &V) -> bool,
+) -> Result<usize, KernelError> {
+    let doomed: Vec<K> = map
+        .iter()
+        .filter_map(Result::ok)
+        .filter(|(k, v)| pred(k, v))
+        .map(|(k, _)| k)
+        .collect();
+    for k in &doomed {
+        let _ = map.remove(k);
+    }
+    Ok(doomed.len())
 }
 
 /// Where each map is pinned.
