@@ -41,6 +41,7 @@ pub struct Config {
     /// Per-identity limits, already merged over `limits`.
     pub identities: BTreeMap<String, Limits>,
     pub admissions: Vec<StaticAdmission>,
+    pub tokens: Option<TokensSection>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -48,6 +49,9 @@ pub struct AgentSection {
     pub node_id: String,
     pub log_format: LogFormat,
     pub stats_interval: Duration,
+    /// The node's Ed25519 signing key (knock replies, audit checkpoints);
+    /// created with mode 0600 when missing.
+    pub node_key: PathBuf,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -91,6 +95,14 @@ pub struct KnockSection {
     /// Per CPU.
     pub global_per_sec: u32,
     pub global_burst: u32,
+    /// A knock's timestamp must lie within this of the agent's clock, and
+    /// its nonce is remembered this long.
+    pub window: Duration,
+    /// Longest admission a knock grants (also capped by the token's expiry).
+    pub max_ttl: Duration,
+    /// Answer a successful knock with a signed reply (never larger than the
+    /// knock). Refusals are always silent.
+    pub reply: bool,
 }
 
 impl KnockSection {
@@ -107,6 +119,9 @@ impl Default for KnockSection {
             per_source_burst: 10,
             global_per_sec: 2_000,
             global_burst: 200,
+            window: Duration::from_secs(30),
+            max_ttl: Duration::from_secs(3600),
+            reply: true,
         }
     }
 }
@@ -177,6 +192,44 @@ pub struct Service {
     pub address: Option<IpAddr>,
     /// [`service_id`] of the name: stable across restarts, never 0.
     pub id: u32,
+    /// What the port carries: the action a token's scope must grant.
+    pub action: Action,
+}
+
+/// The ML action a service's port carries (read-only vs inference vs
+/// retraining are separate grants).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    Invoke,
+    Read,
+    Retrain,
+    ExportWeights,
+}
+
+impl Action {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Action::Invoke => "invoke",
+            Action::Read => "read",
+            Action::Retrain => "retrain",
+            Action::ExportWeights => "export_weights",
+        }
+    }
+}
+
+/// How tokens are verified (`[tokens]`): without it nobody can be admitted
+/// by knock.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokensSection {
+    pub jwks_file: PathBuf,
+    pub issuer: String,
+    pub audience: String,
+    pub leeway: Duration,
+    pub max_lifetime: Duration,
+    pub tenant_claim: String,
+    pub require_typ: bool,
+    pub allow_hs256: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -329,6 +382,69 @@ mod tests {
         assert_eq!(config.identity_limits("alice").conn_per_sec, 10);
         assert_eq!(config.admissions.len(), 1);
         assert_eq!(config.admissions[0].ttl, Duration::from_secs(3600));
+        let tokens = config.tokens.expect("[tokens] in the example");
+        assert_eq!(tokens.issuer, "https://idp.example.com");
+        assert_eq!(tokens.leeway, Duration::from_secs(30));
+        assert!(tokens.require_typ && !tokens.allow_hs256);
+    }
+
+    const TOKENS: &str =
+        "[tokens]\njwks_file = \"/etc/p/jwks.json\"\nissuer = \"https://idp\"\naudience = \"pc\"\n";
+
+    #[test]
+    fn tokens_section_requires_issuer_audience_and_jwks() {
+        for (drop, field) in [
+            ("issuer", "tokens.issuer"),
+            ("audience", "tokens.audience"),
+            ("jwks_file", "tokens.jwks_file"),
+        ] {
+            let text: String = TOKENS
+                .lines()
+                .filter(|l| !l.starts_with(drop))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let err = Config::from_toml_str(&format!("{KERNEL}{SERVICE}{text}")).unwrap_err();
+            assert_eq!(err.field(), Some(field), "{err}");
+            assert!(err.to_string().contains("missing"), "{err}");
+        }
+    }
+
+    #[test]
+    fn tokens_leeway_is_bounded_and_paths_absolute() {
+        let err = Config::from_toml_str(&format!("{KERNEL}{SERVICE}{TOKENS}leeway_secs = 3600\n"))
+            .unwrap_err();
+        assert_eq!(err.field(), Some("tokens.leeway_secs"), "{err}");
+        let rel = TOKENS.replace("/etc/p/jwks.json", "jwks.json");
+        let err = Config::from_toml_str(&format!("{KERNEL}{SERVICE}{rel}")).unwrap_err();
+        assert_eq!(err.field(), Some("tokens.jwks_file"), "{err}");
+    }
+
+    #[test]
+    fn service_action_defaults_to_invoke_and_rejects_unknown() {
+        assert_eq!(minimal().services[0].action, Action::Invoke);
+        let cfg = parse_ok(&format!("{KERNEL}{SERVICE}action = \"retrain\"\n"));
+        assert_eq!(cfg.services[0].action, Action::Retrain);
+        let err =
+            Config::from_toml_str(&format!("{KERNEL}{SERVICE}action = \"delete\"\n")).unwrap_err();
+        assert_eq!(err.field(), Some("services[0].action"), "{err}");
+    }
+
+    #[test]
+    fn knock_window_and_ttl_are_bounded() {
+        for (key, bad) in [
+            ("window_secs", 0),
+            ("window_secs", 301),
+            ("max_ttl_secs", 0),
+            ("max_ttl_secs", 86_401),
+        ] {
+            let err = Config::from_toml_str(&format!("{KERNEL}[knock]\n{key} = {bad}\n{SERVICE}"))
+                .unwrap_err();
+            assert_eq!(
+                err.field().map(str::to_owned),
+                Some(format!("knock.{key}")),
+                "{err}"
+            );
+        }
     }
 
     // The example claims to show the defaults: keep it honest.

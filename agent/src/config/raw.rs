@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
-use super::{ConfigError, LogFormat, Protocol, XdpMode};
+use super::{Action, ConfigError, LogFormat, Protocol, XdpMode};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -32,6 +32,7 @@ pub(super) struct RawConfig {
     pub services: Vec<RawService>,
     #[serde(default)]
     pub admissions: Vec<RawAdmission>,
+    pub tokens: Option<RawTokens>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -40,6 +41,7 @@ pub(super) struct RawAgent {
     pub node_id: Option<String>,
     pub log_format: Option<LogFormat>,
     pub stats_interval_ms: Option<i64>,
+    pub node_key: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -64,6 +66,22 @@ pub(super) struct RawKnock {
     pub per_source_burst: Option<i64>,
     pub global_per_sec: Option<i64>,
     pub global_burst: Option<i64>,
+    pub window_secs: Option<i64>,
+    pub max_ttl_secs: Option<i64>,
+    pub reply: Option<bool>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTokens {
+    pub jwks_file: Option<String>,
+    pub issuer: Option<String>,
+    pub audience: Option<String>,
+    pub leeway_secs: Option<i64>,
+    pub max_lifetime_secs: Option<i64>,
+    pub tenant_claim: Option<String>,
+    pub require_typ: Option<bool>,
+    pub allow_hs256: Option<bool>,
 }
 
 /// Both `[limits]` and each `[identities.<name>]` (a subset of the same keys).
@@ -85,6 +103,7 @@ pub(super) struct RawService {
     pub protocol: Option<Protocol>,
     pub port: Option<i64>,
     pub address: Option<String>,
+    pub action: Option<Action>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -126,6 +145,7 @@ fn locate(doc: &Table) -> String {
             "identities" => probe_entries::<RawLimits>(key, value),
             "services" => probe_items::<RawService>(key, value),
             "admissions" => probe_items::<RawAdmission>(key, value),
+            "tokens" => probe::<RawTokens>(key, value),
             _ => Some(key.clone()),
         })
         // Unreachable while the list above matches RawConfig; stay useful anyway.

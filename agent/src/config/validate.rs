@@ -14,10 +14,12 @@ use portcullis_common::{
     MAX_IDENTITIES, MAX_SERVICES,
 };
 
-use super::raw::{RawAdmission, RawAgent, RawConfig, RawKernel, RawKnock, RawLimits, RawService};
+use super::raw::{
+    RawAdmission, RawAgent, RawConfig, RawKernel, RawKnock, RawLimits, RawService, RawTokens,
+};
 use super::{
-    AgentSection, Config, ConfigError, KernelSection, KnockSection, Limits, LogFormat, Protocol,
-    Service, StaticAdmission, XdpMode, service_id,
+    Action, AgentSection, Config, ConfigError, KernelSection, KnockSection, Limits, LogFormat,
+    Protocol, Service, StaticAdmission, TokensSection, XdpMode, service_id,
 };
 
 const DEFAULT_STATS_INTERVAL_MS: u64 = 1_000;
@@ -45,6 +47,7 @@ pub(super) fn validate(
     let services = services(&raw.services, &knock)?;
     let admissions = admissions(&raw.admissions, &services)?;
     check_identity_slots(&identities, &admissions)?;
+    let tokens = raw.tokens.as_ref().map(tokens).transpose()?;
     Ok(Config {
         agent,
         kernel,
@@ -53,6 +56,7 @@ pub(super) fn validate(
         services,
         identities,
         admissions,
+        tokens,
     })
 }
 
@@ -80,6 +84,11 @@ fn agent(
         node_id,
         log_format: raw.log_format.unwrap_or(LogFormat::Text),
         stats_interval: Duration::from_millis(interval_ms),
+        node_key: absolute(
+            "agent.node_key",
+            raw.node_key.clone(),
+            "/var/lib/portcullis/node.key",
+        )?,
     })
 }
 
@@ -240,6 +249,67 @@ fn knock(raw: &RawKnock) -> Result<KnockSection, ConfigError> {
             default.global_burst,
             min..=U32_MAX,
         )?,
+        window: Duration::from_secs(int(
+            "knock.window_secs",
+            raw.window_secs,
+            default.window.as_secs(),
+            1..=300,
+        )?),
+        max_ttl: Duration::from_secs(int(
+            "knock.max_ttl_secs",
+            raw.max_ttl_secs,
+            default.max_ttl.as_secs(),
+            1..=86_400,
+        )?),
+        reply: raw.reply.unwrap_or(default.reply),
+    })
+}
+
+/// `[tokens]`: the identity provider whose access tokens admit clients.
+fn tokens(raw: &RawTokens) -> Result<TokensSection, ConfigError> {
+    let text = |key: &str, value: &Option<String>, fix: &str| -> Result<String, ConfigError> {
+        let field = format!("tokens.{key}");
+        match value {
+            Some(v) if !v.trim().is_empty() => Ok(v.clone()),
+            Some(_) => Err(invalid(field, format!("is empty; {fix}"))),
+            None => Err(invalid(field, format!("missing; {fix}"))),
+        }
+    };
+    let jwks = text(
+        "jwks_file",
+        &raw.jwks_file,
+        "name the JWKS file with the identity provider's public keys",
+    )?;
+    let tenant_claim = raw.tenant_claim.clone().unwrap_or_else(|| "tenant".into());
+    if tenant_claim.is_empty() {
+        return Err(invalid(
+            "tokens.tenant_claim",
+            "is empty; name the claim that carries the tenant, e.g. \"tenant\"",
+        ));
+    }
+    Ok(TokensSection {
+        jwks_file: absolute("tokens.jwks_file", Some(jwks), "/etc/portcullis/jwks.json")?,
+        issuer: text(
+            "issuer",
+            &raw.issuer,
+            "set the exact `iss` your identity provider puts in tokens",
+        )?,
+        audience: text(
+            "audience",
+            &raw.audience,
+            "set the `aud` value tokens for this node carry",
+        )?,
+        // RFC 8725 §3.10 / RFC 7519 §4.1.4: leeway for clock skew, kept small.
+        leeway: Duration::from_secs(int("tokens.leeway_secs", raw.leeway_secs, 30, 0..=300)?),
+        max_lifetime: Duration::from_secs(int(
+            "tokens.max_lifetime_secs",
+            raw.max_lifetime_secs,
+            3600,
+            60..=86_400,
+        )?),
+        tenant_claim,
+        require_typ: raw.require_typ.unwrap_or(true),
+        allow_hs256: raw.allow_hs256.unwrap_or(false),
     })
 }
 
@@ -390,6 +460,7 @@ fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
         protocol: raw.protocol.unwrap_or(Protocol::Tcp),
         port: port_number(&field("port"), port)?,
         address,
+        action: raw.action.unwrap_or(Action::Invoke),
     })
 }
 
