@@ -1,10 +1,13 @@
 //! The portcullis agent: the modules behind the `portcullis` binary.
 
 pub mod admin;
+pub mod admission;
 pub mod apply;
 pub mod config;
 pub mod demo;
+pub mod devtoken;
 pub mod kernel;
 pub mod logging;
 pub mod netns;
+pub mod nodekey;
 pub mod runtime;

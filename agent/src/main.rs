@@ -22,6 +22,47 @@ enum Command {
     Agent(AgentCmd),
     /// Self-contained demo in network namespaces on the embedded defaults.
     Demo,
+    /// Knock: ask a node to admit this host to a service with a token.
+    Knock(portcullis_agent::admission::knock::KnockArgs),
+    /// DEVELOPMENT ONLY: a local token issuer, so demos and tests need no IdP.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Create a development issuer key (issuer.key, mode 0600) and its
+    /// public JWKS (jwks.json) in DIR. Never use it in production.
+    Keygen {
+        #[arg(long, value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Print a signed access token (RFC 9068) from a development key.
+    Mint {
+        #[arg(long, value_name = "FILE")]
+        key: PathBuf,
+        #[arg(long)]
+        issuer: String,
+        #[arg(long)]
+        audience: String,
+        #[arg(long)]
+        subject: String,
+        #[arg(long)]
+        tenant: Option<String>,
+        /// Repeatable, e.g. --role analyst.
+        #[arg(long = "role")]
+        roles: Vec<String>,
+        /// Repeatable, e.g. --scope model:llm:invoke.
+        #[arg(long = "scope")]
+        scopes: Vec<String>,
+        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        ttl_secs: u64,
+        /// Bind the token to a proof key (RFC 7638 thumbprint, `cnf.jkt`).
+        #[arg(long)]
+        cnf_jkt: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -105,6 +146,49 @@ fn main() -> ExitCode {
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => portcullis_agent::demo::run(),
+        Command::Knock(args) => portcullis_agent::admission::knock::run_cli(args),
+        Command::Token {
+            action: TokenAction::Keygen { dir },
+        } => {
+            let out = portcullis_agent::devtoken::keygen(&dir)?;
+            println!("development issuer key: {}", out.key_path.display());
+            println!(
+                "public JWKS (tokens.jwks_file): {}",
+                out.jwks_path.display()
+            );
+            println!("kid: {}", out.kid);
+            eprintln!(
+                "warning: development only; production tokens come from your identity provider"
+            );
+            Ok(())
+        }
+        Command::Token {
+            action:
+                TokenAction::Mint {
+                    key,
+                    issuer,
+                    audience,
+                    subject,
+                    tenant,
+                    roles,
+                    scopes,
+                    ttl_secs,
+                    cnf_jkt,
+                },
+        } => {
+            let claims = portcullis_agent::devtoken::MintClaims {
+                issuer,
+                audience,
+                subject,
+                tenant,
+                roles,
+                scopes,
+                ttl: Duration::from_secs(ttl_secs),
+                cnf_jkt,
+            };
+            println!("{}", portcullis_agent::devtoken::mint(&key, claims)?);
+            Ok(())
+        }
         Command::Agent(AgentCmd { action: None, run }) => {
             if run.print_example_config {
                 print!("{}", portcullis_agent::config::EXAMPLE);

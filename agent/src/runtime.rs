@@ -1,18 +1,33 @@
 //! `portcullis agent`: open (or adopt) the kernel state, apply the config,
-//! then every interval read counters, drain sampled drops and reap expired
-//! admissions, until SIGTERM/SIGINT. Exiting leaves everything pinned: the
-//! kernel keeps enforcing (fail static).
+//! listen for knocks, then every interval read counters, drain sampled
+//! drops, reap expired admissions and reload keys, until SIGTERM/SIGINT.
+//! Exiting leaves everything pinned: the kernel keeps enforcing (fail
+//! static).
 
-use std::{path::PathBuf, time::Duration};
+use std::{
+    net::{Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
 
 use anyhow::Context;
 use portcullis_common::Reason;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::{
+    net::UdpSocket,
+    signal::unix::{SignalKind, signal},
+};
 
 use crate::{
+    admission::{
+        admitter::Admitter,
+        jwk::JwksFile,
+        token::{TokenPolicy, Verifier},
+    },
     apply,
-    config::Config,
+    config::{Config, TokensSection},
     kernel::{Kernel, Maps, Origin, clock, maps::bytes_addr},
+    nodekey::NodeKey,
 };
 
 pub struct RunOptions {
@@ -27,23 +42,45 @@ pub fn origin_word(o: Origin) -> &'static str {
     }
 }
 
+/// Identity slots nobody refers to are freed this often.
+const RECLAIM_EVERY: Duration = Duration::from_secs(5);
+
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
     let kopts = apply::kernel_options(&cfg.kernel);
-    let mut kernel = Kernel::open(&kopts).context("opening the kernel programs")?;
-    let installed = apply::apply(&mut kernel.maps, &cfg, kernel.origin)
+    let kernel = Kernel::open(&kopts).context("opening the kernel programs")?;
+    let origin = kernel.origin;
+    let (mut maps, _programs) = kernel.into_parts();
+    let installed = apply::apply(&mut maps, &cfg, origin)
         .context("writing the configuration into the kernel maps")?;
+    let maps = Arc::new(Mutex::new(maps));
+
+    // Knocks need a way to verify tokens; without [tokens] nobody can be
+    // admitted by knock (the kernel still drops everything unadmitted).
+    let knocks = match (&cfg.tokens, cfg.knock.enabled()) {
+        (Some(tokens), true) => Some(start_knocks(&cfg, tokens, maps.clone()).await?),
+        (None, true) => {
+            tracing::warn!(
+                port = cfg.knock.port,
+                "knock.port is set but there is no [tokens] section: knocks cannot admit anyone"
+            );
+            None
+        }
+        _ => None,
+    };
     tracing::info!(
         event = "ready",
-        origin = origin_word(kernel.origin),
+        origin = origin_word(origin),
         node = %cfg.agent.node_id,
         interfaces = ?cfg.kernel.interfaces,
         pin_dir = %cfg.kernel.pin_dir.display(),
         services = cfg.services.len(),
         static_admissions = installed,
+        knock_port = knocks.as_ref().map(|_| cfg.knock.port),
         "portcullis agent enforcing"
     );
     if let Some(path) = &opts.ready_file {
-        write_ready(path, origin_word(kernel.origin))?;
+        write_ready(path, origin_word(origin))?;
     }
 
     let mut term = signal(SignalKind::terminate())?;
@@ -51,14 +88,28 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let mut tick = tokio::time::interval(cfg.agent.stats_interval);
     // `events_per_sec` is a per-second budget the kernel only counts down.
     let mut second = tokio::time::interval(Duration::from_secs(1));
-    let mut last = kernel.maps.reason_counts()?;
+    let mut reclaim = tokio::time::interval(RECLAIM_EVERY);
+    let mut last = lock(&maps)?.reason_counts()?;
+    let mut last_refusals = Vec::new();
     loop {
         tokio::select! {
             _ = tick.tick() => {
-                last = report(&mut kernel.maps, last)?;
+                last = report(&mut *lock(&maps)?, last)?;
+                if let Some(k) = &knocks {
+                    last_refusals = k.report(last_refusals);
+                }
             }
             _ = second.tick() => {
-                kernel.maps.reset_event_budget()?;
+                lock(&maps)?.reset_event_budget()?;
+                if let Some(k) = &knocks {
+                    k.upkeep();
+                }
+            }
+            _ = reclaim.tick() => {
+                let freed = lock(&maps)?.reclaim_idle(clock::monotonic_ns())?;
+                if freed > 0 {
+                    tracing::info!(event = "identities_reclaimed", count = freed, "idle identity slots freed");
+                }
             }
             _ = term.recv() => break,
             _ = int.recv() => break,
@@ -69,6 +120,141 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         "agent stopping; programs stay pinned and keep enforcing"
     );
     Ok(())
+}
+
+fn lock(maps: &Mutex<Maps>) -> anyhow::Result<std::sync::MutexGuard<'_, Maps>> {
+    maps.lock()
+        .map_err(|_| anyhow::anyhow!("kernel state lock poisoned"))
+}
+
+/// The knock side of the agent: listener task, key reloads, counters.
+struct Knocks {
+    admitter: Arc<Admitter>,
+    jwks: Arc<JwksFile>,
+    jwks_path: PathBuf,
+}
+
+impl Knocks {
+    fn upkeep(&self) {
+        match self.jwks.reload_if_changed() {
+            Ok(true) => tracing::info!(
+                event = "jwks_reloaded",
+                path = %self.jwks_path.display(),
+                keys = self.jwks.current().len(),
+                "token keys reloaded"
+            ),
+            Ok(false) => {}
+            Err(e) => tracing::warn!(
+                event = "jwks_reload_failed",
+                path = %self.jwks_path.display(),
+                error = %e,
+                "keeping the previous token keys"
+            ),
+        }
+        self.admitter.purge(SystemTime::now());
+    }
+
+    /// Logs refusals per reason since the last report.
+    fn report(&self, last: Vec<(&'static str, u64)>) -> Vec<(&'static str, u64)> {
+        let now = self.admitter.counters.snapshot();
+        for (reason, n) in &now {
+            let before = last
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, n)| *n);
+            if *n > before {
+                tracing::info!(
+                    event = "knocks_refused",
+                    reason,
+                    count = n - before,
+                    "knocks refused"
+                );
+            }
+        }
+        now
+    }
+}
+
+async fn start_knocks(
+    cfg: &Arc<Config>,
+    tokens: &TokensSection,
+    maps: Arc<Mutex<Maps>>,
+) -> anyhow::Result<Knocks> {
+    let jwks = Arc::new(
+        JwksFile::load(&tokens.jwks_file, tokens.allow_hs256)
+            .with_context(|| format!("tokens.jwks_file {}", tokens.jwks_file.display()))?,
+    );
+    let verifier = Arc::new(Verifier::new(
+        TokenPolicy {
+            issuer: tokens.issuer.clone(),
+            audience: tokens.audience.clone(),
+            leeway: tokens.leeway,
+            max_lifetime: tokens.max_lifetime,
+            tenant_claim: tokens.tenant_claim.clone(),
+            require_typ: tokens.require_typ,
+            cache_entries: 65_536,
+        },
+        jwks.clone(),
+    ));
+    let node = Arc::new(
+        NodeKey::load_or_create(&cfg.agent.node_key)
+            .with_context(|| format!("agent.node_key {}", cfg.agent.node_key.display()))?,
+    );
+    tracing::info!(
+        event = "node_key",
+        path = %cfg.agent.node_key.display(),
+        public_key = %node.thumbprint(),
+        "node signing key loaded"
+    );
+    let admitter = Arc::new(Admitter::new(cfg.clone(), verifier, maps, node));
+    // One dual-stack socket: IPv4 knocks arrive as IPv4-mapped addresses.
+    let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.knock.port));
+    let sock = UdpSocket::bind(addr)
+        .await
+        .with_context(|| format!("binding the knock listener on udp {addr}"))?;
+    tokio::spawn(listen(sock, admitter.clone()));
+    Ok(Knocks {
+        admitter,
+        jwks,
+        jwks_path: tokens.jwks_file.clone(),
+    })
+}
+
+/// Receives knocks; answers only successes (refusals are silent).
+async fn listen(sock: UdpSocket, admitter: Arc<Admitter>) {
+    let mut buf = vec![0u8; 65_536];
+    loop {
+        let (n, peer) = match sock.recv_from(&mut buf).await {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::warn!(error = %e, "knock socket receive failed");
+                continue;
+            }
+        };
+        match admitter.handle(&buf[..n], peer, SystemTime::now()) {
+            Ok(g) => {
+                tracing::info!(
+                    event = "admission_granted",
+                    subject = %g.subject,
+                    tenant = g.tenant.as_deref().unwrap_or(""),
+                    service = %g.service,
+                    source = %g.source,
+                    source_port = g.source_port,
+                    slot = g.slot,
+                    ttl_secs = g.expires.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
+                    "knock admitted"
+                );
+                if let Some(reply) = g.reply
+                    && let Err(e) = sock.send_to(&reply, peer).await
+                {
+                    tracing::warn!(error = %e, %peer, "knock reply not sent");
+                }
+            }
+            Err(e) => {
+                tracing::debug!(event = "knock_refused", reason = e.reason(), %peer, detail = %e)
+            }
+        }
+    }
 }
 
 /// One interval: counter deltas, sampled drops, expired admissions.

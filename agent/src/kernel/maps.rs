@@ -30,6 +30,8 @@ pub struct Maps {
     pub events: RingBuf<MapData>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub meta: Array<MapData, Meta>,
+    /// Identity key → slot, built on first use.
+    slots: Option<std::collections::HashMap<u64, u32>>,
 }
 
 /// One protected service as the kernel sees it.
@@ -98,6 +100,7 @@ impl Maps {
             events: typed!(names::EVENTS),
             event_budget: typed!(names::EVENT_BUDGET),
             meta: typed!(names::META),
+            slots: None,
         })
     }
 
@@ -226,15 +229,33 @@ impl Maps {
             .map_err(|e| KernelError::map(names::IDENTITIES, e))
     }
 
-    /// The slot holding the identity with this key, if any.
-    pub fn find_identity(&self, key: u64) -> Result<Option<u32>, KernelError> {
-        for slot in 1..MAX_IDENTITIES {
+    /// The slot holding the identity with this key, if any. Answered from an
+    /// in-memory index (a scan of every slot costs thousands of syscalls),
+    /// confirmed against the kernel entry, and rebuilt when they disagree
+    /// (another process, such as `agent admit`, may have written slots).
+    pub fn find_identity(&mut self, key: u64) -> Result<Option<u32>, KernelError> {
+        if let Some(&slot) = self.index()?.get(&key) {
             let id = self.identity(slot)?;
             if id.state != IDENTITY_FREE && id.key == key {
                 return Ok(Some(slot));
             }
         }
-        Ok(None)
+        self.slots = None;
+        Ok(self.index()?.get(&key).copied())
+    }
+
+    fn index(&mut self) -> Result<&mut std::collections::HashMap<u64, u32>, KernelError> {
+        if self.slots.is_none() {
+            let mut index = std::collections::HashMap::new();
+            for slot in 1..MAX_IDENTITIES {
+                let id = self.identity(slot)?;
+                if id.state != IDENTITY_FREE {
+                    index.insert(id.key, slot);
+                }
+            }
+            self.slots = Some(index);
+        }
+        Ok(self.slots.get_or_insert_default())
     }
 
     /// Writes (or refreshes the limits of) a live identity; slot 0 is never
@@ -263,16 +284,54 @@ impl Maps {
         self.identities
             .set(slot, ident, 0)
             .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
+        self.index()?.insert(ident.key, slot);
         Ok((slot, ident.epoch))
     }
 
-    fn free_slot(&self) -> Result<u32, KernelError> {
+    /// A free slot: one the index does not know, confirmed free in the
+    /// kernel (another process may have taken it).
+    fn free_slot(&mut self) -> Result<u32, KernelError> {
+        let used: std::collections::HashSet<u32> = self.index()?.values().copied().collect();
         for slot in 1..MAX_IDENTITIES {
-            if self.identity(slot)?.state == IDENTITY_FREE {
+            if !used.contains(&slot) && self.identity(slot)?.state == IDENTITY_FREE {
                 return Ok(slot);
             }
         }
         Err(KernelError::IdentitiesExhausted(MAX_IDENTITIES - 1))
+    }
+
+    /// Frees identity slots that no admission and no unexpired flow refers
+    /// to (admissions expired or were revoked). The epoch changes, so
+    /// nothing that still names the slot can use it.
+    pub fn reclaim_idle(&mut self, now_ns: u64) -> Result<usize, KernelError> {
+        let mut referenced: std::collections::HashSet<u32> =
+            self.admissions().iter().map(|(_, a)| a.identity).collect();
+        referenced.extend(
+            self.flows
+                .iter()
+                .filter_map(Result::ok)
+                .filter(|(_, f)| f.expires_ns > now_ns)
+                .map(|(_, f)| f.identity),
+        );
+        let idle: Vec<(u64, u32)> = self
+            .index()?
+            .iter()
+            .filter(|(_, slot)| !referenced.contains(slot))
+            .map(|(k, s)| (*k, *s))
+            .collect();
+        for (key, slot) in &idle {
+            let cur = self.identity(*slot)?;
+            let freed = Identity {
+                state: IDENTITY_FREE,
+                epoch: cur.epoch.wrapping_add(1),
+                ..Identity::default()
+            };
+            self.identities
+                .set(*slot, freed, 0)
+                .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
+            self.index()?.remove(key);
+        }
+        Ok(idle.len())
     }
 
     /// Admits `source` to `service` as identity `slot` until `expires_ns`

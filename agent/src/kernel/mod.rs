@@ -286,6 +286,11 @@ impl Kernel {
         Ok(removed)
     }
 
+    /// The maps, and the loaded object (if any) to keep alive alongside.
+    pub fn into_parts(self) -> (Maps, Option<Ebpf>) {
+        (self.maps, self._ebpf)
+    }
+
     /// Opens pinned maps without touching programs (status, break-glass
     /// admin while the agent is down).
     pub fn open_pinned_maps(pin_dir: &Path) -> Result<Maps, KernelError> {

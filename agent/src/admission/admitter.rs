@@ -1,0 +1,276 @@
+//! The knock pipeline: datagram → checks → kernel admission → reply, in the
+//! order the issue fixes so the cheapest refusals come first: size and
+//! shape, freshness, nonce replay, token, proof of possession, scope, then
+//! the kernel write. Every refusal has a stable reason for metrics and
+//! audit; the sender never learns which (silence on failure).
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
+    time::{Duration, Instant, SystemTime},
+};
+
+use crate::{
+    admission::{
+        knock::{self, KnockError, KnockLimits, NonceCache},
+        token::{TokenError, Verifier},
+    },
+    apply,
+    config::{Action, Config},
+    kernel::{KernelError, Maps, clock},
+    nodekey::NodeKey,
+};
+
+/// Why a knock was refused: the stable names are what metrics count and
+/// audit records carry.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    #[error(transparent)]
+    Knock(#[from] KnockError),
+    #[error(transparent)]
+    Token(#[from] TokenError),
+    #[error("service {0:?} is not protected on this node")]
+    UnknownService(String),
+    #[error("token does not grant model:{service}:{action}")]
+    Scope {
+        service: String,
+        action: &'static str,
+    },
+    #[error("all identity slots are in use")]
+    SlotsExhausted,
+    #[error("kernel write failed: {0}")]
+    Kernel(KernelError),
+}
+
+impl Refusal {
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Refusal::Knock(e) => e.reason(),
+            Refusal::Token(e) => e.reason(),
+            Refusal::UnknownService(_) => "unknown_service",
+            Refusal::Scope { .. } => "scope",
+            Refusal::SlotsExhausted => "identity_slots_exhausted",
+            Refusal::Kernel(_) => "kernel_error",
+        }
+    }
+}
+
+impl From<KernelError> for Refusal {
+    fn from(e: KernelError) -> Self {
+        match e {
+            KernelError::IdentitiesExhausted(_) => Refusal::SlotsExhausted,
+            other => Refusal::Kernel(other),
+        }
+    }
+}
+
+/// A granted admission: what the agent logs (and later audits).
+#[derive(Debug, Clone)]
+pub struct Granted {
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub service: String,
+    pub source: IpAddr,
+    pub source_port: u16,
+    pub expires: SystemTime,
+    pub slot: u32,
+    /// SHA-256 of the token's `jti`: never the token itself.
+    pub jti_hash: [u8; 32],
+    /// The signed reply to send, if replies are on and it is not larger
+    /// than the knock.
+    pub reply: Option<Vec<u8>>,
+}
+
+struct ServiceInfo {
+    id: u32,
+    action: Action,
+}
+
+/// Refusals counted by reason since start.
+#[derive(Default)]
+pub struct Counters {
+    by_reason: Mutex<HashMap<&'static str, u64>>,
+    pub granted: AtomicU64,
+}
+
+impl Counters {
+    fn refused(&self, reason: &'static str) {
+        if let Ok(mut m) = self.by_reason.lock() {
+            *m.entry(reason).or_default() += 1;
+        }
+    }
+
+    pub fn snapshot(&self) -> Vec<(&'static str, u64)> {
+        let mut v: Vec<_> = match self.by_reason.lock() {
+            Ok(m) => m.iter().map(|(k, v)| (*k, *v)).collect(),
+            Err(_) => Vec::new(),
+        };
+        v.sort();
+        v
+    }
+}
+
+pub struct Admitter {
+    cfg: Arc<Config>,
+    verifier: Arc<Verifier>,
+    nonces: NonceCache,
+    limits: KnockLimits,
+    services: HashMap<String, ServiceInfo>,
+    maps: Arc<Mutex<Maps>>,
+    node: Arc<NodeKey>,
+    pub counters: Counters,
+}
+
+impl Admitter {
+    pub fn new(
+        cfg: Arc<Config>,
+        verifier: Arc<Verifier>,
+        maps: Arc<Mutex<Maps>>,
+        node: Arc<NodeKey>,
+    ) -> Admitter {
+        let limits = KnockLimits {
+            window: cfg.knock.window,
+            ..KnockLimits::default()
+        };
+        let services = cfg
+            .services
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    ServiceInfo {
+                        id: s.id,
+                        action: s.action,
+                    },
+                )
+            })
+            .collect();
+        Admitter {
+            nonces: NonceCache::new(limits.window, limits.max_nonces),
+            cfg,
+            verifier,
+            limits,
+            services,
+            maps,
+            node,
+            counters: Counters::default(),
+        }
+    }
+
+    pub fn verifier(&self) -> &Verifier {
+        &self.verifier
+    }
+
+    /// Handles one datagram from `peer`; counts the outcome.
+    pub fn handle(
+        &self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        now: SystemTime,
+    ) -> Result<Granted, Refusal> {
+        let r = self.admit(datagram, peer, now);
+        match &r {
+            Ok(_) => {
+                self.counters.granted.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => self.counters.refused(e.reason()),
+        }
+        r
+    }
+
+    fn admit(
+        &self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        now: SystemTime,
+    ) -> Result<Granted, Refusal> {
+        let k = knock::decode(datagram, &self.limits)?;
+        knock::check_fresh(k.timestamp, now, self.limits.window)?;
+        // Replay is checked here, but the nonce is only remembered once the
+        // token and proof verify: otherwise anyone could fill the cache
+        // with junk and lock every client out.
+        self.nonces.check(&k.nonce, Instant::now())?;
+        let claims = self.verifier.verify(&k.token, now)?;
+        knock::verify_pop(&k, claims.cnf.as_ref())?;
+        self.nonces.check_and_insert(k.nonce, Instant::now())?;
+        let svc = self
+            .services
+            .get(&k.service)
+            .ok_or_else(|| Refusal::UnknownService(k.service.clone()))?;
+        // The token bounds what may be granted (RFC 9068 §2.2.3 scopes).
+        if !claims.allows(&k.service, svc.action.as_str()) {
+            return Err(Refusal::Scope {
+                service: k.service.clone(),
+                action: svc.action.as_str(),
+            });
+        }
+        // A claimed address (client behind NAT) is only honoured with a
+        // proof of possession, which verify_pop demanded above.
+        let source = canonical(k.client_addr.unwrap_or(peer.ip()));
+        let expires = claims.expires_at.min(now + self.cfg.knock.max_ttl);
+        let ttl = expires.duration_since(now).unwrap_or(Duration::ZERO);
+        let identity = identity_name(claims.tenant.as_deref(), &claims.subject);
+        let slot = {
+            let mut maps = self.maps.lock().map_err(|_| {
+                Refusal::Kernel(KernelError::Map {
+                    map: "agent".into(),
+                    detail: "kernel state lock poisoned".into(),
+                })
+            })?;
+            let limits = self.cfg.identity_limits(&claims.subject);
+            let (slot, _) = maps.upsert_identity(apply::identity_value(&identity, &limits))?;
+            maps.admit(
+                slot,
+                source,
+                svc.id,
+                k.source_port,
+                clock::expiry_after(ttl),
+            )?;
+            slot
+        };
+        let reply = if self.cfg.knock.reply {
+            knock::reply(&self.node, &k, &k.service, expires, datagram.len())
+        } else {
+            None
+        };
+        Ok(Granted {
+            subject: claims.subject.clone(),
+            tenant: claims.tenant.clone(),
+            service: k.service.clone(),
+            source,
+            source_port: k.source_port,
+            expires,
+            slot,
+            jti_hash: claims.jti_hash(),
+            reply,
+        })
+    }
+
+    /// Periodic upkeep: forget nonces and cache entries past their window.
+    pub fn purge(&self, now: SystemTime) {
+        self.verifier.purge(now);
+        self.nonces.purge(Instant::now());
+    }
+}
+
+/// The kernel identity of a token subject: tenant-qualified so equal
+/// subjects of different tenants never share limits or revocation.
+pub fn identity_name(tenant: Option<&str>, subject: &str) -> String {
+    match tenant {
+        Some(t) => format!("{t}/{subject}"),
+        None => subject.to_string(),
+    }
+}
+
+/// IPv4 clients reach a dual-stack socket as IPv4-mapped IPv6; the kernel
+/// sees them as IPv4.
+fn canonical(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => IpAddr::V6(v6),
+        },
+        v4 => v4,
+    }
+}

@@ -1,0 +1,37 @@
+//! Compiles every `.proto` file under this crate's `portcullis/` directory
+//! with protox (pure Rust: no system `protoc`) and generates the Rust types
+//! with prost-build.
+
+use std::{
+    io,
+    path::{Path, PathBuf},
+};
+
+fn collect_protos(dir: &Path, out: &mut Vec<PathBuf>) -> io::Result<()> {
+    for entry in std::fs::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            collect_protos(&path, out)?;
+        } else if path.extension().is_some_and(|e| e == "proto") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
+    let proto_dir = root.join("portcullis");
+    println!("cargo:rerun-if-changed={}", proto_dir.display());
+
+    let mut files = Vec::new();
+    collect_protos(&proto_dir, &mut files)?;
+    files.sort();
+    for f in &files {
+        println!("cargo:rerun-if-changed={}", f.display());
+    }
+
+    let fds = protox::compile(&files, [&root])?;
+    prost_build::Config::new().compile_fds(fds)?;
+    Ok(())
+}
