@@ -8,6 +8,7 @@ use anyhow::{Context, bail};
 use portcullis_common::Reason;
 
 use crate::{
+    admission::revocations::{self, Entry},
     apply,
     config::{Config, identity_key},
     kernel::{Kernel, maps::bytes_addr},
@@ -95,6 +96,35 @@ pub fn revoke_source(cfg: &Config, source: IpAddr, service: &str) -> anyhow::Res
     let mut m = maps(cfg)?;
     let n = m.revoke_source(source, id)?;
     println!("revoked {source} for {service}; removed {n} admissions");
+    Ok(())
+}
+
+/// Records a token or subject revocation in `tokens.revocations_file`,
+/// which the running agent applies within a second (and every agent start
+/// re-applies). A subject's kernel identity is also revoked at once, so it
+/// works while the agent is down.
+pub fn revoke_token(cfg: &Config, entry: Entry) -> anyhow::Result<()> {
+    let Some(path) = cfg
+        .tokens
+        .as_ref()
+        .and_then(|t| t.revocations_file.as_ref())
+    else {
+        bail!(
+            "revoking by jti or subject needs tokens.revocations_file in the config (the running agent reads revocations from it)"
+        );
+    };
+    revocations::append(path, &entry)?;
+    println!(
+        "recorded {entry:?} in {}; the running agent applies it within a second",
+        path.display()
+    );
+    if let Entry::Subject(subject) = &entry
+        && let Ok(mut m) = Kernel::open_pinned_maps(&cfg.kernel.pin_dir)
+        && let Some(slot) = m.find_identity(identity_key(subject))?
+    {
+        let n = m.revoke_identity(slot)?;
+        println!("revoked kernel identity {subject} (slot {slot}); removed {n} admissions");
+    }
     Ok(())
 }
 

@@ -5,4 +5,5 @@
 pub mod admitter;
 pub mod jwk;
 pub mod knock;
+pub mod revocations;
 pub mod token;

@@ -230,6 +230,9 @@ pub struct TokensSection {
     pub tenant_claim: String,
     pub require_typ: bool,
     pub allow_hs256: bool,
+    /// Revoked `jti`s and subjects, one per line (`jti:ID`, `sub:SUBJECT`),
+    /// re-read when it changes; `agent revoke --jti/--subject` appends.
+    pub revocations_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -386,6 +389,10 @@ mod tests {
         assert_eq!(tokens.issuer, "https://idp.example.com");
         assert_eq!(tokens.leeway, Duration::from_secs(30));
         assert!(tokens.require_typ && !tokens.allow_hs256);
+        assert_eq!(
+            tokens.revocations_file.as_deref(),
+            Some(Path::new("/var/lib/portcullis/revocations"))
+        );
     }
 
     const TOKENS: &str =

@@ -3,7 +3,7 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use portcullis_agent::{admin, config::Config, runtime};
+use portcullis_agent::{admin, admission::revocations::Entry, config::Config, runtime};
 
 #[derive(Parser)]
 #[command(
@@ -113,16 +113,24 @@ enum AgentAction {
         #[arg(long, default_value_t = 0)]
         source_port: u16,
     },
-    /// Revoke an identity, or a source's admissions to a service.
+    /// Revoke an identity, a source's admissions to a service, a token
+    /// (--jti) or every token of a subject (--subject).
+    #[command(group = clap::ArgGroup::new("what").required(true))]
     Revoke {
         #[command(flatten)]
         c: ConfigArg,
-        #[arg(long, conflicts_with_all = ["source", "service"], required_unless_present = "source")]
+        #[arg(long, group = "what")]
         identity: Option<String>,
-        #[arg(long, requires = "service")]
+        #[arg(long, requires = "service", group = "what")]
         source: Option<IpAddr>,
         #[arg(long, requires = "source")]
         service: Option<String>,
+        /// A token's `jti` (recorded in tokens.revocations_file).
+        #[arg(long, group = "what")]
+        jti: Option<String>,
+        /// Every token of this subject (recorded in tokens.revocations_file).
+        #[arg(long, group = "what")]
+        subject: Option<String>,
     },
     /// Remove all pinned programs and maps (stops enforcement).
     Detach(ConfigArg),
@@ -242,9 +250,17 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     service: Some(svc),
                     ..
                 } => admin::revoke_source(&load(&c.config)?, src, &svc),
-                AgentAction::Revoke { .. } => {
-                    anyhow::bail!("give --identity NAME, or --source IP with --service NAME")
-                }
+                AgentAction::Revoke {
+                    c, jti: Some(jti), ..
+                } => admin::revoke_token(&load(&c.config)?, Entry::Jti(jti)),
+                AgentAction::Revoke {
+                    c,
+                    subject: Some(sub),
+                    ..
+                } => admin::revoke_token(&load(&c.config)?, Entry::Subject(sub)),
+                AgentAction::Revoke { .. } => anyhow::bail!(
+                    "give one of --identity NAME, --source IP with --service NAME, --jti ID or --subject NAME"
+                ),
                 AgentAction::Detach(c) => admin::detach(&load(&c.config)?),
             }
         }

@@ -22,6 +22,7 @@ use crate::{
     admission::{
         admitter::Admitter,
         jwk::JwksFile,
+        revocations::RevocationFile,
         token::{TokenPolicy, Verifier},
     },
     apply,
@@ -132,10 +133,44 @@ struct Knocks {
     admitter: Arc<Admitter>,
     jwks: Arc<JwksFile>,
     jwks_path: PathBuf,
+    revocations: Option<RevocationFile>,
 }
 
 impl Knocks {
+    /// Re-reads the revocations file and applies what changed.
+    fn revocations(&self) {
+        let Some(file) = &self.revocations else {
+            return;
+        };
+        match file.reload() {
+            Ok(None) => {}
+            Ok(Some(change)) => match self.admitter.apply_revocations(&change, SystemTime::now()) {
+                Ok(done) if done != Default::default() || !change.removed.subjects.is_empty() => {
+                    tracing::info!(
+                        event = "revocation",
+                        jtis = done.jtis,
+                        subjects = done.subjects,
+                        identities = done.identities,
+                        admissions = done.admissions,
+                        unrevoked_subjects = change.removed.subjects.len(),
+                        "revocations applied"
+                    );
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    tracing::error!(event = "revocation_failed", error = %e, "revocation not applied to the kernel")
+                }
+            },
+            Err(e) => tracing::warn!(
+                event = "revocations_reload_failed",
+                error = %e,
+                "keeping the previous revocations"
+            ),
+        }
+    }
+
     fn upkeep(&self) {
+        self.revocations();
         match self.jwks.reload_if_changed() {
             Ok(true) => tracing::info!(
                 event = "jwks_reloaded",
@@ -212,12 +247,16 @@ async fn start_knocks(
     let sock = UdpSocket::bind(addr)
         .await
         .with_context(|| format!("binding the knock listener on udp {addr}"))?;
-    tokio::spawn(listen(sock, admitter.clone()));
-    Ok(Knocks {
-        admitter,
+    let knocks = Knocks {
+        admitter: admitter.clone(),
         jwks,
         jwks_path: tokens.jwks_file.clone(),
-    })
+        revocations: tokens.revocations_file.clone().map(RevocationFile::new),
+    };
+    // Revocations count before the first knock is heard.
+    knocks.revocations();
+    tokio::spawn(listen(sock, admitter));
+    Ok(knocks)
 }
 
 /// Receives knocks; answers only successes (refusals are silent).

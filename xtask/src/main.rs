@@ -96,6 +96,7 @@ fn setup() -> Result<()> {
     ensure_component("stable", "rustfmt")?;
     ensure_bpf_linker()?;
     ensure_apt_packages()?;
+    ensure_python_packages()?;
     ensure_bpffs()?;
     println!("setup: done");
     Ok(())
@@ -221,6 +222,36 @@ fn ensure_apt_packages() -> Result<()> {
     run(apt()
         .args(["install", "-y", "--no-install-recommends"])
         .args(&missing))
+}
+
+/// PyJWT with `cryptography`: the independent JWT implementation the
+/// interop tests and the admission benchmark mint tokens with.
+const PYTHON_PACKAGES: [&str; 2] = ["pyjwt", "cryptography"];
+
+fn ensure_python_packages() -> Result<()> {
+    let probe = Command::new("python3")
+        .args(["-c", "import jwt, cryptography"])
+        .output();
+    if probe.is_ok_and(|o| o.status.success()) {
+        println!(
+            "setup: Python packages present ({})",
+            PYTHON_PACKAGES.join(", ")
+        );
+        return Ok(());
+    }
+    println!(
+        "setup: installing Python packages: {}",
+        PYTHON_PACKAGES.join(", ")
+    );
+    run(Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+        ])
+        .args(PYTHON_PACKAGES))
 }
 
 fn dpkg_installed(package: &str) -> bool {

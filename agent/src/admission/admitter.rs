@@ -5,7 +5,7 @@
 //! audit; the sender never learns which (silence on failure).
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeSet, HashMap},
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
     time::{Duration, Instant, SystemTime},
@@ -14,10 +14,11 @@ use std::{
 use crate::{
     admission::{
         knock::{self, KnockError, KnockLimits, NonceCache},
+        revocations::Change,
         token::{TokenError, Verifier},
     },
     apply,
-    config::{Action, Config},
+    config::{Action, Config, identity_key},
     kernel::{KernelError, Maps, clock},
     nodekey::NodeKey,
 };
@@ -119,7 +120,54 @@ pub struct Admitter {
     services: HashMap<String, ServiceInfo>,
     maps: Arc<Mutex<Maps>>,
     node: Arc<NodeKey>,
+    grants: Mutex<Grants>,
     pub counters: Counters,
+}
+
+/// What knocks admitted, so a revocation can find the admissions of a token
+/// or the identities of a subject. Entries go when their token expires.
+#[derive(Default)]
+struct Grants {
+    by_jti: HashMap<String, (SystemTime, Vec<(IpAddr, u32)>)>,
+    by_subject: HashMap<String, (SystemTime, BTreeSet<String>)>,
+}
+
+impl Grants {
+    fn record(
+        &mut self,
+        claims: &crate::admission::token::Claims,
+        identity: &str,
+        source: IpAddr,
+        service: u32,
+    ) {
+        let e = self
+            .by_jti
+            .entry(claims.jti.clone())
+            .or_insert_with(|| (claims.expires_at, Vec::new()));
+        if !e.1.contains(&(source, service)) {
+            e.1.push((source, service));
+        }
+        let s = self
+            .by_subject
+            .entry(claims.subject.clone())
+            .or_insert_with(|| (claims.expires_at, BTreeSet::new()));
+        s.0 = s.0.max(claims.expires_at);
+        s.1.insert(identity.to_string());
+    }
+
+    fn purge(&mut self, now: SystemTime) {
+        self.by_jti.retain(|_, (exp, _)| *exp > now);
+        self.by_subject.retain(|_, (exp, _)| *exp > now);
+    }
+}
+
+/// What applying a revocation change did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Revoked {
+    pub subjects: usize,
+    pub jtis: usize,
+    pub identities: usize,
+    pub admissions: usize,
 }
 
 impl Admitter {
@@ -154,6 +202,7 @@ impl Admitter {
             services,
             maps,
             node,
+            grants: Mutex::new(Grants::default()),
             counters: Counters::default(),
         }
     }
@@ -229,6 +278,9 @@ impl Admitter {
             )?;
             slot
         };
+        if let Ok(mut g) = self.grants.lock() {
+            g.record(&claims, &identity, source, svc.id);
+        }
         let reply = if self.cfg.knock.reply {
             knock::reply(&self.node, &k, &k.service, expires, datagram.len())
         } else {
@@ -247,10 +299,65 @@ impl Admitter {
         })
     }
 
-    /// Periodic upkeep: forget nonces and cache entries past their window.
+    /// Periodic upkeep: forget nonces, cache entries and grants past their
+    /// time.
     pub fn purge(&self, now: SystemTime) {
         self.verifier.purge(now);
         self.nonces.purge(Instant::now());
+        if let Ok(mut g) = self.grants.lock() {
+            g.purge(now);
+        }
+    }
+
+    /// Applies a change of the revocations file: the verifier refuses the
+    /// tokens from now on, and what they already admitted is cut in the
+    /// kernel (flows die on their next packet).
+    pub fn apply_revocations(
+        &self,
+        change: &Change,
+        now: SystemTime,
+    ) -> Result<Revoked, KernelError> {
+        let mut done = Revoked::default();
+        // A revoked jti can only matter while its token could be valid.
+        let remember = now
+            + self
+                .cfg
+                .tokens
+                .as_ref()
+                .map_or(Duration::from_secs(86_400), |t| t.max_lifetime + t.leeway);
+        let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        for jti in &change.added.jtis {
+            self.verifier.revoke_jti(jti, remember);
+            done.jtis += 1;
+            if let Some((_, admitted)) = grants.by_jti.get(jti) {
+                for (source, service) in admitted {
+                    done.admissions += maps.revoke_source(*source, *service)?;
+                }
+            }
+        }
+        for subject in &change.added.subjects {
+            self.verifier.revoke_subject(subject);
+            done.subjects += 1;
+            let mut names: BTreeSet<String> = grants
+                .by_subject
+                .get(subject)
+                .map(|(_, n)| n.clone())
+                .unwrap_or_default();
+            // Also an identity admitted before this agent started, or
+            // statically, under the bare subject.
+            names.insert(subject.clone());
+            for name in names {
+                if let Some(slot) = maps.find_identity(identity_key(&name))? {
+                    done.admissions += maps.revoke_identity(slot)?;
+                    done.identities += 1;
+                }
+            }
+        }
+        for subject in &change.removed.subjects {
+            self.verifier.unrevoke_subject(subject);
+        }
+        Ok(done)
     }
 }
 

@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::fs;
 use std::io::Read;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
@@ -294,7 +294,15 @@ impl fmt::Debug for Jwk {
             .field("kid", &self.kid)
             .field("alg", &self.alg)
             .field("kty", &self.kty())
-            .field("thumbprint", &self.thumbprint())
+            .field(
+                "thumbprint",
+                // An oct thumbprint is a hash of the secret: not for logs.
+                &if self.alg.is_symmetric() {
+                    "(secret)".to_owned()
+                } else {
+                    self.thumbprint()
+                },
+            )
             .finish()
     }
 }
@@ -993,7 +1001,13 @@ fn io_error(path: &Path, e: &std::io::Error) -> JwkError {
 /// Reads a JWKS file: a regular file (never a FIFO or device), at most
 /// [`MAX_JWKS_BYTES`].
 fn read_jwks(path: &Path) -> Result<(Stamp, Vec<u8>), JwkError> {
-    let file = fs::File::open(path).map_err(|e| io_error(path, &e))?;
+    // O_NONBLOCK: opening a FIFO put in the file's place must not hang the
+    // reload (it is then refused as not a regular file); no effect on files.
+    let file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(path)
+        .map_err(|e| io_error(path, &e))?;
     let meta = file.metadata().map_err(|e| io_error(path, &e))?;
     if !meta.is_file() {
         return Err(JwkError::Io {

@@ -82,6 +82,7 @@ pub(super) struct RawTokens {
     pub tenant_claim: Option<String>,
     pub require_typ: Option<bool>,
     pub allow_hs256: Option<bool>,
+    pub revocations_file: Option<String>,
 }
 
 /// Both `[limits]` and each `[identities.<name>]` (a subset of the same keys).

@@ -310,6 +310,17 @@ fn tokens(raw: &RawTokens) -> Result<TokensSection, ConfigError> {
         tenant_claim,
         require_typ: raw.require_typ.unwrap_or(true),
         allow_hs256: raw.allow_hs256.unwrap_or(false),
+        revocations_file: raw
+            .revocations_file
+            .clone()
+            .map(|p| {
+                absolute(
+                    "tokens.revocations_file",
+                    Some(p),
+                    "/var/lib/portcullis/revocations",
+                )
+            })
+            .transpose()?,
     })
 }
 

@@ -556,3 +556,31 @@ fn jwks_file_initial_load_must_succeed() {
         "jwks_io"
     );
 }
+
+#[test]
+fn jwks_file_refuses_a_fifo_without_hanging() {
+    let path = temp_path("fifo");
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mkfifo only creates a node.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert_eq!(reason(JwksFile::load(&path, false)), "jwks_io");
+    fs::remove_file(&path).unwrap();
+}
+
+#[test]
+fn mtime_is_trusted_only_once_settled() {
+    let stamp = |secs: i64, nanos: i64| Stamp {
+        dev: 1,
+        ino: 2,
+        len: 3,
+        mtime: (secs, nanos),
+    };
+    let read_at = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+    assert!(stamp(997, 999_999_999).settled_before(read_at));
+    assert!(stamp(998, 0).settled_before(read_at));
+    assert!(!stamp(998, 1).settled_before(read_at));
+    assert!(!stamp(1_001, 0).settled_before(read_at));
+    assert!(!stamp(-5, 0).settled_before(read_at));
+    assert!(!stamp(i64::MAX, 0).settled_before(read_at));
+    assert!(!stamp(5, -1).settled_before(read_at));
+}

@@ -1,0 +1,248 @@
+//! The knock pipeline against real kernel maps (programs loaded, nothing
+//! attached): a valid knock becomes an identity and an admission; replays,
+//! wrong scopes and revoked tokens or subjects do not; revocation cuts what
+//! was admitted. Runs as root (loads BPF).
+
+use std::{
+    net::{IpAddr, SocketAddr},
+    sync::{Arc, Mutex},
+    time::{Duration, SystemTime},
+};
+
+use portcullis_agent::{
+    admission::{
+        admitter::{Admitter, identity_name},
+        jwk::JwksFile,
+        knock::{KnockOptions, build_knock},
+        revocations::{Change, Revocations},
+        token::{TokenPolicy, Verifier},
+    },
+    config::{Config, identity_key},
+    devtoken::{self, MintClaims},
+    kernel::{Unattached, maps::addr_bytes},
+    nodekey::NodeKey,
+};
+
+const CONFIG: &str = r#"
+[kernel]
+interfaces = ["unused0"]
+[tokens]
+jwks_file = "/unused/jwks.json"
+issuer = "https://dev"
+audience = "pc"
+[[services]]
+name = "llm"
+port = 8000
+[[services]]
+name = "trainer"
+port = 8100
+action = "retrain"
+"#;
+
+struct Fixture {
+    admitter: Admitter,
+    maps: Arc<Mutex<portcullis_agent::kernel::Maps>>,
+    key: std::path::PathBuf,
+    _dir: TempDir,
+}
+
+struct TempDir(std::path::PathBuf);
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn fixture(tag: &str) -> Fixture {
+    let dir = std::env::temp_dir().join(format!("pcl-pipe-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = devtoken::keygen(&dir).expect("keygen");
+    let cfg = Arc::new(Config::from_toml_str(CONFIG).expect("config"));
+    let jwks = Arc::new(JwksFile::load(&out.jwks_path, false).expect("jwks"));
+    let verifier = Arc::new(Verifier::new(TokenPolicy::new("https://dev", "pc"), jwks));
+    let kernel = Unattached::load().expect("load eBPF (root?)");
+    let maps = Arc::new(Mutex::new(kernel.maps));
+    let node = Arc::new(NodeKey::generate().expect("node key"));
+    Fixture {
+        admitter: Admitter::new(cfg, verifier, maps.clone(), node),
+        maps,
+        key: out.key_path,
+        _dir: TempDir(dir),
+    }
+}
+
+fn token(f: &Fixture, subject: &str, scope: &str) -> String {
+    devtoken::mint(
+        &f.key,
+        MintClaims {
+            issuer: "https://dev".into(),
+            audience: "pc".into(),
+            subject: subject.into(),
+            tenant: Some("acme".into()),
+            roles: vec![],
+            scopes: vec![scope.into()],
+            ttl: Duration::from_secs(300),
+            cnf_jkt: None,
+        },
+    )
+    .expect("mint")
+}
+
+fn datagram(token: &str, service: &str, nonce: u8) -> Vec<u8> {
+    let opts = KnockOptions::new("127.0.0.1:62201".parse().unwrap(), token, service);
+    build_knock(&opts, [nonce; 16], SystemTime::now()).expect("build knock")
+}
+
+fn peer(last: u8) -> SocketAddr {
+    SocketAddr::new(IpAddr::from([10, 9, 0, last]), 40000)
+}
+
+fn admitted(f: &Fixture, last: u8, service_id: u32) -> bool {
+    let maps = f.maps.lock().unwrap();
+    maps.admissions()
+        .iter()
+        .any(|(k, _)| k.addr == addr_bytes(peer(last).ip()) && k.service == service_id)
+}
+
+fn service_id(name: &str) -> u32 {
+    portcullis_agent::config::service_id(name)
+}
+
+#[test]
+fn valid_knock_admits_and_replies_replay_and_scope_are_refused() {
+    let f = fixture("grant");
+    let tok = token(&f, "alice", "model:llm:invoke");
+    let d = datagram(&tok, "llm", 1);
+    let g = f
+        .admitter
+        .handle(&d, peer(1), SystemTime::now())
+        .expect("granted");
+    assert_eq!((g.subject.as_str(), g.service.as_str()), ("alice", "llm"));
+    let reply = g.reply.expect("a reply");
+    assert!(reply.len() <= d.len(), "never amplifies");
+    assert!(admitted(&f, 1, service_id("llm")));
+    // The identity is tenant-qualified in the kernel.
+    let slot = f
+        .maps
+        .lock()
+        .unwrap()
+        .find_identity(identity_key(&identity_name(Some("acme"), "alice")))
+        .unwrap();
+    assert_eq!(slot, Some(g.slot));
+
+    let replay = f
+        .admitter
+        .handle(&d, peer(1), SystemTime::now())
+        .unwrap_err();
+    assert_eq!(replay.reason(), "replayed_nonce");
+    let wrong = f
+        .admitter
+        .handle(&datagram(&tok, "trainer", 2), peer(2), SystemTime::now())
+        .unwrap_err();
+    assert_eq!(wrong.reason(), "scope");
+    assert!(!admitted(&f, 2, service_id("trainer")));
+    let unknown = f
+        .admitter
+        .handle(&datagram(&tok, "nosuch", 3), peer(3), SystemTime::now())
+        .unwrap_err();
+    assert_eq!(unknown.reason(), "unknown_service");
+    let counts = f.admitter.counters.snapshot();
+    for reason in ["replayed_nonce", "scope", "unknown_service"] {
+        assert!(counts.contains(&(reason, 1)), "{reason}: {counts:?}");
+    }
+}
+
+#[test]
+fn refused_knock_does_not_burn_its_nonce() {
+    // A junk token with a fresh nonce must not occupy the nonce: only
+    // verified knocks are remembered (else junk could fill the cache).
+    let f = fixture("nonce");
+    let bad = f
+        .admitter
+        .handle(
+            &datagram("not.a.token", "llm", 7),
+            peer(7),
+            SystemTime::now(),
+        )
+        .unwrap_err();
+    assert_eq!(bad.reason().split('_').next(), Some("token"), "{bad}");
+    let tok = token(&f, "bob", "model:*:invoke");
+    f.admitter
+        .handle(&datagram(&tok, "llm", 7), peer(7), SystemTime::now())
+        .expect("same nonce, valid token: granted");
+}
+
+#[test]
+fn revoking_a_subject_cuts_its_admissions_and_refuses_its_tokens() {
+    let f = fixture("sub");
+    let tok = token(&f, "carol", "model:llm:invoke");
+    f.admitter
+        .handle(&datagram(&tok, "llm", 1), peer(1), SystemTime::now())
+        .expect("granted");
+    assert!(admitted(&f, 1, service_id("llm")));
+    let change = Change {
+        added: Revocations {
+            subjects: ["carol".to_string()].into(),
+            ..Revocations::default()
+        },
+        ..Change::default()
+    };
+    let done = f
+        .admitter
+        .apply_revocations(&change, SystemTime::now())
+        .unwrap();
+    assert_eq!((done.subjects, done.identities, done.admissions), (1, 1, 1));
+    assert!(!admitted(&f, 1, service_id("llm")));
+    let again = f
+        .admitter
+        .handle(&datagram(&tok, "llm", 2), peer(1), SystemTime::now())
+        .unwrap_err();
+    assert_eq!(again.reason(), "subject_revoked");
+}
+
+#[test]
+fn revoking_a_jti_cuts_that_tokens_admissions_only() {
+    let f = fixture("jti");
+    let t1 = token(&f, "dave", "model:llm:invoke");
+    let t2 = token(&f, "erin", "model:llm:invoke");
+    f.admitter
+        .handle(&datagram(&t1, "llm", 1), peer(1), SystemTime::now())
+        .expect("t1 granted");
+    f.admitter
+        .handle(&datagram(&t2, "llm", 2), peer(2), SystemTime::now())
+        .expect("t2 granted");
+    let jti = jti_of(&t1);
+    let change = Change {
+        added: Revocations {
+            jtis: [jti].into(),
+            ..Revocations::default()
+        },
+        ..Change::default()
+    };
+    let done = f
+        .admitter
+        .apply_revocations(&change, SystemTime::now())
+        .unwrap();
+    assert_eq!((done.jtis, done.admissions), (1, 1));
+    assert!(!admitted(&f, 1, service_id("llm")));
+    assert!(
+        admitted(&f, 2, service_id("llm")),
+        "the other token is untouched"
+    );
+    let again = f
+        .admitter
+        .handle(&datagram(&t1, "llm", 3), peer(1), SystemTime::now())
+        .unwrap_err();
+    assert_eq!(again.reason(), "jti_revoked");
+}
+
+/// The `jti` claim of a compact JWT (test helper; no verification).
+fn jti_of(token: &str) -> String {
+    use base64::Engine;
+    let payload = token.split('.').nth(1).expect("payload");
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload)
+        .expect("base64url");
+    let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
+    v["jti"].as_str().expect("jti").to_string()
+}
