@@ -12,7 +12,7 @@ use std::{
 use anyhow::{Context, bail};
 
 use crate::netns::{
-    AgentProcess, BpffsMount, TempDir, Topology, connect_from, echo_roundtrip, run_in,
+    AgentProcess, BpffsMount, TempDir, Topology, connect_from, echo_roundtrip, poll_until, run_in,
     tcp_echo_server, try_connect,
 };
 
@@ -25,29 +25,63 @@ const READY: Duration = Duration::from_secs(20);
 
 /// The demo's agent config: the example's defaults with the demo's veth and
 /// a private bpffs.
-fn config(topo: &Topology, bpffs: &BpffsMount) -> String {
+fn config(topo: &Topology, bpffs: &BpffsMount, dir: &Path) -> String {
     format!(
         r#"# portcullis demo configuration (generated)
+[agent]
+node_key = "{dir}/node.key"
+
 [kernel]
 interfaces = ["{iface}"]
 pin_dir = "{pin}"
 bpffs = "{fs}"
+
+[tokens]
+jwks_file = "{dir}/issuer/jwks.json"
+issuer = "{ISSUER}"
+audience = "{AUDIENCE}"
+revocations_file = "{dir}/revocations"
 
 [[services]]
 name = "llm"
 protocol = "tcp"
 port = {MODEL_PORT}
 "#,
+        dir = dir.display(),
         iface = topo.server_if,
         pin = bpffs.pin_dir().display(),
         fs = bpffs.path().display(),
     )
 }
 
+const ISSUER: &str = "https://demo-issuer.invalid";
+const AUDIENCE: &str = "portcullis-demo";
+
+/// A development token for `subject` with one scope, written to a file.
+fn mint(dir: &Path, subject: &str, scope: &str) -> anyhow::Result<PathBuf> {
+    let token = crate::devtoken::mint(
+        &dir.join("issuer/issuer.key"),
+        crate::devtoken::MintClaims {
+            issuer: ISSUER.into(),
+            audience: AUDIENCE.into(),
+            subject: subject.into(),
+            tenant: None,
+            roles: vec![],
+            scopes: vec![scope.into()],
+            ttl: Duration::from_secs(120),
+            cnf_jkt: None,
+        },
+    )?;
+    let path = dir.join(format!("{subject}.jwt"));
+    std::fs::write(&path, token)?;
+    Ok(path)
+}
+
 struct Demo {
     exe: PathBuf,
     cfg: PathBuf,
     topo: Topology,
+    dir: PathBuf,
     failures: u32,
 }
 
@@ -74,6 +108,20 @@ impl Demo {
             );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// `portcullis knock` from the client namespace; true when admitted.
+    fn knock(&self, token: &Path) -> anyhow::Result<bool> {
+        let server = self.topo.server_v4.to_string();
+        let token = token.to_string_lossy().into_owned();
+        let args = ["knock", "--token-file", &token, "--service", "llm"];
+        let quick = ["--timeout-ms", "500", "--retries", "0", &server];
+        let out = run_in(
+            &self.topo.client,
+            &self.exe,
+            &[&args[..], &quick[..]].concat(),
+        )?;
+        Ok(out.status.success())
     }
 
     fn reachable(&self, port: u16) -> bool {
@@ -106,7 +154,8 @@ pub fn run() -> anyhow::Result<()> {
     let bpffs = BpffsMount::new().context("mounting a private bpffs")?;
     let dir = TempDir::new("demo").context("creating a temp dir")?;
     let cfg = dir.path().join("agent.toml");
-    std::fs::write(&cfg, config(&topo, &bpffs))?;
+    crate::devtoken::keygen(&dir.path().join("issuer")).context("creating a development issuer")?;
+    std::fs::write(&cfg, config(&topo, &bpffs, dir.path()))?;
     println!(
         "client {} --veth--> server {} (XDP on {}); model port {MODEL_PORT} protected, {OPEN_PORT} not",
         topo.client_v4, topo.server_v4, topo.server_if
@@ -122,6 +171,7 @@ pub fn run() -> anyhow::Result<()> {
         exe,
         cfg,
         topo,
+        dir: dir.path().to_path_buf(),
         failures: 0,
     };
     let result = story(&mut demo);
@@ -154,18 +204,21 @@ fn story(d: &mut Demo) -> anyhow::Result<()> {
         !d.reachable(MODEL_PORT),
     );
 
-    println!("\n2. alice is admitted from {client} for 60 s");
-    d.ctl(&[
-        "admit",
-        "--identity",
-        "alice",
-        "--source",
-        &client,
-        "--service",
-        "llm",
-        "--ttl-secs",
-        "60",
-    ])?;
+    println!("\n2. clients knock with tokens from a (development) issuer");
+    let mallory = mint(&d.dir, "mallory", "model:other:invoke")?;
+    d.step(
+        "mallory's token does not grant llm: the knock gets no answer",
+        !d.knock(&mallory)?,
+    );
+    d.step(
+        &format!("port {MODEL_PORT} still closed to {client}"),
+        !d.reachable(MODEL_PORT),
+    );
+    let alice = mint(&d.dir, "alice", "model:llm:invoke")?;
+    d.step(
+        "alice's token (model:llm:invoke) is admitted by one knock",
+        d.knock(&alice)?,
+    );
     d.step(
         &format!("port {MODEL_PORT} answers alice"),
         d.reachable(MODEL_PORT),
@@ -193,14 +246,14 @@ fn story(d: &mut Demo) -> anyhow::Result<()> {
         origin == "adopted",
     );
 
-    println!("\n4. alice is revoked while connected");
+    println!("\n4. alice (every token of hers) is revoked while connected");
     let addr = SocketAddr::new(d.topo.server_v4.into(), MODEL_PORT);
     let mut conn = try_connect(&d.topo.client, addr, DARK)?;
     d.step(
         "established connection works",
         echo_roundtrip(&mut conn, b"one", DARK).is_ok(),
     );
-    d.ctl(&["revoke", "--identity", "alice"])?;
+    d.ctl(&["revoke", "--subject", "alice"])?;
     let cut = Instant::now();
     let deadline = cut + Duration::from_secs(2);
     let mut cut_after = None;
@@ -222,6 +275,16 @@ fn story(d: &mut Demo) -> anyhow::Result<()> {
         &format!("port {MODEL_PORT} dark again"),
         !d.reachable(MODEL_PORT),
     );
+    // The revocation reaches the running agent's token checks through the
+    // revocations file, which it re-reads every second.
+    let applied = poll_until(Duration::from_secs(3), || {
+        agent.log().contains("revocations applied").then_some(())
+    });
+    d.step(
+        "the agent applied the revocation (re-read within 1 s)",
+        applied.is_some(),
+    );
+    d.step("alice's knock is now refused", !d.knock(&alice)?);
 
     println!("\n5. what the kernel counted (portcullis agent status)");
     for line in d.ctl(&["status"])?.lines() {
