@@ -283,7 +283,7 @@ async fn listen(sock: UdpSocket, admitter: Arc<Admitter>) {
                     ttl_secs = g.expires.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
                     "knock admitted"
                 );
-                if let Some(reply) = g.reply
+                if let Some(reply) = admitter.reply(&g)
                     && let Err(e) = sock.send_to(&reply, peer).await
                 {
                     tracing::warn!(error = %e, %peer, "knock reply not sent");

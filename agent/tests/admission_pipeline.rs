@@ -118,7 +118,7 @@ fn valid_knock_admits_and_replies_replay_and_scope_are_refused() {
         .handle(&d, peer(1), SystemTime::now())
         .expect("granted");
     assert_eq!((g.subject.as_str(), g.service.as_str()), ("alice", "llm"));
-    let reply = g.reply.expect("a reply");
+    let reply = f.admitter.reply(&g).expect("a reply");
     assert!(reply.len() <= d.len(), "never amplifies");
     assert!(admitted(&f, 1, service_id("llm")));
     // The identity is tenant-qualified in the kernel.

@@ -279,7 +279,10 @@ pub struct Flow {
     pub identity: u32,
     pub epoch: u32,
     pub service: u32,
-    pub _pad: u32,
+    /// Initial sequence number of the SYN that created the flow: a
+    /// retransmitted SYN repeats it, a new connection on the same 5-tuple
+    /// does not (flow-scoped admissions admit one connection only).
+    pub syn_seq: u32,
     /// Cached admission expiry; past it the kernel re-reads the admission
     /// (a re-knock extends it) or drops.
     pub expires_ns: u64,

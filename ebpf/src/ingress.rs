@@ -124,11 +124,13 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
             match exact {
                 Some(a) => *a,
                 None => {
-                    // A retransmitted SYN of a connection whose one-use
-                    // admission its first SYN consumed.
+                    // A retransmitted SYN (same initial sequence number) of
+                    // the connection whose one-use admission its first SYN
+                    // consumed; a new connection on the 5-tuple is not.
                     if scoped
                         && syn
                         && let Some(flow) = unsafe { FLOWS.get(&key) }
+                        && flow.syn_seq == pkt.tcp_seq
                         && let FlowVerdict::Live(slot, cost, burst) = flow_verdict(flow, now)
                     {
                         return admit_packet(slot, cost, burst, len, now, false, pkt, service);
@@ -187,7 +189,7 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         identity: adm.identity,
         epoch: adm.epoch,
         service,
-        _pad: 0,
+        syn_seq: pkt.tcp_seq,
         expires_ns,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {

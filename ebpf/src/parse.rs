@@ -47,6 +47,8 @@ pub struct Summary {
     pub proto: u8,
     pub family: u8,
     pub tcp_flags: u8,
+    /// TCP sequence number (0 for UDP).
+    pub tcp_seq: u32,
     /// First fragment of a fragmented datagram (ports valid, payload not).
     pub first_fragment: bool,
 }
@@ -131,6 +133,7 @@ fn parse_v4(data: usize, end: usize, off: usize) -> Parsed {
         proto,
         family: FAMILY_V4,
         tcp_flags: 0,
+        tcp_seq: 0,
         first_fragment: more_fragments,
     };
     s.src[10] = 0xff;
@@ -161,6 +164,7 @@ fn parse_v6(data: usize, end: usize, off: usize) -> Parsed {
         proto: 0,
         family: FAMILY_V6,
         tcp_flags: 0,
+        tcp_seq: 0,
         first_fragment: false,
     };
     let mut next = ip.next_hdr;
@@ -246,6 +250,7 @@ fn parse_l4(data: usize, end: usize, off: usize, mut s: Summary) -> Parsed {
         s.sport = be16(tcp.source);
         s.dport = be16(tcp.dest);
         s.tcp_flags = raw[13];
+        s.tcp_seq = u32::from_be_bytes([raw[4], raw[5], raw[6], raw[7]]);
     } else {
         let Some(udp) = ptr_at::<UdpHdr>(data, end, off) else {
             return Parsed::Bad(short);

@@ -2,4 +2,5 @@
 //! (Network-namespace helpers live in `portcullis_agent::netns`, shared with
 //! the demo.)
 
+pub mod bench_admission;
 pub mod packet;

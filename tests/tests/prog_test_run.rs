@@ -807,6 +807,27 @@ fn flow_scoped_admission_covers_one_port_once() {
     fx.expect("its flow continues", &ack4(CLIENT4, 40000), Outcome::Passed);
 }
 
+/// One use means one connection: a retransmission of the first SYN (same
+/// initial sequence number) still passes, a new connection from the same
+/// port (new ISN) does not, even while the flow entry lives.
+#[test]
+fn flow_scoped_admission_admits_one_connection_not_one_port() {
+    let mut fx = Fx::new();
+    fx.admit(ip4(CLIENT4), TCP_SVC, 40000);
+    let first = syn4(CLIENT4, 40000).seq(1_000, 0);
+    fx.expect("first SYN", &first, Outcome::Passed);
+    assert_eq!(fx.admissions(), 0, "consumed");
+    // Keep the kernel looking for flow-scoped admissions (another pending
+    // one exists), the situation in which the retransmit branch runs.
+    fx.admit(ip4(CLIENT4), TCP_SVC, 40009);
+    fx.expect("retransmitted first SYN", &first, Outcome::Passed);
+    fx.expect(
+        "new connection from the same port",
+        &syn4(CLIENT4, 40000).seq(777_777, 0),
+        Outcome::Drop(Reason::NoAdmission),
+    );
+}
+
 /// A flow-scoped admission is consumed when its flow is created, so the
 /// flow cannot re-validate against it: it must live until the admission's
 /// expiry, not die at the one-second recheck.

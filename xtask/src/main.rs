@@ -56,7 +56,11 @@ enum Task {
 
 #[derive(Clone, Copy, ValueEnum)]
 enum Bench {
+    /// XDP per-packet cost (BPF_PROG_TEST_RUN)
     Xdp,
+    /// Knock admission path, in process (needs PyJWT and cryptography)
+    Admission,
+    /// Every benchmark, each with its defaults
     All,
 }
 
@@ -132,11 +136,22 @@ fn lint() -> Result<()> {
 
 fn bench(what: Bench, args: &[String]) -> Result<()> {
     match what {
-        Bench::Xdp | Bench::All => bench_xdp(args),
+        Bench::Xdp => bench_run("xdp", args),
+        Bench::Admission => bench_run("admission", args),
+        Bench::All => {
+            if !args.is_empty() {
+                bail!(
+                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission ARGS`"
+                );
+            }
+            bench_run("xdp", &[])?;
+            bench_run("admission", &[])
+        }
     }
 }
 
-fn bench_xdp(args: &[String]) -> Result<()> {
+/// `portcullis-bench NAME ARGS...` (release build).
+fn bench_run(name: &str, args: &[String]) -> Result<()> {
     run(cargo()
         .args([
             "run",
@@ -146,7 +161,7 @@ fn bench_xdp(args: &[String]) -> Result<()> {
             "--bin",
             "portcullis-bench",
         ])
-        .args(["--", "xdp"])
+        .args(["--", name])
         .args(args))
 }
 

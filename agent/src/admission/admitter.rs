@@ -78,9 +78,9 @@ pub struct Granted {
     pub slot: u32,
     /// SHA-256 of the token's `jti`: never the token itself.
     pub jti_hash: [u8; 32],
-    /// The signed reply to send, if replies are on and it is not larger
-    /// than the knock.
-    pub reply: Option<Vec<u8>>,
+    /// The knock's nonce and size, for the reply.
+    pub nonce: [u8; 16],
+    pub request_len: usize,
 }
 
 struct ServiceInfo {
@@ -281,11 +281,6 @@ impl Admitter {
         if let Ok(mut g) = self.grants.lock() {
             g.record(&claims, &identity, source, svc.id);
         }
-        let reply = if self.cfg.knock.reply {
-            knock::reply(&self.node, &k, &k.service, expires, datagram.len())
-        } else {
-            None
-        };
         Ok(Granted {
             subject: claims.subject.clone(),
             tenant: claims.tenant.clone(),
@@ -295,8 +290,19 @@ impl Admitter {
             expires,
             slot,
             jti_hash: claims.jti_hash(),
-            reply,
+            nonce: k.nonce,
+            request_len: datagram.len(),
         })
+    }
+
+    /// The signed reply to a granted knock: `None` when replies are off or it
+    /// would be larger than the knock. Signed after the kernel write, so
+    /// the admission is live before the reply costs anything.
+    pub fn reply(&self, g: &Granted) -> Option<Vec<u8>> {
+        if !self.cfg.knock.reply {
+            return None;
+        }
+        knock::reply_to(&self.node, &g.nonce, &g.service, g.expires, g.request_len)
     }
 
     /// Periodic upkeep: forget nonces, cache entries and grants past their

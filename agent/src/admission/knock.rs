@@ -514,9 +514,20 @@ pub fn reply(
     expires: SystemTime,
     request_len: usize,
 ) -> Option<Vec<u8>> {
+    reply_to(node, &knock.nonce, service, expires, request_len)
+}
+
+/// [`reply`] from the knock's nonce alone.
+pub fn reply_to(
+    node: &NodeKey,
+    nonce: &[u8; 16],
+    service: &str,
+    expires: SystemTime,
+    request_len: usize,
+) -> Option<Vec<u8>> {
     let body = v1::KnockReplyBody {
         version: KNOCK_VERSION,
-        nonce: knock.nonce.to_vec(),
+        nonce: nonce.to_vec(),
         expires_unix_ms: system_time_to_unix_ms(expires),
         service: service.to_owned(),
     }

@@ -1,3 +1,6 @@
+//! `portcullis-bench admission [--n N]`: the knock admission path, in process
+//! (see `portcullis_tests::bench_admission`).
+//!
 //! `portcullis-bench xdp [--repeat N] [--singles N]`: per-packet cost of the
 //! XDP ingress program's paths, measured with BPF_PROG_TEST_RUN (the
 //! kernel-reported average over `repeat` runs of the same frame), against a
@@ -23,7 +26,9 @@ const STRANGER: [u8; 4] = [192, 0, 2, 7];
 
 const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
   --repeat N   runs per BPF_PROG_TEST_RUN call (default 1000000)
-  --singles N  single-run calls per sample for the new-flow path (default 2000)";
+  --singles N  single-run calls per sample for the new-flow path (default 2000)
+       portcullis-bench admission [--n N]
+  --n N        calls per row (default 2000)";
 
 struct Args {
     repeat: u32,
@@ -73,6 +78,15 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> ExitCode {
+    if std::env::args().nth(1).as_deref() == Some("admission") {
+        return match portcullis_tests::bench_admission::main(std::env::args().skip(2)) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("portcullis-bench: {e:#}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match parse_args().and_then(|a| run(&a)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
