@@ -20,7 +20,7 @@ use tokio::{
 
 use crate::{
     admission::{
-        admitter::Admitter,
+        admitter::{Admitter, Refusal},
         jwk::JwksFile,
         revocations::RevocationFile,
         token::{TokenPolicy, Verifier},
@@ -288,6 +288,11 @@ async fn listen(sock: UdpSocket, admitter: Arc<Admitter>) {
                 {
                     tracing::warn!(error = %e, %peer, "knock reply not sent");
                 }
+            }
+            // Operator problems are warnings; a client's bad knock is debug
+            // (counted and summarised every interval either way).
+            Err(e @ (Refusal::SlotsExhausted | Refusal::Kernel(_))) => {
+                tracing::warn!(event = "knock_refused", reason = e.reason(), %peer, detail = %e)
             }
             Err(e) => {
                 tracing::debug!(event = "knock_refused", reason = e.reason(), %peer, detail = %e)

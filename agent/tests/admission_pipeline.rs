@@ -246,3 +246,52 @@ fn jti_of(token: &str) -> String {
     let v: serde_json::Value = serde_json::from_slice(&bytes).expect("json");
     v["jti"].as_str().expect("jti").to_string()
 }
+
+#[test]
+fn idle_identity_slots_are_reclaimed_after_revocation() {
+    let f = fixture("reclaim");
+    let tok = token(&f, "frank", "model:llm:invoke");
+    let g = f
+        .admitter
+        .handle(&datagram(&tok, "llm", 1), peer(1), SystemTime::now())
+        .expect("granted");
+    let now = portcullis_agent::kernel::clock::monotonic_ns();
+    assert_eq!(
+        f.maps.lock().unwrap().reclaim_idle(now).unwrap(),
+        0,
+        "still admitted"
+    );
+    let mut maps = f.maps.lock().unwrap();
+    maps.revoke_identity(g.slot).unwrap();
+    assert_eq!(
+        maps.reclaim_idle(now).unwrap(),
+        1,
+        "nothing refers to it now"
+    );
+    assert_eq!(
+        maps.identity(g.slot).unwrap().state,
+        portcullis_common::IDENTITY_FREE
+    );
+}
+
+#[test]
+fn exhausted_identity_slots_are_a_clean_refusal() {
+    let f = fixture("full");
+    {
+        let mut maps = f.maps.lock().unwrap();
+        for i in 1..portcullis_common::MAX_IDENTITIES {
+            let ident = portcullis_common::Identity {
+                key: identity_key(&format!("filler-{i}")),
+                ..Default::default()
+            };
+            maps.upsert_identity(ident).expect("a free slot");
+        }
+    }
+    let tok = token(&f, "grace", "model:llm:invoke");
+    let err = f
+        .admitter
+        .handle(&datagram(&tok, "llm", 1), peer(1), SystemTime::now())
+        .unwrap_err();
+    assert_eq!(err.reason(), "identity_slots_exhausted", "{err}");
+    assert!(!admitted(&f, 1, service_id("llm")));
+}
