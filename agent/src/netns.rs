@@ -830,8 +830,19 @@ pub fn connect_from(
     addr: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
+    connect_bound(ns, SocketAddr::new(src, 0), addr, timeout)
+}
+
+/// Connects from exactly `src` (address, and port unless 0) to `addr`
+/// inside `ns`, giving up after `timeout`.
+pub fn connect_bound(
+    ns: &Netns,
+    src: SocketAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
     ns.run(|| -> io::Result<TcpStream> {
-        let fd = start_connect(Some(SocketAddr::new(src, 0)), addr)?;
+        let fd = start_connect(Some(src), addr)?;
         if !wait_fd(fd.as_raw_fd(), libc::POLLOUT, timeout)? {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
@@ -1035,6 +1046,24 @@ fn start_connect(src: Option<SocketAddr>, dst: SocketAddr) -> io::Result<OwnedFd
     // SAFETY: a fresh fd we own.
     let fd = unsafe { OwnedFd::from_raw_fd(raw) };
     if let Some(src) = src {
+        if src.port() != 0 {
+            // A chosen port may be reused right after a connection on it
+            // closed.
+            let one: libc::c_int = 1;
+            // SAFETY: valid fd and option buffer.
+            let rc = unsafe {
+                libc::setsockopt(
+                    raw,
+                    libc::SOL_SOCKET,
+                    libc::SO_REUSEADDR,
+                    (&one as *const libc::c_int).cast(),
+                    mem::size_of::<libc::c_int>() as libc::socklen_t,
+                )
+            };
+            if rc != 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
         let (ss, len) = sockaddr(&src);
         // SAFETY: ss holds a valid sockaddr of length len.
         if unsafe { libc::bind(raw, &ss as *const _ as *const libc::sockaddr, len) } != 0 {

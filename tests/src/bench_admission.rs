@@ -320,7 +320,7 @@ impl Bench {
 }
 
 fn run(n: usize) -> Result<()> {
-    pin_to_current_cpu();
+    crate::pin_to_current_cpu();
     let dir = TempDir::new("bench").context("temp dir")?;
     eprintln!(
         "minting {} tokens per algorithm with PyJWT...",
@@ -477,20 +477,6 @@ fn run(n: usize) -> Result<()> {
          proof of possession, scope, identity + admission map writes."
     );
     Ok(())
-}
-
-/// Keeps the measurement on one CPU.
-fn pin_to_current_cpu() {
-    // SAFETY: plain libc calls on a zeroed cpu_set_t owned by this frame.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        if cpu < 0 {
-            return;
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }
 
 #[cfg(test)]

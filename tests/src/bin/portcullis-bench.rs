@@ -112,7 +112,7 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn run(args: &Args) -> Result<()> {
-    pin_to_current_cpu();
+    portcullis_tests::pin_to_current_cpu();
     let mut k = Unattached::load().context("load the eBPF object (needs root)")?;
     k.maps.sync_services(
         &[ServiceEntry {
@@ -391,18 +391,4 @@ fn check_counters(
         }
     }
     Ok(())
-}
-
-/// Keeps the measurement on one CPU (per-CPU maps, stable caches).
-fn pin_to_current_cpu() {
-    // SAFETY: plain libc calls on a zeroed cpu_set_t owned by this frame.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        if cpu < 0 {
-            return;
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
 }

@@ -457,7 +457,7 @@ pub mod knock {
         fmt::Write as _,
         io, mem,
         net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpStream, UdpSocket},
-        os::fd::{AsRawFd, FromRawFd, OwnedFd},
+        os::fd::AsRawFd,
         path::PathBuf,
         process::Output,
         sync::atomic::{AtomicU32, Ordering},
@@ -469,7 +469,7 @@ pub mod knock {
         config::Config,
         devtoken::{self, KeygenOutput, MintClaims},
         kernel::{Kernel, maps::bytes_addr},
-        netns::{self, Netns, TempDir},
+        netns::{self, TempDir},
         nodekey::NodeKey,
     };
     use portcullis_common::CFG_FLOW_SCOPED;
@@ -818,7 +818,7 @@ pub mod knock {
         ) -> io::Result<TcpStream> {
             let src = SocketAddr::new(self.env.topo.client_addr(v6), port);
             let dst = self.env.server(v6, service_port);
-            connect_bound(&self.env.topo.client, src, dst, timeout)
+            netns::connect_bound(&self.env.topo.client, src, dst, timeout)
         }
     }
 
@@ -924,112 +924,6 @@ conn_burst = 20
         n
     }
 
-    /// Connects from exactly `src` (address and port) to `dst` inside `ns`.
-    pub fn connect_bound(
-        ns: &Netns,
-        src: SocketAddr,
-        dst: SocketAddr,
-        timeout: Duration,
-    ) -> io::Result<TcpStream> {
-        ns.run(move || -> io::Result<TcpStream> {
-            let family = if dst.is_ipv4() {
-                libc::AF_INET
-            } else {
-                libc::AF_INET6
-            };
-            // SAFETY: plain socket(2).
-            let raw = unsafe {
-                libc::socket(
-                    family,
-                    libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-                    0,
-                )
-            };
-            if raw < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            // SAFETY: a fresh descriptor we own.
-            let fd = unsafe { OwnedFd::from_raw_fd(raw) };
-            let one: libc::c_int = 1;
-            // SAFETY: valid fd and option buffer.
-            let rc = unsafe {
-                libc::setsockopt(
-                    raw,
-                    libc::SOL_SOCKET,
-                    libc::SO_REUSEADDR,
-                    (&one as *const libc::c_int).cast(),
-                    mem::size_of::<libc::c_int>() as libc::socklen_t,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            let (ss, len) = sockaddr(&src);
-            // SAFETY: ss holds a valid sockaddr of length len.
-            if unsafe { libc::bind(raw, (&ss as *const libc::sockaddr_storage).cast(), len) } != 0 {
-                let e = io::Error::last_os_error();
-                return Err(io::Error::new(e.kind(), format!("bind {src}: {e}")));
-            }
-            let (ss, len) = sockaddr(&dst);
-            // SAFETY: as above.
-            if unsafe { libc::connect(raw, (&ss as *const libc::sockaddr_storage).cast(), len) }
-                != 0
-            {
-                let e = io::Error::last_os_error();
-                if e.raw_os_error() != Some(libc::EINPROGRESS) {
-                    return Err(io::Error::new(e.kind(), format!("connect {dst}: {e}")));
-                }
-            }
-            let mut pfd = [libc::pollfd {
-                fd: raw,
-                events: libc::POLLOUT,
-                revents: 0,
-            }];
-            let deadline = Instant::now() + timeout;
-            loop {
-                let left = deadline.saturating_duration_since(Instant::now());
-                let ms = left.as_millis().min(i32::MAX as u128) as libc::c_int;
-                // SAFETY: one valid pollfd.
-                let n = unsafe { libc::poll(pfd.as_mut_ptr(), 1, ms) };
-                if n < 0 {
-                    let e = io::Error::last_os_error();
-                    if e.kind() == io::ErrorKind::Interrupted {
-                        continue;
-                    }
-                    return Err(e);
-                }
-                if n > 0 {
-                    break;
-                }
-                return Err(io::Error::new(
-                    io::ErrorKind::TimedOut,
-                    format!("connect {src} -> {dst}: no answer within {timeout:?}"),
-                ));
-            }
-            let mut err: libc::c_int = 0;
-            let mut elen = mem::size_of::<libc::c_int>() as libc::socklen_t;
-            // SAFETY: valid fd and out-pointers of the right size.
-            let rc = unsafe {
-                libc::getsockopt(
-                    fd.as_raw_fd(),
-                    libc::SOL_SOCKET,
-                    libc::SO_ERROR,
-                    (&mut err as *mut libc::c_int).cast(),
-                    &mut elen,
-                )
-            };
-            if rc != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            if err != 0 {
-                return Err(io::Error::from_raw_os_error(err));
-            }
-            let stream = TcpStream::from(fd);
-            stream.set_nonblocking(false)?;
-            Ok(stream)
-        })?
-    }
-
     /// Closes with a RST (SO_LINGER 0): no TIME_WAIT, so the same source
     /// port can connect to the same destination again at once.
     pub fn close_with_rst(stream: TcpStream) {
@@ -1048,40 +942,5 @@ conn_burst = 20
             );
         }
         drop(stream);
-    }
-
-    fn sockaddr(addr: &SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
-        // SAFETY: sockaddr_storage is plain data; all-zero is valid.
-        let mut ss: libc::sockaddr_storage = unsafe { mem::zeroed() };
-        let len = match addr {
-            SocketAddr::V4(a) => {
-                let sin = libc::sockaddr_in {
-                    sin_family: libc::AF_INET as libc::sa_family_t,
-                    sin_port: a.port().to_be(),
-                    sin_addr: libc::in_addr {
-                        s_addr: u32::from_ne_bytes(a.ip().octets()),
-                    },
-                    sin_zero: [0; 8],
-                };
-                // SAFETY: sockaddr_storage is large and aligned enough.
-                unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin) };
-                mem::size_of::<libc::sockaddr_in>()
-            }
-            SocketAddr::V6(a) => {
-                let sin6 = libc::sockaddr_in6 {
-                    sin6_family: libc::AF_INET6 as libc::sa_family_t,
-                    sin6_port: a.port().to_be(),
-                    sin6_flowinfo: a.flowinfo(),
-                    sin6_addr: libc::in6_addr {
-                        s6_addr: a.ip().octets(),
-                    },
-                    sin6_scope_id: a.scope_id(),
-                };
-                // SAFETY: as above.
-                unsafe { std::ptr::write((&mut ss as *mut libc::sockaddr_storage).cast(), sin6) };
-                mem::size_of::<libc::sockaddr_in6>()
-            }
-        };
-        (ss, len as libc::socklen_t)
     }
 }
