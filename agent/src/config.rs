@@ -42,6 +42,9 @@ pub struct Config {
     pub identities: BTreeMap<String, Limits>,
     pub admissions: Vec<StaticAdmission>,
     pub tokens: Option<TokensSection>,
+    /// Cedar policy directory; `None`: the built-in "what the token's
+    /// scope grants" policy.
+    pub policy_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -194,6 +197,18 @@ pub struct Service {
     pub id: u32,
     /// What the port carries: the action a token's scope must grant.
     pub action: Action,
+    /// The model behind the port, as policies see it (`resource`).
+    pub model: ModelAttrs,
+}
+
+/// A service's model attributes for policy (Cedar `Model` entity).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ModelAttrs {
+    /// Owning tenant; empty: shared by all tenants.
+    pub tenant: String,
+    pub version: String,
+    pub sensitivity: String,
+    pub cost_tier: String,
 }
 
 /// The ML action a service's port carries (read-only vs inference vs

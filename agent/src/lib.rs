@@ -10,4 +10,5 @@ pub mod kernel;
 pub mod logging;
 pub mod netns;
 pub mod nodekey;
+pub mod policy;
 pub mod runtime;

@@ -24,10 +24,32 @@ enum Command {
     Demo,
     /// Knock: ask a node to admit this host to a service with a token.
     Knock(portcullis_agent::admission::knock::KnockArgs),
+    /// Check and test Cedar policies offline (for policy CI).
+    Policy {
+        #[command(subcommand)]
+        action: PolicyAction,
+    },
     /// DEVELOPMENT ONLY: a local token issuer, so demos and tests need no IdP.
     Token {
         #[command(subcommand)]
         action: TokenAction,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyAction {
+    /// Parse and validate a policy directory against its schema.
+    Validate {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+    /// Decide a table of requests and compare with the expected decisions;
+    /// exits non-zero on any mismatch.
+    Test {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+        #[arg(long, value_name = "FILE")]
+        requests: PathBuf,
     },
 }
 
@@ -155,6 +177,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => portcullis_agent::demo::run(),
         Command::Knock(args) => portcullis_agent::admission::knock::run_cli(args),
+        Command::Policy {
+            action: PolicyAction::Validate { dir },
+        } => portcullis_agent::policy::validate_cli(&dir),
+        Command::Policy {
+            action: PolicyAction::Test { dir, requests },
+        } => portcullis_agent::policy::test_cli(&dir, &requests),
         Command::Token {
             action: TokenAction::Keygen { dir },
         } => {

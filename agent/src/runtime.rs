@@ -29,6 +29,7 @@ use crate::{
     config::{Config, TokensSection},
     kernel::{Kernel, Maps, Origin, clock, maps::bytes_addr},
     nodekey::NodeKey,
+    policy::{PolicySet, PolicyStore},
 };
 
 pub struct RunOptions {
@@ -169,8 +170,44 @@ impl Knocks {
         }
     }
 
+    /// Re-reads the policy directory; on a swap, decides every live
+    /// admission again and revokes what the new set denies.
+    fn policies(&self) {
+        let store = self.admitter.policies();
+        match store.reload_if_changed() {
+            Ok(None) => {}
+            Ok(Some(set)) => {
+                tracing::info!(
+                    event = "policy_change",
+                    version = set.version(),
+                    policies = set.len(),
+                    "policy set swapped"
+                );
+                match self.admitter.reevaluate(SystemTime::now()) {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(
+                        event = "revocation",
+                        reason = "policy_change",
+                        admissions = n,
+                        version = set.version(),
+                        "admissions the new policy denies were revoked"
+                    ),
+                    Err(e) => {
+                        tracing::error!(event = "revocation_failed", error = %e, "policy revocation not applied to the kernel")
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(
+                event = "policy_reload_failed",
+                error = %e,
+                "keeping the previous policy set"
+            ),
+        }
+    }
+
     fn upkeep(&self) {
         self.revocations();
+        self.policies();
         match self.jwks.reload_if_changed() {
             Ok(true) => tracing::info!(
                 event = "jwks_reloaded",
@@ -241,7 +278,8 @@ async fn start_knocks(
         public_key = %node.thumbprint(),
         "node signing key loaded"
     );
-    let admitter = Arc::new(Admitter::new(cfg.clone(), verifier, maps, node));
+    let policies = Arc::new(open_policies(cfg)?);
+    let admitter = Arc::new(Admitter::new(cfg.clone(), verifier, maps, node, policies));
     // One dual-stack socket: IPv4 knocks arrive as IPv4-mapped addresses.
     let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.knock.port));
     let sock = UdpSocket::bind(addr)
@@ -257,6 +295,25 @@ async fn start_knocks(
     knocks.revocations();
     tokio::spawn(listen(sock, admitter));
     Ok(knocks)
+}
+
+/// The configured policy set, validated against the schema and the
+/// configured services; without `[policy]`, the built-in scope-only set.
+/// A bad set at start-up stops the agent: it never runs open.
+fn open_policies(cfg: &Config) -> anyhow::Result<PolicyStore> {
+    let Some(dir) = &cfg.policy_dir else {
+        return Ok(PolicyStore::fixed(PolicySet::default_set()));
+    };
+    let store = PolicyStore::open(dir).with_context(|| format!("policy.dir {}", dir.display()))?;
+    // Checked now and before every reload's swap: a policy naming a model
+    // this node does not serve is a mistake, not a no-op.
+    let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    store
+        .set_services(&known)
+        .with_context(|| format!("policy.dir {}", dir.display()))?;
+    let set = store.current();
+    tracing::info!(event = "policy_loaded", version = set.version(), policies = set.len(), dir = %dir.display(), "policy set loaded");
+    Ok(store)
 }
 
 /// Receives knocks; answers only successes (refusals are silent).
@@ -280,6 +337,8 @@ async fn listen(sock: UdpSocket, admitter: Arc<Admitter>) {
                     source = %g.source,
                     source_port = g.source_port,
                     slot = g.slot,
+                    policies = ?g.policies,
+                    policy_version = %g.policy_version,
                     ttl_secs = g.expires.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
                     "knock admitted"
                 );

@@ -21,6 +21,7 @@ use portcullis_agent::{
     devtoken::{self, MintClaims},
     kernel::{Unattached, maps::addr_bytes},
     nodekey::NodeKey,
+    policy::{PolicySet, PolicyStore},
 };
 
 const CONFIG: &str = r#"
@@ -64,11 +65,16 @@ fn fixture(tag: &str) -> Fixture {
     let maps = Arc::new(Mutex::new(kernel.maps));
     let node = Arc::new(NodeKey::generate().expect("node key"));
     Fixture {
-        admitter: Admitter::new(cfg, verifier, maps.clone(), node),
+        admitter: Admitter::new(cfg, verifier, maps.clone(), node, default_policies()),
         maps,
         key: out.key_path,
         _dir: TempDir(dir),
     }
+}
+
+/// The built-in policy: what the token's scope grants.
+fn default_policies() -> Arc<PolicyStore> {
+    Arc::new(PolicyStore::fixed(PolicySet::default_set()))
 }
 
 fn token(f: &Fixture, subject: &str, scope: &str) -> String {

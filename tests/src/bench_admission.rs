@@ -45,6 +45,7 @@ use portcullis_agent::{
     kernel::{Origin, Unattached},
     netns::TempDir,
     nodekey::NodeKey,
+    policy::{PolicySet, PolicyStore},
 };
 
 pub const USAGE: &str = "usage: portcullis-bench admission [--n N]
@@ -354,7 +355,15 @@ fn run(n: usize) -> Result<()> {
     let node = Arc::new(NodeKey::generate().context("node key")?);
     let server: SocketAddr = "10.255.0.1:62201".parse()?;
     let bench = Bench {
-        admitter: Admitter::new(Arc::new(cfg), verifier, maps.clone(), node),
+        // The built-in policy (scope-only); `bench policy` measures
+        // decisions with real policy sets.
+        admitter: Admitter::new(
+            Arc::new(cfg),
+            verifier,
+            maps.clone(),
+            node,
+            Arc::new(PolicyStore::fixed(PolicySet::default_set())),
+        ),
         maps,
         server,
     };

@@ -3,6 +3,7 @@
 //! the demo.)
 
 pub mod bench_admission;
+pub mod bench_policy;
 pub mod packet;
 
 /// Keeps a measurement on one CPU (per-CPU maps, stable caches).

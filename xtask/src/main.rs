@@ -60,6 +60,8 @@ enum Bench {
     Xdp,
     /// Knock admission path, in process (needs PyJWT and cryptography)
     Admission,
+    /// Cedar policy decisions (10/100/1000 policies) vs token verification
+    Policy,
     /// Every benchmark, each with its defaults
     All,
 }
@@ -138,14 +140,16 @@ fn bench(what: Bench, args: &[String]) -> Result<()> {
     match what {
         Bench::Xdp => bench_run("xdp", args),
         Bench::Admission => bench_run("admission", args),
+        Bench::Policy => bench_run("policy", args),
         Bench::All => {
             if !args.is_empty() {
                 bail!(
-                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission ARGS`"
+                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy ARGS`"
                 );
             }
             bench_run("xdp", &[])?;
-            bench_run("admission", &[])
+            bench_run("admission", &[])?;
+            bench_run("policy", &[])
         }
     }
 }

@@ -15,12 +15,13 @@ use crate::{
     admission::{
         knock::{self, KnockError, KnockLimits, NonceCache},
         revocations::Change,
-        token::{TokenError, Verifier},
+        token::{Claims, TokenError, Verifier},
     },
     apply,
-    config::{Action, Config, identity_key},
+    config::{Action, Config, ModelAttrs, identity_key},
     kernel::{KernelError, Maps, clock},
     nodekey::NodeKey,
+    policy::{Decision, Method, PolicyStore, Principal, Request as PolicyRequest, Resource},
 };
 
 /// Why a knock was refused: the stable names are what metrics count and
@@ -38,6 +39,12 @@ pub enum Refusal {
         service: String,
         action: &'static str,
     },
+    #[error("policy {version} denies (determining: {determining:?}; errors: {errors:?})")]
+    Policy {
+        version: String,
+        determining: Vec<String>,
+        errors: Vec<String>,
+    },
     #[error("all identity slots are in use")]
     SlotsExhausted,
     #[error("kernel write failed: {0}")]
@@ -51,6 +58,7 @@ impl Refusal {
             Refusal::Token(e) => e.reason(),
             Refusal::UnknownService(_) => "unknown_service",
             Refusal::Scope { .. } => "scope",
+            Refusal::Policy { .. } => "policy",
             Refusal::SlotsExhausted => "identity_slots_exhausted",
             Refusal::Kernel(_) => "kernel_error",
         }
@@ -81,11 +89,15 @@ pub struct Granted {
     /// The knock's nonce and size, for the reply.
     pub nonce: [u8; 16],
     pub request_len: usize,
+    /// The policies that permitted it, and the policy set's version.
+    pub policies: Vec<String>,
+    pub policy_version: String,
 }
 
 struct ServiceInfo {
     id: u32,
     action: Action,
+    model: ModelAttrs,
 }
 
 /// Refusals counted by reason since start.
@@ -121,6 +133,7 @@ pub struct Admitter {
     maps: Arc<Mutex<Maps>>,
     node: Arc<NodeKey>,
     grants: Mutex<Grants>,
+    policies: Arc<PolicyStore>,
     pub counters: Counters,
 }
 
@@ -130,6 +143,15 @@ pub struct Admitter {
 struct Grants {
     by_jti: HashMap<String, (SystemTime, Vec<(IpAddr, u32)>)>,
     by_subject: HashMap<String, (SystemTime, BTreeSet<String>)>,
+    /// Each live admission with what it was decided on, so a new policy
+    /// set can decide it again.
+    live: HashMap<(IpAddr, u32), LiveGrant>,
+}
+
+struct LiveGrant {
+    claims: Arc<Claims>,
+    service: String,
+    method: Method,
 }
 
 impl Grants {
@@ -158,6 +180,7 @@ impl Grants {
     fn purge(&mut self, now: SystemTime) {
         self.by_jti.retain(|_, (exp, _)| *exp > now);
         self.by_subject.retain(|_, (exp, _)| *exp > now);
+        self.live.retain(|_, g| g.claims.expires_at > now);
     }
 }
 
@@ -176,6 +199,7 @@ impl Admitter {
         verifier: Arc<Verifier>,
         maps: Arc<Mutex<Maps>>,
         node: Arc<NodeKey>,
+        policies: Arc<PolicyStore>,
     ) -> Admitter {
         let limits = KnockLimits {
             window: cfg.knock.window,
@@ -190,6 +214,7 @@ impl Admitter {
                     ServiceInfo {
                         id: s.id,
                         action: s.action,
+                        model: s.model.clone(),
                     },
                 )
             })
@@ -203,6 +228,7 @@ impl Admitter {
             maps,
             node,
             grants: Mutex::new(Grants::default()),
+            policies,
             counters: Counters::default(),
         }
     }
@@ -257,7 +283,20 @@ impl Admitter {
         // A claimed address (client behind NAT) is only honoured with a
         // proof of possession, which verify_pop demanded above.
         let source = canonical(k.client_addr.unwrap_or(peer.ip()));
-        let expires = claims.expires_at.min(now + self.cfg.knock.max_ttl);
+        // Policy decides within what the token's scope allows: it can
+        // narrow a token, never widen it.
+        let decision = self.decide(&claims, &k.service, svc, source, Method::Knock, now);
+        if !decision.allow {
+            return Err(Refusal::Policy {
+                version: decision.version,
+                determining: decision.determining,
+                errors: decision.errors,
+            });
+        }
+        let mut expires = claims.expires_at.min(now + self.cfg.knock.max_ttl);
+        if let Some(ttl) = decision.ttl {
+            expires = expires.min(now + ttl);
+        }
         let ttl = expires.duration_since(now).unwrap_or(Duration::ZERO);
         let identity = identity_name(claims.tenant.as_deref(), &claims.subject);
         let slot = {
@@ -280,6 +319,14 @@ impl Admitter {
         };
         if let Ok(mut g) = self.grants.lock() {
             g.record(&claims, &identity, source, svc.id);
+            g.live.insert(
+                (source, svc.id),
+                LiveGrant {
+                    claims: claims.clone(),
+                    service: k.service.clone(),
+                    method: Method::Knock,
+                },
+            );
         }
         Ok(Granted {
             subject: claims.subject.clone(),
@@ -292,7 +339,73 @@ impl Admitter {
             jti_hash: claims.jti_hash(),
             nonce: k.nonce,
             request_len: datagram.len(),
+            policies: decision.determining,
+            policy_version: decision.version,
         })
+    }
+
+    fn decide(
+        &self,
+        claims: &Claims,
+        service: &str,
+        svc: &ServiceInfo,
+        source: IpAddr,
+        method: Method,
+        now: SystemTime,
+    ) -> Decision {
+        self.policies.current().decide(&PolicyRequest {
+            principal: Principal {
+                subject: claims.subject.clone(),
+                tenant: claims.tenant.clone(),
+                roles: claims.roles.clone(),
+                scopes: claims.scopes.iter().map(ToString::to_string).collect(),
+                issuer: claims.issuer.clone(),
+            },
+            action: svc.action.as_str(),
+            resource: Resource {
+                service: service.to_string(),
+                tenant: svc.model.tenant.clone(),
+                version: svc.model.version.clone(),
+                sensitivity: svc.model.sensitivity.clone(),
+                cost_tier: svc.model.cost_tier.clone(),
+            },
+            now,
+            source,
+            method,
+            token_age: now.duration_since(claims.issued_at).unwrap_or_default(),
+            // Zero until cost accounting exists (the fields are there so
+            // policies can be written against them now).
+            spend_month: 0,
+            forecast_month: 0,
+        })
+    }
+
+    /// Decides every live knock-granted admission again under the current
+    /// policy set and revokes, in the kernel, those it now denies (their
+    /// flows die on the next packet). Static and break-glass admissions are
+    /// not policy-governed.
+    pub fn reevaluate(&self, now: SystemTime) -> Result<usize, KernelError> {
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let denied: Vec<(IpAddr, u32)> = grants
+            .live
+            .iter()
+            .filter(|(_, g)| g.claims.expires_at > now)
+            .filter_map(|(&(source, id), g)| {
+                let svc = self.services.get(&g.service)?;
+                let d = self.decide(&g.claims, &g.service, svc, source, g.method, now);
+                (!d.allow).then_some((source, id))
+            })
+            .collect();
+        let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
+        for (source, id) in &denied {
+            maps.revoke_source(*source, *id)?;
+            grants.live.remove(&(*source, *id));
+        }
+        Ok(denied.len())
+    }
+
+    pub fn policies(&self) -> &PolicyStore {
+        &self.policies
     }
 
     /// The signed reply to a granted knock: `None` when replies are off or it

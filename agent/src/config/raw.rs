@@ -33,6 +33,13 @@ pub(super) struct RawConfig {
     #[serde(default)]
     pub admissions: Vec<RawAdmission>,
     pub tokens: Option<RawTokens>,
+    pub policy: Option<RawPolicy>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub dir: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -105,6 +112,10 @@ pub(super) struct RawService {
     pub port: Option<i64>,
     pub address: Option<String>,
     pub action: Option<Action>,
+    pub tenant: Option<String>,
+    pub version: Option<String>,
+    pub sensitivity: Option<String>,
+    pub cost_tier: Option<String>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -147,6 +158,7 @@ fn locate(doc: &Table) -> String {
             "services" => probe_items::<RawService>(key, value),
             "admissions" => probe_items::<RawAdmission>(key, value),
             "tokens" => probe::<RawTokens>(key, value),
+            "policy" => probe::<RawPolicy>(key, value),
             _ => Some(key.clone()),
         })
         // Unreachable while the list above matches RawConfig; stay useful anyway.

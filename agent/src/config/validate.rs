@@ -19,7 +19,7 @@ use super::raw::{
 };
 use super::{
     Action, AgentSection, Config, ConfigError, KernelSection, KnockSection, Limits, LogFormat,
-    Protocol, Service, StaticAdmission, TokensSection, XdpMode, service_id,
+    ModelAttrs, Protocol, Service, StaticAdmission, TokensSection, XdpMode, service_id,
 };
 
 const DEFAULT_STATS_INTERVAL_MS: u64 = 1_000;
@@ -48,6 +48,18 @@ pub(super) fn validate(
     let admissions = admissions(&raw.admissions, &services)?;
     check_identity_slots(&identities, &admissions)?;
     let tokens = raw.tokens.as_ref().map(tokens).transpose()?;
+    let policy_dir = raw
+        .policy
+        .as_ref()
+        .map(|p| {
+            let dir = required(
+                "policy.dir",
+                p.dir.clone(),
+                "name the directory of Cedar policies",
+            )?;
+            absolute("policy.dir", Some(dir), "/etc/portcullis/policy")
+        })
+        .transpose()?;
     Ok(Config {
         agent,
         kernel,
@@ -57,6 +69,7 @@ pub(super) fn validate(
         identities,
         admissions,
         tokens,
+        policy_dir,
     })
 }
 
@@ -472,6 +485,12 @@ fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
         port: port_number(&field("port"), port)?,
         address,
         action: raw.action.unwrap_or(Action::Invoke),
+        model: ModelAttrs {
+            tenant: attr(&field("tenant"), &raw.tenant, "")?,
+            version: attr(&field("version"), &raw.version, "1")?,
+            sensitivity: attr(&field("sensitivity"), &raw.sensitivity, "internal")?,
+            cost_tier: attr(&field("cost_tier"), &raw.cost_tier, "standard")?,
+        },
     })
 }
 
@@ -698,6 +717,19 @@ fn int<T: TryFrom<i64>>(
                 ),
             )
         })
+}
+
+/// A short free-text attribute for policies: at most 64 printable
+/// characters, so entity data stays small and loggable.
+fn attr(field: &str, value: &Option<String>, default: &str) -> Result<String, ConfigError> {
+    let v = value.clone().unwrap_or_else(|| default.to_owned());
+    if v.len() > 64 || v.chars().any(|c| c.is_control()) {
+        return Err(invalid(
+            field,
+            format!("{v:?} is not a valid attribute; use at most 64 printable characters"),
+        ));
+    }
+    Ok(v)
 }
 
 fn required<T>(field: &str, value: Option<T>, fix: &str) -> Result<T, ConfigError> {

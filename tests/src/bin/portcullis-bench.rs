@@ -1,6 +1,10 @@
 //! `portcullis-bench admission [--n N]`: the knock admission path, in process
 //! (see `portcullis_tests::bench_admission`).
 //!
+//! `portcullis-bench policy [--n N]`: the Cedar admission decision for 10,
+//! 100 and 1000 policies next to token verification and a cached admission
+//! (see `portcullis_tests::bench_policy`).
+//!
 //! `portcullis-bench xdp [--repeat N] [--singles N]`: per-packet cost of the
 //! XDP ingress program's paths, measured with BPF_PROG_TEST_RUN (the
 //! kernel-reported average over `repeat` runs of the same frame), against a
@@ -28,7 +32,9 @@ const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
   --repeat N   runs per BPF_PROG_TEST_RUN call (default 1000000)
   --singles N  single-run calls per sample for the new-flow path (default 2000)
        portcullis-bench admission [--n N]
-  --n N        calls per row (default 2000)";
+  --n N        calls per row (default 2000)
+       portcullis-bench policy [--n N]
+  --n N        decisions per row (default 20000)";
 
 struct Args {
     repeat: u32,
@@ -78,8 +84,17 @@ fn parse_args() -> Result<Args> {
 }
 
 fn main() -> ExitCode {
-    if std::env::args().nth(1).as_deref() == Some("admission") {
-        return match portcullis_tests::bench_admission::main(std::env::args().skip(2)) {
+    let other = match std::env::args().nth(1).as_deref() {
+        Some("admission") => Some(portcullis_tests::bench_admission::main(
+            std::env::args().skip(2),
+        )),
+        Some("policy") => Some(portcullis_tests::bench_policy::main(
+            std::env::args().skip(2),
+        )),
+        _ => None,
+    };
+    if let Some(result) = other {
+        return match result {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("portcullis-bench: {e:#}");

@@ -500,6 +500,8 @@ pub mod knock {
         pub leeway_secs: u64,
         pub knock_per_source: (u32, u32),
         pub stats_interval_ms: u64,
+        /// `[policy] dir`, if any.
+        pub policy_dir: Option<PathBuf>,
     }
 
     impl Default for KnockSettings {
@@ -514,6 +516,7 @@ pub mod knock {
                 leeway_secs: 0,
                 knock_per_source: (5, 10),
                 stats_interval_ms: 1000,
+                policy_dir: None,
             }
         }
     }
@@ -911,6 +914,9 @@ conn_burst = 20
                 "\n[[services]]\nname = \"{}\"\nprotocol = \"tcp\"\nport = {}\naction = \"{}\"\n",
                 svc.name, svc.port, svc.action
             );
+        }
+        if let Some(dir) = &s.policy_dir {
+            let _ = write!(t, "\n[policy]\ndir = \"{}\"\n", dir.display());
         }
         t
     }
