@@ -98,62 +98,17 @@ for alg, kid, key, _ in keys:
 sys.stdout.write("\n".join(out) + "\n")
 "#;
 
-struct Args {
-    n: usize,
-}
-
-fn parse_args(mut args: impl Iterator<Item = String>) -> Result<Args> {
-    let mut out = Args { n: 2000 };
-    while let Some(flag) = args.next() {
-        match flag.as_str() {
-            "--n" => {
-                let v = args.next().context("--n needs a value")?;
-                let n: usize = v
-                    .replace('_', "")
-                    .parse()
-                    .with_context(|| format!("--n {v:?}: not a number"))?;
-                if !(10..=1_000_000).contains(&n) {
-                    bail!("--n must be 10 to 1000000");
-                }
-                out.n = n;
-            }
-            "-h" | "--help" => {
-                println!("{USAGE}");
-                std::process::exit(0);
-            }
-            other => bail!("unknown option {other:?}\n{USAGE}"),
-        }
-    }
-    Ok(out)
-}
-
 /// Runs the benchmark with the arguments after `admission`.
 pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
-    let args = parse_args(args)?;
-    run(args.n)
+    run(crate::bench_support::parse_n(
+        args,
+        2000,
+        10..=1_000_000,
+        USAGE,
+    )?)
 }
 
-/// Latencies of one row, sorted, and the loop's wall time.
-struct Row {
-    sorted: Vec<Duration>,
-    wall: Duration,
-}
-
-impl Row {
-    fn new(mut lat: Vec<Duration>, wall: Duration) -> Row {
-        lat.sort();
-        Row { sorted: lat, wall }
-    }
-
-    fn pct(&self, p: f64) -> Duration {
-        let i = ((self.sorted.len() as f64 - 1.0) * p).round() as usize;
-        self.sorted[i.min(self.sorted.len() - 1)]
-    }
-
-    fn per_sec(&self) -> f64 {
-        self.sorted.len() as f64 / self.wall.as_secs_f64()
-    }
-}
+use crate::bench_support::Row;
 
 struct Minted {
     jwks: String,

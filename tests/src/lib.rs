@@ -4,6 +4,7 @@
 
 pub mod bench_admission;
 pub mod bench_policy;
+pub mod bench_support;
 pub mod packet;
 
 /// Keeps a measurement on one CPU (per-CPU maps, stable caches).

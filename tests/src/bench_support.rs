@@ -1,0 +1,59 @@
+//! What the in-process benchmarks share: the `--n N` option and a row of
+//! sorted latencies.
+
+use std::{ops::RangeInclusive, time::Duration};
+
+use anyhow::{Context, Result, bail};
+
+/// Parses `[--n N] [--help]`: the calls per row, `default` when absent.
+pub fn parse_n(
+    mut args: impl Iterator<Item = String>,
+    default: usize,
+    range: RangeInclusive<usize>,
+    usage: &str,
+) -> Result<usize> {
+    let mut n = default;
+    while let Some(flag) = args.next() {
+        match flag.as_str() {
+            "--n" => {
+                let v = args.next().context("--n needs a value")?;
+                let parsed: usize = v
+                    .replace('_', "")
+                    .parse()
+                    .with_context(|| format!("--n {v:?}: not a number"))?;
+                if !range.contains(&parsed) {
+                    bail!("--n must be {} to {}", range.start(), range.end());
+                }
+                n = parsed;
+            }
+            "-h" | "--help" => {
+                println!("{usage}");
+                std::process::exit(0);
+            }
+            other => bail!("unknown option {other:?}\n{usage}"),
+        }
+    }
+    Ok(n)
+}
+
+/// Latencies of one row, sorted, and the loop's wall time.
+pub struct Row {
+    sorted: Vec<Duration>,
+    wall: Duration,
+}
+
+impl Row {
+    pub fn new(mut lat: Vec<Duration>, wall: Duration) -> Row {
+        lat.sort();
+        Row { sorted: lat, wall }
+    }
+
+    pub fn pct(&self, p: f64) -> Duration {
+        let i = ((self.sorted.len() as f64 - 1.0) * p).round() as usize;
+        self.sorted[i.min(self.sorted.len() - 1)]
+    }
+
+    pub fn per_sec(&self) -> f64 {
+        self.sorted.len() as f64 / self.wall.as_secs_f64()
+    }
+}
