@@ -49,6 +49,12 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
+    // Files first: a bad key set or policy must stop the agent before it
+    // loads or changes anything in the kernel.
+    let parts = match (&cfg.tokens, cfg.knock.enabled()) {
+        (Some(tokens), true) => Some(prepare_knocks(&cfg, tokens)?),
+        _ => None,
+    };
     let kopts = apply::kernel_options(&cfg.kernel);
     let kernel = Kernel::open(&kopts).context("opening the kernel programs")?;
     let origin = kernel.origin;
@@ -60,7 +66,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     // Knocks need a way to verify tokens; without [tokens] nobody can be
     // admitted by knock (the kernel still drops everything unadmitted).
     let knocks = match (&cfg.tokens, cfg.knock.enabled()) {
-        (Some(tokens), true) => Some(start_knocks(&cfg, tokens, maps.clone()).await?),
+        (Some(tokens), true) => {
+            let parts = parts.expect("prepared for [tokens] with knocking on");
+            Some(start_knocks(&cfg, tokens, parts, maps.clone()).await?)
+        }
         (None, true) => {
             tracing::warn!(
                 port = cfg.knock.port,
@@ -247,11 +256,17 @@ impl Knocks {
     }
 }
 
-async fn start_knocks(
-    cfg: &Arc<Config>,
-    tokens: &TokensSection,
-    maps: Arc<Mutex<Maps>>,
-) -> anyhow::Result<Knocks> {
+/// What knock admission needs from files: loaded and checked before the
+/// kernel is touched, so a bad key set, node key or policy stops the agent
+/// without loading anything.
+struct KnockParts {
+    jwks: Arc<JwksFile>,
+    verifier: Arc<Verifier>,
+    node: Arc<NodeKey>,
+    policies: Arc<PolicyStore>,
+}
+
+fn prepare_knocks(cfg: &Config, tokens: &TokensSection) -> anyhow::Result<KnockParts> {
     let jwks = Arc::new(
         JwksFile::load(&tokens.jwks_file, tokens.allow_hs256)
             .with_context(|| format!("tokens.jwks_file {}", tokens.jwks_file.display()))?,
@@ -279,6 +294,26 @@ async fn start_knocks(
         "node signing key loaded"
     );
     let policies = Arc::new(open_policies(cfg)?);
+    Ok(KnockParts {
+        jwks,
+        verifier,
+        node,
+        policies,
+    })
+}
+
+async fn start_knocks(
+    cfg: &Arc<Config>,
+    tokens: &TokensSection,
+    parts: KnockParts,
+    maps: Arc<Mutex<Maps>>,
+) -> anyhow::Result<Knocks> {
+    let KnockParts {
+        jwks,
+        verifier,
+        node,
+        policies,
+    } = parts;
     let admitter = Arc::new(Admitter::new(cfg.clone(), verifier, maps, node, policies));
     // One dual-stack socket: IPv4 knocks arrive as IPv4-mapped addresses.
     let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.knock.port));
