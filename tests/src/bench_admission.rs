@@ -41,7 +41,6 @@ use portcullis_agent::{
         token::{TokenPolicy, Verifier},
     },
     apply,
-    config::Config,
     kernel::{Origin, Unattached},
     netns::TempDir,
     nodekey::NodeKey,
@@ -156,30 +155,6 @@ fn mint(count: usize) -> Result<Minted> {
     Ok(Minted { jwks, tokens })
 }
 
-fn config_text(dir: &std::path::Path) -> String {
-    format!(
-        r#"[agent]
-node_id = "bench"
-node_key = "{dir}/node.key"
-
-[kernel]
-interfaces = ["lo"]
-pin_dir = "{dir}/pins"
-
-[[services]]
-name = "{SERVICE}"
-port = 8000
-action = "invoke"
-
-[tokens]
-jwks_file = "{dir}/jwks.json"
-issuer = "{ISSUER}"
-audience = "{AUDIENCE}"
-"#,
-        dir = dir.display()
-    )
-}
-
 /// 16 random bytes from the kernel.
 fn nonce() -> [u8; 16] {
     let mut n = [0u8; 16];
@@ -284,7 +259,13 @@ fn run(n: usize) -> Result<()> {
     );
     let minted = mint(n + WARMUP + 1)?;
     std::fs::write(dir.path().join("jwks.json"), &minted.jwks).context("write jwks.json")?;
-    let cfg = Config::from_toml_str(&config_text(dir.path())).context("bench config")?;
+    let cfg = crate::bench_support::agent_config(
+        dir.path(),
+        &dir.path().join("jwks.json"),
+        ISSUER,
+        AUDIENCE,
+        SERVICE,
+    )?;
     let tokens_cfg = cfg.tokens.clone().context("[tokens] in the bench config")?;
 
     let Unattached {

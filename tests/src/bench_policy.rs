@@ -54,7 +54,6 @@ use portcullis_agent::{
         token::{TokenPolicy, Verifier},
     },
     apply,
-    config::Config,
     devtoken::{self, MintClaims},
     kernel::{Origin, Unattached},
     netns::TempDir,
@@ -397,36 +396,11 @@ fn nonce() -> [u8; 16] {
     n
 }
 
-fn config_text(dir: &std::path::Path, jwks: &std::path::Path) -> String {
-    format!(
-        r#"[agent]
-node_id = "bench"
-node_key = "{dir}/node.key"
-
-[kernel]
-interfaces = ["lo"]
-pin_dir = "{dir}/pins"
-
-[[services]]
-name = "{SERVICE}"
-port = 8000
-action = "invoke"
-
-[tokens]
-jwks_file = "{jwks}"
-issuer = "{ISSUER}"
-audience = "{AUDIENCE}"
-"#,
-        dir = dir.display(),
-        jwks = jwks.display()
-    )
-}
-
 /// Cached knocks through the real `Admitter` and kernel maps.
 fn bench_cached_knock(tokens: &Tokens, count: usize) -> Result<Row> {
     let dir = TempDir::new("benchpolk").context("temp dir")?;
     let jwks_path = tokens.jwks.path().context("the JWKS has a path")?;
-    let cfg = Config::from_toml_str(&config_text(dir.path(), jwks_path)).context("config")?;
+    let cfg = crate::bench_support::agent_config(dir.path(), jwks_path, ISSUER, AUDIENCE, SERVICE)?;
     let Unattached {
         ebpf: _ebpf,
         mut maps,

@@ -57,3 +57,38 @@ impl Row {
         self.sorted.len() as f64 / self.wall.as_secs_f64()
     }
 }
+
+/// The agent config of an in-process benchmark: one invoke service and a
+/// `[tokens]` section. The programs are loaded unattached, so the interface
+/// is a name that cannot exist: nothing is ever attached anywhere.
+pub fn agent_config(
+    dir: &std::path::Path,
+    jwks: &std::path::Path,
+    issuer: &str,
+    audience: &str,
+    service: &str,
+) -> Result<portcullis_agent::config::Config> {
+    let text = format!(
+        r#"[agent]
+node_id = "bench"
+node_key = "{dir}/node.key"
+
+[kernel]
+interfaces = ["pcl-bench-none"]
+pin_dir = "{dir}/pins"
+
+[[services]]
+name = "{service}"
+port = 8000
+action = "invoke"
+
+[tokens]
+jwks_file = "{jwks}"
+issuer = "{issuer}"
+audience = "{audience}"
+"#,
+        dir = dir.display(),
+        jwks = jwks.display(),
+    );
+    portcullis_agent::config::Config::from_toml_str(&text).context("bench config")
+}
