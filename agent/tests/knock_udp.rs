@@ -115,6 +115,19 @@ impl Responder {
     fn seen(&self) -> Vec<Knock> {
         self.seen.lock().unwrap().clone()
     }
+
+    /// The knocks seen once at least `n` have arrived (bounded wait), so a
+    /// test can then assert there are exactly `n`.
+    async fn await_seen(&self, n: usize) -> Vec<Knock> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        loop {
+            let seen = self.seen();
+            if seen.len() >= n || tokio::time::Instant::now() >= deadline {
+                return seen;
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
 }
 
 fn loopbacks() -> [IpAddr; 2] {
@@ -207,9 +220,8 @@ async fn silence_times_out_after_all_retries_with_fresh_nonces() {
         );
         assert!(msg.contains("the server stays silent on refusal"), "{msg}");
         assert!(msg.contains("the port is wrong"), "{msg}");
-        // Give the last datagram time to land, then check the nonces.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        let seen = r.seen();
+        // The last knock may still be on its way to the responder.
+        let seen = r.await_seen(3).await;
         assert_eq!(seen.len(), 3);
         let mut nonces: Vec<_> = seen.iter().map(|k| k.nonce).collect();
         nonces.sort();
@@ -227,8 +239,7 @@ async fn zero_retries_sends_one_knock() {
     o.timeout = Duration::from_millis(100);
     let err = knock::knock(&o).await.unwrap_err();
     assert!(err.to_string().contains("within 0.1s (1 knock)"), "{err}");
-    tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(r.seen().len(), 1);
+    assert_eq!(r.await_seen(1).await.len(), 1);
 }
 
 #[tokio::test]
