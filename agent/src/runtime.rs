@@ -271,18 +271,7 @@ fn prepare_knocks(cfg: &Config, tokens: &TokensSection) -> anyhow::Result<KnockP
         JwksFile::load(&tokens.jwks_file, tokens.allow_hs256)
             .with_context(|| format!("tokens.jwks_file {}", tokens.jwks_file.display()))?,
     );
-    let verifier = Arc::new(Verifier::new(
-        TokenPolicy {
-            issuer: tokens.issuer.clone(),
-            audience: tokens.audience.clone(),
-            leeway: tokens.leeway,
-            max_lifetime: tokens.max_lifetime,
-            tenant_claim: tokens.tenant_claim.clone(),
-            require_typ: tokens.require_typ,
-            cache_entries: 65_536,
-        },
-        jwks.clone(),
-    ));
+    let verifier = Arc::new(Verifier::new(TokenPolicy::from(tokens), jwks.clone()));
     let node = Arc::new(
         NodeKey::load_or_create(&cfg.agent.node_key)
             .with_context(|| format!("agent.node_key {}", cfg.agent.node_key.display()))?,

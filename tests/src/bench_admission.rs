@@ -276,18 +276,7 @@ fn run(n: usize) -> Result<()> {
     let maps = Arc::new(Mutex::new(maps));
     let jwks = Arc::new(JwksFile::load(&tokens_cfg.jwks_file, false).context("load the JWKS")?);
     // As the agent builds it (runtime::start_knocks).
-    let verifier = Arc::new(Verifier::new(
-        TokenPolicy {
-            issuer: tokens_cfg.issuer.clone(),
-            audience: tokens_cfg.audience.clone(),
-            leeway: tokens_cfg.leeway,
-            max_lifetime: tokens_cfg.max_lifetime,
-            tenant_claim: tokens_cfg.tenant_claim.clone(),
-            require_typ: tokens_cfg.require_typ,
-            cache_entries: 65_536,
-        },
-        jwks.clone(),
-    ));
+    let verifier = Arc::new(Verifier::new(TokenPolicy::from(&tokens_cfg), jwks.clone()));
     let node = Arc::new(NodeKey::generate().context("node key")?);
     let server: SocketAddr = "10.255.0.1:62201".parse()?;
     let bench = Bench {

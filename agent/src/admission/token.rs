@@ -58,6 +58,24 @@ pub struct TokenPolicy {
     pub cache_entries: usize,
 }
 
+/// Verified tokens the agent caches.
+pub const AGENT_CACHE_ENTRIES: usize = 65_536;
+
+/// The policy of the config's `[tokens]` section.
+impl From<&crate::config::TokensSection> for TokenPolicy {
+    fn from(t: &crate::config::TokensSection) -> TokenPolicy {
+        TokenPolicy {
+            issuer: t.issuer.clone(),
+            audience: t.audience.clone(),
+            leeway: t.leeway,
+            max_lifetime: t.max_lifetime,
+            tenant_claim: t.tenant_claim.clone(),
+            require_typ: t.require_typ,
+            cache_entries: AGENT_CACHE_ENTRIES,
+        }
+    }
+}
+
 impl TokenPolicy {
     /// A policy with the defaults: 60 s leeway, 1 h maximum lifetime, tenant
     /// claim `tenant`, `typ` required, 10 000 cache entries.
