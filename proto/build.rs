@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let fds = protox::compile(&files, [&root])?;
-    prost_build::Config::new().compile_fds(fds)?;
+    // Messages and the collector service (client and server stubs).
+    tonic_prost_build::configure().compile_fds(fds)?;
     Ok(())
 }

@@ -3,6 +3,7 @@
 pub mod admin;
 pub mod admission;
 pub mod apply;
+pub mod audit;
 pub mod config;
 pub mod demo;
 pub mod devtoken;

@@ -1,0 +1,6 @@
+//! The audit trail: every decision and every unit of cost leaves the node as
+//! a hash-chained, signed event (`chain`), is appended to a local spool
+//! before anything else sees it, and is streamed to a collector that
+//! acknowledges what it has persisted.
+
+pub mod chain;
