@@ -45,6 +45,95 @@ pub struct Config {
     /// Cedar policy directory; `None`: the built-in "what the token's
     /// scope grants" policy.
     pub policy_dir: Option<PathBuf>,
+    pub audit: AuditSection,
+    pub accounting: AccountingSection,
+}
+
+/// `[audit]`: the local spool every event is written to before anything
+/// else sees it, checkpoints, report intervals, and the collector.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSection {
+    pub spool_dir: PathBuf,
+    /// Bound on the spool (events not yet acknowledged by the collector).
+    pub spool_max_bytes: u64,
+    /// Size at which the spool starts a new segment file.
+    pub segment_bytes: u64,
+    pub on_full: OnFull,
+    /// A signed checkpoint after this many events...
+    pub checkpoint_events: u64,
+    /// ...or this long after the previous one, whichever comes first.
+    pub checkpoint_interval: Duration,
+    /// How often drop summaries and cost reports are emitted.
+    pub report_interval: Duration,
+    /// Where events are streamed; `None`: they stay in the spool.
+    pub collector: Option<CollectorTarget>,
+}
+
+/// What the agent does when the spool is full.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFull {
+    /// Refuse new admissions (each refusal counted and audited once space
+    /// returns); existing admissions keep being enforced. Nothing is dropped.
+    RefuseAdmissions,
+    /// Delete the oldest unsent events and record an explicit gap event.
+    DropOldest,
+}
+
+impl OnFull {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            OnFull::RefuseAdmissions => "refuse_admissions",
+            OnFull::DropOldest => "drop_oldest",
+        }
+    }
+}
+
+/// `[audit.collector]`: the gRPC endpoint events are streamed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorTarget {
+    /// `https://host:port`, or `http://host:port` (loopback only unless
+    /// `allow_plaintext`).
+    pub endpoint: String,
+    pub tls: Option<CollectorTls>,
+    pub allow_plaintext: bool,
+    /// Most events per batch on the stream.
+    pub batch_max_events: usize,
+}
+
+/// TLS to the collector (rustls, ring provider).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CollectorTls {
+    /// PEM CA certificate(s) the collector's certificate must chain to.
+    pub ca_file: PathBuf,
+    /// The name the collector's certificate must carry; default: the
+    /// endpoint's host.
+    pub server_name: Option<String>,
+    /// mTLS: the agent's PEM certificate and key, both or neither.
+    pub client_cert: Option<PathBuf>,
+    pub client_key: Option<PathBuf>,
+}
+
+/// `[accounting]`: where spend to date is kept and in what currency prices
+/// are given.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AccountingSection {
+    /// Month- and day-to-date spend per identity and tenant, persisted so a
+    /// restart neither forgets nor double-counts.
+    pub ledger: PathBuf,
+    /// Label of the price unit (ISO 4217 code or any 1-16 printable chars).
+    pub currency: String,
+}
+
+/// A service's price table in integer micro-units of the currency (no
+/// floats in money). All zero: usage is counted but costs nothing.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Price {
+    pub per_connection_micros: u64,
+    /// Per MiB (1,048,576 bytes) of request bytes into the service.
+    pub per_mib_in_micros: u64,
+    /// Per MiB of response bytes out of the service.
+    pub per_mib_out_micros: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -199,6 +288,7 @@ pub struct Service {
     pub action: Action,
     /// The model behind the port, as policies see it (`resource`).
     pub model: ModelAttrs,
+    pub price: Price,
 }
 
 /// A service's model attributes for policy (Cedar `Model` entity).
@@ -500,6 +590,107 @@ mod tests {
         assert_eq!(service.address, None);
         assert_eq!(service.id, service_id("llm"));
         assert!(config.identities.is_empty() && config.admissions.is_empty());
+    }
+
+    #[test]
+    fn audit_and_accounting_defaults_are_safe() {
+        let c = minimal();
+        assert_eq!(c.audit.spool_dir, Path::new("/var/lib/portcullis/spool"));
+        assert_eq!(c.audit.spool_max_bytes, 256 << 20);
+        assert_eq!(c.audit.segment_bytes, 8 << 20);
+        assert_eq!(c.audit.on_full, OnFull::RefuseAdmissions);
+        assert_eq!(c.audit.checkpoint_events, 1000);
+        assert_eq!(c.audit.checkpoint_interval, Duration::from_secs(10));
+        assert_eq!(c.audit.collector, None);
+        assert_eq!(c.accounting.currency, "USD");
+        assert_eq!(c.services[0].price, Price::default());
+    }
+
+    #[test]
+    fn collector_plaintext_only_to_loopback_unless_allowed() {
+        let base = format!("{KERNEL}{SERVICE}[audit.collector]\n");
+        for ok in [
+            "http://127.0.0.1:7000",
+            "http://[::1]:7000",
+            "http://localhost:7000",
+        ] {
+            let c = parse_ok(&format!("{base}endpoint = \"{ok}\"\n"));
+            let t = c.audit.collector.unwrap();
+            assert!(t.tls.is_none() && !t.allow_plaintext, "{ok}");
+        }
+        assert_rejects(
+            &format!("{base}endpoint = \"http://10.0.0.9:7000\"\n"),
+            "audit.collector.endpoint",
+            "allow_plaintext = true",
+        );
+        parse_ok(&format!(
+            "{base}endpoint = \"http://10.0.0.9:7000\"\nallow_plaintext = true\n"
+        ));
+        assert_rejects(
+            &format!("{base}endpoint = \"https://c.example:7443\"\n"),
+            "audit.collector.ca_file",
+            "PEM file of the CA",
+        );
+        assert_rejects(
+            &format!(
+                "{base}endpoint = \"https://c.example:7443\"\nca_file = \"/ca.pem\"\nclient_cert = \"/a.pem\"\n"
+            ),
+            "audit.collector.client_key",
+            "both client_cert and client_key",
+        );
+        assert_rejects(
+            &format!("{base}endpoint = \"http://127.0.0.1:7000\"\nca_file = \"/ca.pem\"\n"),
+            "audit.collector.ca_file",
+            "use an https:// endpoint",
+        );
+        for bad in [
+            "ftp://x:1",
+            "https://x",
+            "https://x:0",
+            "x:7000",
+            "https://:7000",
+        ] {
+            assert_rejects(
+                &format!("{base}endpoint = \"{bad}\"\n"),
+                "audit.collector.endpoint",
+                "not a collector URL",
+            );
+        }
+    }
+
+    #[test]
+    fn spool_sizes_and_prices_are_bounded() {
+        assert_rejects(
+            &format!("{KERNEL}{SERVICE}[audit]\nspool_max_bytes = 100000\nsegment_bytes = 50000\n"),
+            "audit.segment_bytes",
+            "at most 25000",
+        );
+        assert_rejects(
+            &format!("{KERNEL}{SERVICE}[audit]\nspool_dir = \"spool\"\n"),
+            "audit.spool_dir",
+            "absolute path",
+        );
+        assert_rejects(
+            &format!("{KERNEL}{SERVICE}price = {{ per_mib_in_micros = -1 }}\n"),
+            "services[0].price.per_mib_in_micros",
+            "out of range",
+        );
+        let c = parse_ok(&format!(
+            "{KERNEL}{SERVICE}price = {{ per_connection_micros = 5, per_mib_out_micros = 7 }}\n"
+        ));
+        assert_eq!(
+            c.services[0].price,
+            Price {
+                per_connection_micros: 5,
+                per_mib_in_micros: 0,
+                per_mib_out_micros: 7
+            }
+        );
+        assert_rejects(
+            &format!("{KERNEL}{SERVICE}[accounting]\ncurrency = \"\"\n"),
+            "accounting.currency",
+            "currency label",
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
-use super::{Action, ConfigError, LogFormat, Protocol, XdpMode};
+use super::{Action, ConfigError, LogFormat, OnFull, Protocol, XdpMode};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -34,6 +34,50 @@ pub(super) struct RawConfig {
     pub admissions: Vec<RawAdmission>,
     pub tokens: Option<RawTokens>,
     pub policy: Option<RawPolicy>,
+    #[serde(default)]
+    pub audit: RawAudit,
+    #[serde(default)]
+    pub accounting: RawAccounting,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAudit {
+    pub spool_dir: Option<String>,
+    pub spool_max_bytes: Option<i64>,
+    pub segment_bytes: Option<i64>,
+    pub on_full: Option<OnFull>,
+    pub checkpoint_events: Option<i64>,
+    pub checkpoint_secs: Option<i64>,
+    pub report_interval_secs: Option<i64>,
+    pub collector: Option<RawCollector>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawCollector {
+    pub endpoint: Option<String>,
+    pub ca_file: Option<String>,
+    pub server_name: Option<String>,
+    pub client_cert: Option<String>,
+    pub client_key: Option<String>,
+    pub allow_plaintext: Option<bool>,
+    pub batch_max_events: Option<i64>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawAccounting {
+    pub ledger: Option<String>,
+    pub currency: Option<String>,
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPrice {
+    pub per_connection_micros: Option<i64>,
+    pub per_mib_in_micros: Option<i64>,
+    pub per_mib_out_micros: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -116,6 +160,7 @@ pub(super) struct RawService {
     pub version: Option<String>,
     pub sensitivity: Option<String>,
     pub cost_tier: Option<String>,
+    pub price: Option<RawPrice>,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -15,11 +15,13 @@ use portcullis_common::{
 };
 
 use super::raw::{
-    RawAdmission, RawAgent, RawConfig, RawKernel, RawKnock, RawLimits, RawService, RawTokens,
+    RawAccounting, RawAdmission, RawAgent, RawAudit, RawCollector, RawConfig, RawKernel, RawKnock,
+    RawLimits, RawPrice, RawService, RawTokens,
 };
 use super::{
-    Action, AgentSection, Config, ConfigError, KernelSection, KnockSection, Limits, LogFormat,
-    ModelAttrs, Protocol, Service, StaticAdmission, TokensSection, XdpMode, service_id,
+    AccountingSection, Action, AgentSection, AuditSection, CollectorTarget, CollectorTls, Config,
+    ConfigError, KernelSection, KnockSection, Limits, LogFormat, ModelAttrs, OnFull, Price,
+    Protocol, Service, StaticAdmission, TokensSection, XdpMode, service_id,
 };
 
 const DEFAULT_STATS_INTERVAL_MS: u64 = 1_000;
@@ -60,6 +62,8 @@ pub(super) fn validate(
             absolute("policy.dir", Some(dir), "/etc/portcullis/policy")
         })
         .transpose()?;
+    let audit = audit(&raw.audit)?;
+    let accounting = accounting(&raw.accounting)?;
     Ok(Config {
         agent,
         kernel,
@@ -70,6 +74,233 @@ pub(super) fn validate(
         admissions,
         tokens,
         policy_dir,
+        audit,
+        accounting,
+    })
+}
+
+const MIB: i64 = 1 << 20;
+
+/// `[audit]`. The spool must hold at least a few segments so that trimming
+/// acknowledged segments frees space while the active one fills.
+fn audit(raw: &RawAudit) -> Result<AuditSection, ConfigError> {
+    let spool_max_bytes: u64 = int(
+        "audit.spool_max_bytes",
+        raw.spool_max_bytes,
+        256 * MIB as u64,
+        64 * 1024..=1 << 40,
+    )?;
+    let segment_bytes: u64 = int(
+        "audit.segment_bytes",
+        raw.segment_bytes,
+        (8 * MIB as u64).min(spool_max_bytes / 4),
+        4096..=1 << 30,
+    )?;
+    if segment_bytes.saturating_mul(4) > spool_max_bytes {
+        return Err(invalid(
+            "audit.segment_bytes",
+            format!(
+                "{segment_bytes} is more than a quarter of audit.spool_max_bytes \
+                 ({spool_max_bytes}); use at most {} or raise spool_max_bytes",
+                spool_max_bytes / 4
+            ),
+        ));
+    }
+    Ok(AuditSection {
+        spool_dir: absolute(
+            "audit.spool_dir",
+            raw.spool_dir.clone(),
+            "/var/lib/portcullis/spool",
+        )?,
+        spool_max_bytes,
+        segment_bytes,
+        on_full: raw.on_full.unwrap_or(OnFull::RefuseAdmissions),
+        checkpoint_events: int(
+            "audit.checkpoint_events",
+            raw.checkpoint_events,
+            1000,
+            1..=1_000_000,
+        )?,
+        checkpoint_interval: Duration::from_secs(int(
+            "audit.checkpoint_secs",
+            raw.checkpoint_secs,
+            10,
+            1..=3600,
+        )?),
+        report_interval: Duration::from_secs(int(
+            "audit.report_interval_secs",
+            raw.report_interval_secs,
+            10,
+            1..=3600,
+        )?),
+        collector: raw.collector.as_ref().map(collector).transpose()?,
+    })
+}
+
+/// `[audit.collector]`: events leave the node only over TLS unless the
+/// collector is on this host (loopback) or plaintext is explicitly allowed.
+fn collector(raw: &RawCollector) -> Result<CollectorTarget, ConfigError> {
+    let endpoint = required(
+        "audit.collector.endpoint",
+        raw.endpoint.clone(),
+        "set the collector's URL, e.g. \"https://collector.example:7443\"",
+    )?;
+    let (scheme, host) = split_endpoint(&endpoint).ok_or_else(|| {
+        invalid(
+            "audit.collector.endpoint",
+            format!(
+                "{endpoint:?} is not a collector URL; use \"https://HOST:PORT\" \
+                 (or \"http://127.0.0.1:PORT\" for a collector on this host)"
+            ),
+        )
+    })?;
+    let allow_plaintext = raw.allow_plaintext.unwrap_or(false);
+    let path = |key: &str, v: &Option<String>| {
+        v.clone()
+            .map(|p| {
+                absolute(
+                    &format!("audit.collector.{key}"),
+                    Some(p),
+                    "/etc/portcullis/x.pem",
+                )
+            })
+            .transpose()
+    };
+    let client_cert = path("client_cert", &raw.client_cert)?;
+    let client_key = path("client_key", &raw.client_key)?;
+    if client_cert.is_some() != client_key.is_some() {
+        return Err(invalid(
+            if client_cert.is_some() {
+                "audit.collector.client_key"
+            } else {
+                "audit.collector.client_cert"
+            },
+            "mTLS needs both client_cert and client_key; set both or neither",
+        ));
+    }
+    let tls = if scheme == "https" {
+        let ca_file = required(
+            "audit.collector.ca_file",
+            path("ca_file", &raw.ca_file)?,
+            "name the PEM file of the CA that signed the collector's certificate",
+        )?;
+        Some(CollectorTls {
+            ca_file,
+            server_name: raw.server_name.clone(),
+            client_cert,
+            client_key,
+        })
+    } else {
+        for (key, set) in [
+            ("ca_file", raw.ca_file.is_some()),
+            ("server_name", raw.server_name.is_some()),
+            ("client_cert", client_cert.is_some()),
+        ] {
+            if set {
+                return Err(invalid(
+                    format!("audit.collector.{key}"),
+                    "is a TLS setting but the endpoint is http://; use an https:// endpoint",
+                ));
+            }
+        }
+        if !allow_plaintext && !is_loopback_host(host) {
+            return Err(invalid(
+                "audit.collector.endpoint",
+                format!(
+                    "{endpoint:?} sends audit events unencrypted off this host; use https:// \
+                     with ca_file, or set allow_plaintext = true if the network is trusted"
+                ),
+            ));
+        }
+        None
+    };
+    Ok(CollectorTarget {
+        endpoint,
+        tls,
+        allow_plaintext,
+        batch_max_events: int(
+            "audit.collector.batch_max_events",
+            raw.batch_max_events,
+            4096,
+            1..=65_536,
+        )?,
+    })
+}
+
+/// `scheme://host:port` with scheme http or https and a non-zero port:
+/// returns (scheme, host without brackets).
+fn split_endpoint(url: &str) -> Option<(&str, &str)> {
+    let (scheme, rest) = url.split_once("://")?;
+    if scheme != "http" && scheme != "https" {
+        return None;
+    }
+    let rest = rest.strip_suffix('/').unwrap_or(rest);
+    let (host, port) = rest.rsplit_once(':')?;
+    port.parse::<u16>().ok().filter(|&p| p != 0)?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    (!host.is_empty() && !host.contains('/')).then_some((scheme, host))
+}
+
+fn is_loopback_host(host: &str) -> bool {
+    host == "localhost" || host.parse::<IpAddr>().is_ok_and(|ip| ip.is_loopback())
+}
+
+/// `[accounting]`.
+fn accounting(raw: &RawAccounting) -> Result<AccountingSection, ConfigError> {
+    let currency = raw.currency.clone().unwrap_or_else(|| "USD".to_owned());
+    if currency.is_empty()
+        || currency.len() > 16
+        || currency
+            .chars()
+            .any(|c| c.is_control() || c.is_whitespace())
+    {
+        return Err(invalid(
+            "accounting.currency",
+            format!(
+                "{currency:?} is not a currency label; use 1-16 printable characters, e.g. \"USD\""
+            ),
+        ));
+    }
+    Ok(AccountingSection {
+        ledger: absolute(
+            "accounting.ledger",
+            raw.ledger.clone(),
+            "/var/lib/portcullis/ledger.json",
+        )?,
+        currency,
+    })
+}
+
+/// A service's `price` table: integer micro-units, each at most 10^12
+/// (a million currency units per connection or MiB) so sums stay far from
+/// overflow.
+fn price(field: &str, raw: &Option<RawPrice>) -> Result<Price, ConfigError> {
+    let Some(raw) = raw else {
+        return Ok(Price::default());
+    };
+    let max = 1_000_000_000_000;
+    Ok(Price {
+        per_connection_micros: int(
+            &format!("{field}.per_connection_micros"),
+            raw.per_connection_micros,
+            0,
+            0..=max,
+        )?,
+        per_mib_in_micros: int(
+            &format!("{field}.per_mib_in_micros"),
+            raw.per_mib_in_micros,
+            0,
+            0..=max,
+        )?,
+        per_mib_out_micros: int(
+            &format!("{field}.per_mib_out_micros"),
+            raw.per_mib_out_micros,
+            0,
+            0..=max,
+        )?,
     })
 }
 
@@ -491,6 +722,7 @@ fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
             sensitivity: attr(&field("sensitivity"), &raw.sensitivity, "internal")?,
             cost_tier: attr(&field("cost_tier"), &raw.cost_tier, "standard")?,
         },
+        price: price(&field("price"), &raw.price)?,
     })
 }
 
