@@ -4,3 +4,4 @@
 //! acknowledges what it has persisted.
 
 pub mod chain;
+pub mod drops;

@@ -23,6 +23,7 @@ use crate::{
     nodekey::NodeKey,
     policy::{Decision, Method, PolicyStore, Principal, Request as PolicyRequest, Resource},
 };
+use portcullis_proto::v1;
 
 /// Why a knock was refused: the stable names are what metrics count and
 /// audit records carry.
@@ -49,6 +50,13 @@ pub enum Refusal {
     SlotsExhausted,
     #[error("kernel write failed: {0}")]
     Kernel(KernelError),
+    /// The audit spool is full (`audit.on_full = "refuse_admissions"`): no
+    /// admission is granted that could not be recorded.
+    #[error("the audit spool is full; new admissions are refused until the collector catches up")]
+    AuditFull,
+    /// The grant could not be made durable in the audit spool.
+    #[error("the admission could not be recorded in the audit spool: {0}")]
+    AuditFailed(String),
 }
 
 impl Refusal {
@@ -61,6 +69,8 @@ impl Refusal {
             Refusal::Policy { .. } => "policy",
             Refusal::SlotsExhausted => "identity_slots_exhausted",
             Refusal::Kernel(_) => "kernel_error",
+            Refusal::AuditFull => "audit_spool_full",
+            Refusal::AuditFailed(_) => "audit_write_failed",
         }
     }
 }
@@ -72,6 +82,107 @@ impl From<KernelError> for Refusal {
             other => Refusal::Kernel(other),
         }
     }
+}
+
+/// A knock that passed every check, decided but not yet written to the
+/// kernel: the runtime makes its audit record durable first, then
+/// [`Admitter::commit`]s it.
+#[derive(Debug, Clone)]
+pub struct Decided {
+    claims: Arc<Claims>,
+    identity: String,
+    service: String,
+    svc_id: u32,
+    action: &'static str,
+    model_version: String,
+    source: IpAddr,
+    source_port: u16,
+    expires: SystemTime,
+    ttl: Duration,
+    nonce: [u8; 16],
+    request_len: usize,
+    policies: Vec<String>,
+    policy_version: String,
+}
+
+impl Decided {
+    /// The audit record of this grant (the jti only as its SHA-256).
+    pub fn audit_event(&self) -> v1::AdmissionGranted {
+        v1::AdmissionGranted {
+            identity: self.claims.subject.clone(),
+            tenant: self.claims.tenant.clone().unwrap_or_default(),
+            service: self.service.clone(),
+            model_version: self.model_version.clone(),
+            source: self.source.to_string(),
+            source_port: u32::from(self.source_port),
+            method: v1::AdmissionMethod::Knock as i32,
+            policies: self.policies.clone(),
+            policy_version: self.policy_version.clone(),
+            jti_sha256: self.claims.jti_hash().to_vec(),
+            expires_unix_ms: unix_ms(self.expires),
+            action: self.action.to_string(),
+        }
+    }
+}
+
+/// What was known about a refused knock when it was refused: nothing for
+/// malformed, stale, replayed or unverifiable knocks (pre-authentication
+/// noise anyone can send; counted, not audited one by one), the verified
+/// token's identity from there on.
+#[derive(Debug, Default, Clone)]
+pub struct Attempt {
+    pub subject: String,
+    pub tenant: Option<String>,
+    pub jti_hash: [u8; 32],
+    pub service: String,
+    pub action: &'static str,
+    pub model_version: String,
+    pub source: Option<IpAddr>,
+    pub source_port: u16,
+    pub policies: Vec<String>,
+    pub policy_version: String,
+}
+
+/// A refused knock and, once the token verified, who it was.
+#[derive(Debug)]
+pub struct Denied {
+    pub refusal: Refusal,
+    pub attempt: Option<Box<Attempt>>,
+}
+
+impl Denied {
+    fn bare(refusal: impl Into<Refusal>) -> Denied {
+        Denied {
+            refusal: refusal.into(),
+            attempt: None,
+        }
+    }
+
+    /// The audit record of this refusal: `None` for pre-authentication
+    /// refusals (no verified identity to attribute it to).
+    pub fn audit_event(&self) -> Option<v1::AdmissionDenied> {
+        let a = self.attempt.as_ref()?;
+        Some(v1::AdmissionDenied {
+            identity: a.subject.clone(),
+            tenant: a.tenant.clone().unwrap_or_default(),
+            service: a.service.clone(),
+            model_version: a.model_version.clone(),
+            source: a.source.map(|s| s.to_string()).unwrap_or_default(),
+            source_port: u32::from(a.source_port),
+            method: v1::AdmissionMethod::Knock as i32,
+            policies: a.policies.clone(),
+            policy_version: a.policy_version.clone(),
+            jti_sha256: a.jti_hash.to_vec(),
+            reason: self.refusal.reason().to_string(),
+            detail: self.refusal.to_string(),
+            action: a.action.to_string(),
+        })
+    }
+}
+
+fn unix_ms(t: SystemTime) -> i64 {
+    t.duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A granted admission: what the agent logs (and later audits).
@@ -237,68 +348,161 @@ impl Admitter {
         &self.verifier
     }
 
-    /// Handles one datagram from `peer`; counts the outcome.
+    /// Handles one datagram from `peer` start to finish (check, then
+    /// commit) without an audit record in between; counts the outcome.
+    /// The agent uses [`Admitter::check`] and [`Admitter::commit`] with the
+    /// audit spool between them.
     pub fn handle(
         &self,
         datagram: &[u8],
         peer: SocketAddr,
         now: SystemTime,
     ) -> Result<Granted, Refusal> {
-        let r = self.admit(datagram, peer, now);
-        match &r {
-            Ok(_) => {
-                self.counters.granted.fetch_add(1, Ordering::Relaxed);
-            }
-            Err(e) => self.counters.refused(e.reason()),
-        }
-        r
+        self.check(datagram, peer, now)
+            .and_then(|d| self.commit(d))
+            .map_err(|d| d.refusal)
     }
 
-    fn admit(
+    /// Every check of the knock pipeline, up to and including the policy
+    /// decision; changes nothing in the kernel. A refusal is counted here.
+    pub fn check(
         &self,
         datagram: &[u8],
         peer: SocketAddr,
         now: SystemTime,
-    ) -> Result<Granted, Refusal> {
-        let k = knock::decode(datagram, &self.limits)?;
-        knock::check_fresh(k.timestamp, now, self.limits.window)?;
+    ) -> Result<Decided, Denied> {
+        let r = self.decide_knock(datagram, peer, now);
+        if let Err(d) = &r {
+            self.counters.refused(d.refusal.reason());
+        }
+        r
+    }
+
+    /// Counts a decided knock refused after `check` (the audit spool could
+    /// not record it), so the refusal appears in the per-reason counts.
+    pub fn refuse_decided(&self, d: &Decided, refusal: Refusal) -> Denied {
+        self.counters.refused(refusal.reason());
+        Denied {
+            refusal,
+            attempt: Some(Box::new(Attempt {
+                subject: d.claims.subject.clone(),
+                tenant: d.claims.tenant.clone(),
+                jti_hash: d.claims.jti_hash(),
+                service: d.service.clone(),
+                action: d.action,
+                model_version: d.model_version.clone(),
+                source: Some(d.source),
+                source_port: d.source_port,
+                policies: d.policies.clone(),
+                policy_version: d.policy_version.clone(),
+            })),
+        }
+    }
+
+    fn decide_knock(
+        &self,
+        datagram: &[u8],
+        peer: SocketAddr,
+        now: SystemTime,
+    ) -> Result<Decided, Denied> {
+        let k = knock::decode(datagram, &self.limits).map_err(Denied::bare)?;
+        knock::check_fresh(k.timestamp, now, self.limits.window).map_err(Denied::bare)?;
         // Replay is checked here, but the nonce is only remembered once the
         // token and proof verify: otherwise anyone could fill the cache
         // with junk and lock every client out.
-        self.nonces.check(&k.nonce, Instant::now())?;
-        let claims = self.verifier.verify(&k.token, now)?;
-        knock::verify_pop(&k, claims.cnf.as_ref())?;
-        self.nonces.check_and_insert(k.nonce, Instant::now())?;
-        let svc = self
-            .services
-            .get(&k.service)
-            .ok_or_else(|| Refusal::UnknownService(k.service.clone()))?;
+        self.nonces
+            .check(&k.nonce, Instant::now())
+            .map_err(Denied::bare)?;
+        let claims = self.verifier.verify(&k.token, now).map_err(Denied::bare)?;
+        knock::verify_pop(&k, claims.cnf.as_ref()).map_err(Denied::bare)?;
+        self.nonces
+            .check_and_insert(k.nonce, Instant::now())
+            .map_err(Denied::bare)?;
+        // From here the token is verified: refusals name who was refused.
+        let source = canonical(k.client_addr.unwrap_or(peer.ip()));
+        let mut attempt = Attempt {
+            subject: claims.subject.clone(),
+            tenant: claims.tenant.clone(),
+            jti_hash: claims.jti_hash(),
+            service: k.service.clone(),
+            source: Some(source),
+            source_port: k.source_port,
+            ..Attempt::default()
+        };
+        let deny = |refusal: Refusal, attempt: Attempt| Denied {
+            refusal,
+            attempt: Some(Box::new(attempt)),
+        };
+        let Some(svc) = self.services.get(&k.service) else {
+            return Err(deny(Refusal::UnknownService(k.service.clone()), attempt));
+        };
+        attempt.action = svc.action.as_str();
+        attempt.model_version = svc.model.version.clone();
         // The token bounds what may be granted (RFC 9068 §2.2.3 scopes).
         if !claims.allows(&k.service, svc.action.as_str()) {
-            return Err(Refusal::Scope {
+            let refusal = Refusal::Scope {
                 service: k.service.clone(),
                 action: svc.action.as_str(),
-            });
+            };
+            return Err(deny(refusal, attempt));
         }
         // A claimed address (client behind NAT) is only honoured with a
         // proof of possession, which verify_pop demanded above.
-        let source = canonical(k.client_addr.unwrap_or(peer.ip()));
         // Policy decides within what the token's scope allows: it can
         // narrow a token, never widen it.
         let decision = self.decide(&claims, &k.service, svc, source, Method::Knock, now);
         if !decision.allow {
-            return Err(Refusal::Policy {
+            attempt.policies = decision.determining.clone();
+            attempt.policy_version = decision.version.clone();
+            let refusal = Refusal::Policy {
                 version: decision.version,
                 determining: decision.determining,
                 errors: decision.errors,
-            });
+            };
+            return Err(deny(refusal, attempt));
         }
         let mut expires = claims.expires_at.min(now + self.cfg.knock.max_ttl);
         if let Some(ttl) = decision.ttl {
             expires = expires.min(now + ttl);
         }
         let ttl = expires.duration_since(now).unwrap_or(Duration::ZERO);
-        let identity = identity_name(claims.tenant.as_deref(), &claims.subject);
+        Ok(Decided {
+            identity: identity_name(claims.tenant.as_deref(), &claims.subject),
+            claims,
+            service: k.service,
+            svc_id: svc.id,
+            action: svc.action.as_str(),
+            model_version: svc.model.version.clone(),
+            source,
+            source_port: k.source_port,
+            expires,
+            ttl,
+            nonce: k.nonce,
+            request_len: datagram.len(),
+            policies: decision.determining,
+            policy_version: decision.version,
+        })
+    }
+
+    /// Writes a decided admission into the kernel. The expiry was fixed
+    /// when it was decided, so time spent recording it only shortens it.
+    pub fn commit(&self, d: Decided) -> Result<Granted, Denied> {
+        let r = self.write_admission(&d);
+        match r {
+            Ok(slot) => {
+                self.counters.granted.fetch_add(1, Ordering::Relaxed);
+                Ok(self.granted(d, slot))
+            }
+            Err(e) => Err(self.refuse_decided(&d, e)),
+        }
+    }
+
+    fn write_admission(&self, d: &Decided) -> Result<u32, Refusal> {
+        let remaining = d
+            .expires
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO)
+            .min(d.ttl);
         let slot = {
             let mut maps = self.maps.lock().map_err(|_| {
                 Refusal::Kernel(KernelError::Map {
@@ -306,42 +510,46 @@ impl Admitter {
                     detail: "kernel state lock poisoned".into(),
                 })
             })?;
-            let limits = self.cfg.identity_limits(&claims.subject);
-            let (slot, _) = maps.upsert_identity(apply::identity_value(&identity, &limits))?;
+            let limits = self.cfg.identity_limits(&d.claims.subject);
+            let (slot, _) = maps.upsert_identity(apply::identity_value(&d.identity, &limits))?;
             maps.admit(
                 slot,
-                source,
-                svc.id,
-                k.source_port,
-                clock::expiry_after(ttl),
+                d.source,
+                d.svc_id,
+                d.source_port,
+                clock::expiry_after(remaining),
             )?;
             slot
         };
         if let Ok(mut g) = self.grants.lock() {
-            g.record(&claims, &identity, source, svc.id);
+            g.record(&d.claims, &d.identity, d.source, d.svc_id);
             g.live.insert(
-                (source, svc.id),
+                (d.source, d.svc_id),
                 LiveGrant {
-                    claims: claims.clone(),
-                    service: k.service.clone(),
+                    claims: d.claims.clone(),
+                    service: d.service.clone(),
                     method: Method::Knock,
                 },
             );
         }
-        Ok(Granted {
-            subject: claims.subject.clone(),
-            tenant: claims.tenant.clone(),
-            service: k.service.clone(),
-            source,
-            source_port: k.source_port,
-            expires,
+        Ok(slot)
+    }
+
+    fn granted(&self, d: Decided, slot: u32) -> Granted {
+        Granted {
+            subject: d.claims.subject.clone(),
+            tenant: d.claims.tenant.clone(),
+            jti_hash: d.claims.jti_hash(),
+            service: d.service,
+            source: d.source,
+            source_port: d.source_port,
+            expires: d.expires,
             slot,
-            jti_hash: claims.jti_hash(),
-            nonce: k.nonce,
-            request_len: datagram.len(),
-            policies: decision.determining,
-            policy_version: decision.version,
-        })
+            nonce: d.nonce,
+            request_len: d.request_len,
+            policies: d.policies,
+            policy_version: d.policy_version,
+        }
     }
 
     fn decide(
