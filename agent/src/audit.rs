@@ -5,3 +5,6 @@
 
 pub mod chain;
 pub mod drops;
+pub mod export;
+pub mod verify;
+pub mod spool;
