@@ -5,6 +5,4 @@
 
 pub mod chain;
 pub mod drops;
-pub mod export;
 pub mod verify;
-pub mod spool;
