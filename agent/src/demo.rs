@@ -31,6 +31,12 @@ fn config(topo: &Topology, bpffs: &BpffsMount, dir: &Path) -> String {
 [agent]
 node_key = "{dir}/node.key"
 
+[audit]
+spool_dir = "{dir}/spool"
+
+[accounting]
+ledger = "{dir}/ledger.json"
+
 [kernel]
 interfaces = ["{iface}"]
 pin_dir = "{pin}"

@@ -28,6 +28,10 @@ fn start_with_policy(tag: &str, files: &[(&str, &str)]) -> (bool, String) {
         format!(
             r#"[agent]
 node_key = "{d}/node.key"
+[audit]
+spool_dir = "{d}/spool"
+[accounting]
+ledger = "{d}/ledger.json"
 [kernel]
 interfaces = ["pcl-absent0"]
 pin_dir = "{d}/bpf/portcullis"

@@ -73,6 +73,12 @@ pub fn agent_config(
 node_id = "bench"
 node_key = "{dir}/node.key"
 
+[audit]
+spool_dir = "{dir}/spool"
+
+[accounting]
+ledger = "{dir}/ledger.json"
+
 [kernel]
 interfaces = ["pcl-bench-none"]
 pin_dir = "{dir}/pins"

@@ -99,7 +99,7 @@ fn env_with(name: &str, settings: impl FnOnce(&Env) -> Settings) -> Env {
     let s = settings(&env);
     std::fs::write(
         &env.config,
-        e2e_support::config_text(&env.topo, &env.bpffs, &s),
+        e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &s),
     )
     .unwrap();
     assert_eq!(env.start_agent(), "fresh");

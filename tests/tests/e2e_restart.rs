@@ -36,7 +36,7 @@ fn enforcement_survives_kill9_restart_adopts_and_detach_opens() {
         .admit(env.topo.client_addr(true), 3600);
     std::fs::write(
         &env.config,
-        e2e_support::config_text(&env.topo, &env.bpffs, &settings),
+        e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings),
     )
     .unwrap();
     assert_eq!(env.start_agent(), "fresh");
@@ -146,7 +146,7 @@ fn restart_while_unadmitted_stays_closed_and_static_admissions_are_not_reinstall
     let settings = Settings::default().admit(env.topo.client_addr(false), 3600);
     std::fs::write(
         &env.config,
-        e2e_support::config_text(&env.topo, &env.bpffs, &settings),
+        e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings),
     )
     .unwrap();
     assert_eq!(env.start_agent(), "fresh");

@@ -167,7 +167,8 @@ impl Env {
         let bpffs = BpffsMount::new().expect("bpffs mount");
         let dir = TempDir::new("e2e").expect("temp dir");
         let config = dir.path().join("agent.toml");
-        std::fs::write(&config, config_text(&topo, &bpffs, settings)).expect("write config");
+        std::fs::write(&config, config_text(&topo, &bpffs, dir.path(), settings))
+            .expect("write config");
         Env {
             agent: None,
             bpffs,
@@ -200,6 +201,11 @@ impl Env {
 
     pub fn agent(&mut self) -> &mut AgentProcess {
         self.agent.as_mut().expect("agent running")
+    }
+
+    /// This test's own directory: config, node key, audit spool, ledger.
+    pub fn state_dir(&self) -> &Path {
+        self.dir.path()
     }
 
     /// `portcullis agent SUB --config F ARGS...` in the server namespace.
@@ -288,12 +294,19 @@ pub fn parse_status(text: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-pub fn config_text(topo: &Topology, bpffs: &BpffsMount, s: &Settings) -> String {
+pub fn config_text(topo: &Topology, bpffs: &BpffsMount, state: &Path, s: &Settings) -> String {
     let mut t = String::new();
     let _ = write!(
         t,
         r#"[agent]
 node_id = "e2e-{index}"
+node_key = "{state}/node.key"
+
+[audit]
+spool_dir = "{state}/spool"
+
+[accounting]
+ledger = "{state}/ledger.json"
 
 [kernel]
 interfaces = ["{iface}"]
@@ -321,6 +334,7 @@ protocol = "tcp"
 port = {PROTECTED_PORT}
 "#,
         index = topo.index,
+        state = state.display(),
         iface = topo.server_if,
         mode = s.xdp_mode,
         egress = s.egress,
@@ -502,6 +516,9 @@ pub mod knock {
         pub stats_interval_ms: u64,
         /// `[policy] dir`, if any.
         pub policy_dir: Option<PathBuf>,
+        /// Extra lines of the `[audit]` table (they may end with an
+        /// `[audit.collector]` table).
+        pub audit: String,
     }
 
     impl Default for KnockSettings {
@@ -517,6 +534,7 @@ pub mod knock {
                 knock_per_source: (5, 10),
                 stats_interval_ms: 1000,
                 policy_dir: None,
+                audit: String::new(),
             }
         }
     }
@@ -874,6 +892,13 @@ node_id = "e2e-knock-{index}"
 node_key = "{node_key}"
 stats_interval_ms = {stats}
 
+[audit]
+spool_dir = "{state}/spool"
+{audit}
+
+[accounting]
+ledger = "{state}/ledger.json"
+
 [kernel]
 interfaces = ["{iface}"]
 pin_dir = "{pin_dir}"
@@ -898,6 +923,8 @@ conn_burst = 20
 "#,
             index = env.topo.index,
             node_key = node_key.display(),
+            state = env.state_dir().display(),
+            audit = s.audit,
             stats = s.stats_interval_ms,
             iface = env.topo.server_if,
             pin_dir = env.bpffs.pin_dir().display(),
