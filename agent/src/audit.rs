@@ -6,3 +6,4 @@
 pub mod chain;
 pub mod drops;
 pub mod verify;
+pub mod spool;
