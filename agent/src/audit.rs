@@ -6,4 +6,5 @@
 pub mod chain;
 pub mod drops;
 pub mod verify;
+pub mod verify_cli;
 pub mod spool;

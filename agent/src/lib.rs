@@ -4,6 +4,7 @@ pub mod admin;
 pub mod admission;
 pub mod apply;
 pub mod audit;
+pub mod collector;
 pub mod config;
 pub mod demo;
 pub mod devtoken;

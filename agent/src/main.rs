@@ -29,6 +29,13 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Receive agents' audit streams, verify them, write OCSF JSON lines.
+    Collector(portcullis_agent::collector::CollectorArgs),
+    /// Audit trail tools.
+    Audit {
+        #[command(subcommand)]
+        action: portcullis_agent::audit::verify_cli::AuditAction,
+    },
     /// DEVELOPMENT ONLY: a local token issuer, so demos and tests need no IdP.
     Token {
         #[command(subcommand)]
@@ -177,6 +184,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => portcullis_agent::demo::run(),
         Command::Knock(args) => portcullis_agent::admission::knock::run_cli(args),
+        Command::Collector(args) => {
+            portcullis_agent::logging::init_plain();
+            portcullis_agent::collector::run_cli(args)
+        }
+        Command::Audit { action } => portcullis_agent::audit::verify_cli::run_action(action),
         Command::Policy {
             action: PolicyAction::Validate { dir },
         } => portcullis_agent::policy::validate_cli(&dir),

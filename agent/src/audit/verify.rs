@@ -53,6 +53,10 @@ pub enum FindingKind {
     Replay,
     /// An event fills an earlier gap: it arrived out of order.
     Reorder,
+    /// A seq at or below the last one whose bytes are no longer remembered
+    /// (before a restart, or past the recent window): treated as a
+    /// duplicate, since it cannot be compared.
+    Stale,
     /// `prev_hash` is not the hash of the previous event.
     ChainBreak,
     /// A checkpoint's signature does not verify with the node key.
@@ -79,6 +83,7 @@ impl FindingKind {
             FindingKind::DeclaredGap => "declared_gap",
             FindingKind::Replay => "replay",
             FindingKind::Reorder => "reorder",
+            FindingKind::Stale => "stale",
             FindingKind::ChainBreak => "chain_break",
             FindingKind::BadSignature => "bad_signature",
             FindingKind::UnverifiedCheckpoint => "unverified_checkpoint",
@@ -92,7 +97,7 @@ impl FindingKind {
 
     pub fn severity(self) -> Severity {
         match self {
-            FindingKind::Anchored | FindingKind::ClockStep => Severity::Info,
+            FindingKind::Anchored | FindingKind::ClockStep | FindingKind::Stale => Severity::Info,
             FindingKind::DeclaredGap | FindingKind::UnverifiedCheckpoint => Severity::Warning,
             FindingKind::Gap
             | FindingKind::Replay
@@ -330,6 +335,13 @@ impl ChainVerifier {
         }
     }
 
+    /// Forgets what was seen of `node_id` (but its pinned key) and continues
+    /// after `head`.
+    pub fn reset(&mut self, node_id: &str, head: Head) {
+        self.nodes.remove(node_id);
+        self.resume(node_id, head);
+    }
+
     /// Sets the key a node proved it holds (the collector's handshake).
     /// A pinned key is never replaced.
     pub fn set_key(&mut self, node_id: &str, key: [u8; 32]) {
@@ -487,13 +499,18 @@ impl ChainVerifier {
                 }
                 None => {
                     let f = finding(
-                        FindingKind::Replay,
+                        FindingKind::Stale,
                         format!(
-                            "seq {seq} is at or below the last seq {} and was not missing",
+                            "seq {seq} is at or below the last seq {} and its bytes are no longer known: skipped as a duplicate",
                             st.last_seq
                         ),
                     );
-                    return rejected(Some(ev), f);
+                    return Verdict {
+                        disposition: Disposition::Duplicate,
+                        event: Some(ev),
+                        hash,
+                        findings: vec![f],
+                    };
                 }
             }
         }
@@ -927,5 +944,9 @@ mod tests {
         assert!(v.accept(&c[3].bytes).findings.is_empty());
         assert_eq!(v.node("n1").unwrap().last_checkpoint, Some(4));
         assert_eq!(v.accept(&c[1].bytes).disposition, Disposition::Duplicate);
+        // Before the resumed head: not remembered, skipped as stale.
+        let r = v.accept(&c[0].bytes);
+        assert_eq!(r.disposition, Disposition::Duplicate);
+        assert_eq!(kinds(&r), vec![FindingKind::Stale]);
     }
 }

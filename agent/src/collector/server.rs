@@ -1,0 +1,560 @@
+//! The gRPC `Collector` service.
+//!
+//! Per stream: the first message must be `Hello` (protocol 1, a valid node
+//! id, a 32-byte key); the collector answers `Welcome` with 32 random bytes
+//! and the highest seq it has persisted for the node; the next message must
+//! be `Proof`, an Ed25519 signature by the Hello key over
+//! [`chain::hello_message`]. The key must be the pinned one (`--keys`) or, in
+//! TOFU mode without a pinned key, the key first seen for the node. Then
+//! each `EventBatch` is checked whole (size, decoding, node id) before any of
+//! it is written, verified event by event ([`ChainVerifier`]), written as
+//! JSON lines with a detection-finding record for every chain problem,
+//! made durable, and only then acknowledged.
+//!
+//! Anything else gets an error status (InvalidArgument for malformed or
+//! out-of-order messages, Unauthenticated for a bad proof, PermissionDenied
+//! for a key that is not trusted or another node's events), nothing from
+//! that message is written, and the refusal is counted and logged; a bad
+//! proof or an untrusted key also writes a detection finding.
+//!
+//! One writer per node: when a node connects again while an older stream
+//! of it is open, the newer stream wins (a reconnecting agent must not wait
+//! for a dead connection to time out); the older stream's next batch gets
+//! `Aborted`.
+
+use std::{
+    net::IpAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use portcullis_proto::v1::{
+    AgentMessage, CollectorMessage, Event,
+    agent_message::Msg,
+    collector_message,
+    collector_server::{self, CollectorServer},
+};
+use prost::Message as _;
+use ring::rand::SecureRandom as _;
+use tokio::sync::mpsc;
+use tonic::{
+    Request, Response, Status, Streaming, codegen::tokio_stream::wrappers::ReceiverStream,
+};
+
+use super::{CollectorOptions, Output, keys::TofuStore, ocsf, store::Store};
+use crate::audit::{
+    chain::{self, Head},
+    verify::{ChainVerifier, Disposition, Finding, FindingKind, Severity, Trust, valid_node_id},
+};
+
+/// The stream protocol this collector speaks (`Hello.protocol`).
+pub const PROTOCOL: u32 = 1;
+
+/// Counters, readable while serving.
+#[derive(Debug, Default)]
+pub struct Stats {
+    /// Streams accepted (handshake completed).
+    pub sessions: AtomicU64,
+    /// Streams or messages refused with an error status.
+    pub refused: AtomicU64,
+    /// Event records written.
+    pub events_written: AtomicU64,
+    /// Events skipped because (node, seq) was already persisted.
+    pub duplicates: AtomicU64,
+    /// Detection-finding records written.
+    pub findings_written: AtomicU64,
+}
+
+impl Stats {
+    pub fn get(c: &AtomicU64) -> u64 {
+        c.load(Ordering::Relaxed)
+    }
+}
+
+struct Inner {
+    verifier: ChainVerifier,
+    store: Store,
+    tofu: TofuStore,
+    /// Current stream generation per node (newest wins).
+    sessions: std::collections::HashMap<String, u64>,
+    next_generation: u64,
+}
+
+pub(crate) struct Shared {
+    inner: Mutex<Inner>,
+    pub(crate) stats: Stats,
+    max_batch_events: usize,
+    max_message_bytes: usize,
+    handshake_timeout: Duration,
+    rng: ring::rand::SystemRandom,
+    shutdown: tokio::sync::watch::Sender<bool>,
+}
+
+fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn line(v: &serde_json::Value, out: &mut Vec<u8>) {
+    // serde_json never fails on a Value.
+    let _ = serde_json::to_writer(&mut *out, v);
+    out.push(b'\n');
+}
+
+impl Shared {
+    pub(crate) fn open(opts: CollectorOptions) -> anyhow::Result<Shared> {
+        let (store, keys_dir) = match opts.output {
+            Output::Dir { dir, rotate_bytes } => {
+                let (store, rec) = Store::open_dir(&dir, rotate_bytes)
+                    .map_err(|e| anyhow::anyhow!("--out {}: {e}", dir.display()))?;
+                if let Some((file, cut)) = &rec.torn {
+                    tracing::warn!(file = %file.display(), bytes_cut = cut, "cut a torn last record (a crash mid-write; it was never acknowledged)");
+                }
+                for (file, line) in &rec.bad_lines {
+                    tracing::error!(file = %file.display(), line, "skipped a line that is not a JSON record");
+                }
+                tracing::info!(
+                    files = rec.files_scanned,
+                    records = rec.records_scanned,
+                    nodes = store.heads().len(),
+                    "recovered output state"
+                );
+                (store, Some(dir.join("keys")))
+            }
+            Output::Writer { writer, state_dir } => {
+                let store = Store::writer(writer, state_dir.as_deref())?;
+                (store, state_dir.map(|d| d.join("keys")))
+            }
+        };
+        let tofu = TofuStore::open(keys_dir.as_deref())?;
+        let mut verifier = ChainVerifier::new(opts.trust, opts.pinned);
+        for (node, head) in store.heads() {
+            verifier.resume(node, *head);
+        }
+        Ok(Shared {
+            inner: Mutex::new(Inner {
+                verifier,
+                store,
+                tofu,
+                sessions: Default::default(),
+                next_generation: 0,
+            }),
+            stats: Stats::default(),
+            max_batch_events: opts.max_batch_events,
+            max_message_bytes: opts.max_message_bytes,
+            handshake_timeout: Duration::from_secs(opts.handshake_timeout_secs.max(1)),
+            rng: ring::rand::SystemRandom::new(),
+            shutdown: tokio::sync::watch::channel(false).0,
+        })
+    }
+
+    /// Ends every open stream (UNAVAILABLE) and refuses new ones.
+    pub(crate) fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave output half-written
+        // (append cuts back on error), so a poisoned lock is still usable.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    pub(crate) fn save_state(&self) {
+        if let Err(e) = self.lock().store.save_state() {
+            tracing::warn!(error = %e, "could not save collector state at shutdown");
+        }
+    }
+
+    /// Writes one finding record (blocking).
+    fn write_finding(&self, f: &Finding, peer: Option<IpAddr>, evidence: Option<&[u8]>) {
+        let mut buf = Vec::new();
+        line(&ocsf::finding_record(f, now_ms(), peer, evidence), &mut buf);
+        let mut inner = self.lock();
+        match inner.store.append(&buf, &[]) {
+            Ok(()) => {
+                self.stats.findings_written.fetch_add(1, Ordering::Relaxed);
+            }
+            Err(e) => tracing::error!(error = %e, finding = %f, "could not write a finding"),
+        }
+    }
+}
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct CollectorService {
+    shared: Arc<Shared>,
+}
+
+impl CollectorService {
+    pub(crate) fn new(shared: Arc<Shared>) -> CollectorService {
+        CollectorService { shared }
+    }
+
+    pub fn into_server(self) -> CollectorServer<CollectorService> {
+        let max = self.shared.max_message_bytes;
+        CollectorServer::new(self).max_decoding_message_size(max)
+    }
+}
+
+#[tonic::async_trait]
+impl collector_server::Collector for CollectorService {
+    type StreamStream = ReceiverStream<Result<CollectorMessage, Status>>;
+
+    async fn stream(
+        &self,
+        request: Request<Streaming<AgentMessage>>,
+    ) -> Result<Response<Self::StreamStream>, Status> {
+        let peer = request.remote_addr().map(|a| a.ip());
+        let inbound = request.into_inner();
+        let (tx, rx) = mpsc::channel(4);
+        let shared = self.shared.clone();
+        tokio::spawn(async move {
+            let mut s = Session {
+                shared,
+                peer,
+                inbound,
+                tx: tx.clone(),
+                node: String::new(),
+                generation: 0,
+            };
+            if let Err(status) = s.run().await {
+                s.shared.stats.refused.fetch_add(1, Ordering::Relaxed);
+                tracing::warn!(
+                    peer = ?peer,
+                    node = %s.node,
+                    code = ?status.code(),
+                    message = status.message(),
+                    "collector refused a client message"
+                );
+                let _ = tx.send(Err(status)).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
+    }
+}
+
+struct Session {
+    shared: Arc<Shared>,
+    peer: Option<IpAddr>,
+    inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<CollectorMessage, Status>>,
+    node: String,
+    generation: u64,
+}
+
+fn invalid(msg: impl Into<String>) -> Status {
+    Status::invalid_argument(msg.into())
+}
+
+impl Session {
+    async fn next(&mut self, what: &str) -> Result<Option<Msg>, Status> {
+        let mut stop = self.shared.shutdown.subscribe();
+        let msg = tokio::select! {
+            m = self.inbound.message() => m,
+            _ = stop.wait_for(|s| *s) => {
+                return Err(Status::unavailable("the collector is shutting down"));
+            }
+        };
+        match msg {
+            Ok(Some(AgentMessage { msg: Some(m) })) => Ok(Some(m)),
+            Ok(Some(AgentMessage { msg: None })) => Err(invalid(format!(
+                "expected {what}, got an empty AgentMessage"
+            ))),
+            Ok(None) => Ok(None),
+            Err(s) => Err(invalid(format!(
+                "expected {what}, got an unreadable message: {}",
+                s.message()
+            ))),
+        }
+    }
+
+    async fn send(&self, m: collector_message::Msg) -> Result<(), Status> {
+        self.tx
+            .send(Ok(CollectorMessage { msg: Some(m) }))
+            .await
+            .map_err(|_| Status::cancelled("client went away"))
+    }
+
+    /// Runs `f` on the blocking pool (file writes and fsync).
+    async fn blocking<T: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Shared) -> T + Send + 'static,
+    ) -> Result<T, Status> {
+        let shared = self.shared.clone();
+        tokio::task::spawn_blocking(move || f(&shared))
+            .await
+            .map_err(|e| Status::internal(format!("collector task failed: {e}")))
+    }
+
+    fn refuse_finding(&self, kind: FindingKind, message: String) -> Finding {
+        Finding {
+            kind,
+            node_id: self.node.clone(),
+            seq: 0,
+            message,
+        }
+    }
+
+    async fn run(&mut self) -> Result<(), Status> {
+        let timeout = self.shared.handshake_timeout;
+        let hello = match tokio::time::timeout(timeout, self.next("Hello")).await {
+            Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
+            Ok(r) => match r? {
+                None => return Ok(()),
+                Some(Msg::Hello(h)) => h,
+                Some(_) => return Err(invalid("the first message must be Hello")),
+            },
+        };
+        if hello.protocol != PROTOCOL {
+            return Err(invalid(format!(
+                "Hello.protocol {} is not supported; this collector speaks {PROTOCOL}",
+                hello.protocol
+            )));
+        }
+        if !valid_node_id(&hello.node_id) {
+            return Err(invalid(format!(
+                "Hello.node_id {:?} is not a valid node id (1-64 of A-Z a-z 0-9 . _ -)",
+                hello.node_id
+            )));
+        }
+        let Ok(key) = <[u8; 32]>::try_from(hello.public_key.as_slice()) else {
+            return Err(invalid(format!(
+                "Hello.public_key is {} bytes; an Ed25519 key is 32",
+                hello.public_key.len()
+            )));
+        };
+        self.node = hello.node_id.clone();
+        let mut challenge = [0u8; 32];
+        self.shared
+            .rng
+            .fill(&mut challenge)
+            .map_err(|_| Status::internal("the system random generator failed"))?;
+        let node = self.node.clone();
+        let resume_after = self
+            .blocking(move |s| s.lock().store.head(&node).seq)
+            .await?;
+        self.send(collector_message::Msg::Welcome(
+            portcullis_proto::v1::Welcome {
+                challenge: challenge.to_vec(),
+                resume_after,
+            },
+        ))
+        .await?;
+        let proof = match tokio::time::timeout(timeout, self.next("Proof")).await {
+            Err(_) => return Err(Status::deadline_exceeded("no Proof in time")),
+            Ok(r) => match r? {
+                None => return Ok(()),
+                Some(Msg::Proof(p)) => p,
+                Some(_) => return Err(invalid("the message after Welcome must be Proof")),
+            },
+        };
+        let msg = chain::hello_message(&self.node, &challenge);
+        if !chain::verify_signature(&key, &msg, &proof.signature) {
+            let f = self.refuse_finding(
+                FindingKind::BadSignature,
+                format!(
+                    "handshake proof does not verify with the Hello key {}",
+                    chain::key_id(&key)
+                ),
+            );
+            let peer = self.peer;
+            self.blocking(move |s| s.write_finding(&f, peer, None))
+                .await?;
+            return Err(Status::unauthenticated(
+                "Proof is not a signature of the challenge by the Hello key",
+            ));
+        }
+
+        // Trust the key, and take the node's writer slot.
+        let node = self.node.clone();
+        let peer = self.peer;
+        let admitted = self
+            .blocking(move |s| -> Result<u64, Status> {
+                let mut inner = s.lock();
+                let refused = |kind, message: String| Finding {
+                    kind,
+                    node_id: node.clone(),
+                    seq: 0,
+                    message,
+                };
+                let pinned = inner.verifier.pinned_key(&node).copied();
+                let problem = match pinned {
+                    Some(k) if k != key => Some(refused(
+                        FindingKind::KeyMismatch,
+                        format!(
+                            "node proved key {} but the pinned key is {}",
+                            chain::key_id(&key),
+                            chain::key_id(&k)
+                        ),
+                    )),
+                    Some(_) => None,
+                    None if inner.verifier.trust() == Trust::Pinned => Some(refused(
+                        FindingKind::KeyMismatch,
+                        format!(
+                            "node has no pinned key (--trust pinned); it proved key {}",
+                            chain::key_id(&key)
+                        ),
+                    )),
+                    None => match inner.tofu.get(&node).copied() {
+                        Some(k) if k != key => Some(refused(
+                            FindingKind::KeyChanged,
+                            format!(
+                                "node proved key {} but its key first seen is {}",
+                                chain::key_id(&key),
+                                chain::key_id(&k)
+                            ),
+                        )),
+                        Some(_) => None,
+                        None => {
+                            inner.tofu.remember(&node, key).map_err(|e| {
+                                Status::unavailable(format!("cannot record the node key: {e}"))
+                            })?;
+                            tracing::info!(node = %node, key_id = %chain::key_id(&key), "trusting the node key on first use");
+                            None
+                        }
+                    },
+                };
+                if let Some(f) = problem {
+                    drop(inner);
+                    s.write_finding(&f, peer, None);
+                    return Err(Status::permission_denied(f.message));
+                }
+                inner.verifier.set_key(&node, key);
+                inner.next_generation += 1;
+                let g = inner.next_generation;
+                inner.sessions.insert(node.clone(), g);
+                Ok(g)
+            })
+            .await??;
+        self.generation = admitted;
+        self.shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(node = %self.node, peer = ?self.peer, resume_after, "agent stream accepted");
+
+        loop {
+            let batch = match self.next("EventBatch").await? {
+                None => return Ok(()),
+                Some(Msg::Batch(b)) => b,
+                Some(_) => {
+                    return Err(invalid(
+                        "after the handshake only EventBatch messages are accepted",
+                    ));
+                }
+            };
+            if batch.events.len() > self.shared.max_batch_events {
+                return Err(invalid(format!(
+                    "a batch of {} events is over the limit of {}",
+                    batch.events.len(),
+                    self.shared.max_batch_events
+                )));
+            }
+            // The whole batch must be well-formed before anything is written.
+            for (i, bytes) in batch.events.iter().enumerate() {
+                let ev = Event::decode(bytes.as_slice())
+                    .map_err(|e| invalid(format!("batch event {i} is not an Event: {e}")))?;
+                if ev.node_id != self.node {
+                    return Err(Status::permission_denied(format!(
+                        "batch event {i} belongs to node {:?}, not {:?}",
+                        ev.node_id, self.node
+                    )));
+                }
+                if ev.seq == 0 || ev.prev_hash.len() != 32 || ev.body.is_none() {
+                    return Err(invalid(format!(
+                        "batch event {i} has an invalid envelope (seq {}, prev_hash {} bytes, body {})",
+                        ev.seq,
+                        ev.prev_hash.len(),
+                        if ev.body.is_some() {
+                            "present"
+                        } else {
+                            "missing"
+                        }
+                    )));
+                }
+            }
+            let node = self.node.clone();
+            let generation = self.generation;
+            let peer = self.peer;
+            let through = self
+                .blocking(move |s| s.write_batch(&node, generation, peer, batch.events))
+                .await??;
+            self.send(collector_message::Msg::Ack(portcullis_proto::v1::Ack {
+                persisted_through: through,
+            }))
+            .await?;
+        }
+    }
+}
+
+impl Shared {
+    /// Verifies and writes one well-formed batch; returns the node's
+    /// persisted head seq.
+    fn write_batch(
+        &self,
+        node: &str,
+        generation: u64,
+        peer: Option<IpAddr>,
+        events: Vec<Vec<u8>>,
+    ) -> Result<u64, Status> {
+        let mut inner = self.lock();
+        if inner.sessions.get(node) != Some(&generation) {
+            return Err(Status::aborted(
+                "a newer stream of this node took over; this one is closed",
+            ));
+        }
+        let time = now_ms();
+        let mut buf = Vec::new();
+        let (mut written, mut findings, mut dups) = (0u64, 0u64, 0u64);
+        let mut head: Option<Head> = None;
+        for bytes in &events {
+            let v = inner.verifier.accept_for(node, bytes);
+            for f in &v.findings {
+                if f.kind.severity() >= Severity::Warning {
+                    tracing::warn!(finding = %f, "chain finding");
+                    line(&ocsf::finding_record(f, time, peer, Some(bytes)), &mut buf);
+                    findings += 1;
+                }
+            }
+            match (v.disposition, &v.event) {
+                (Disposition::New, Some(ev)) => {
+                    line(&ocsf::event_record_of(ev, bytes), &mut buf);
+                    written += 1;
+                    let h = Head {
+                        seq: ev.seq,
+                        hash: v.hash,
+                    };
+                    if head.is_none_or(|old| h.seq > old.seq) {
+                        head = Some(h);
+                    }
+                }
+                (Disposition::Duplicate, _) => dups += 1,
+                _ => {}
+            }
+        }
+        let updates: Vec<(String, Head)> = head.map(|h| (node.to_owned(), h)).into_iter().collect();
+        if let Err(e) = inner.store.append(&buf, &updates) {
+            // Nothing of the batch is persisted: put the verifier back at
+            // the persisted head so a retry is checked afresh.
+            let persisted = inner.store.head(node);
+            let key = inner.verifier.node(node).and_then(|s| s.key);
+            inner.verifier.reset(node, persisted);
+            if let Some(k) = key {
+                inner.verifier.set_key(node, k);
+            }
+            tracing::error!(error = %e, node, "could not persist a batch");
+            return Err(Status::unavailable(format!(
+                "the collector could not persist the batch: {e}"
+            )));
+        }
+        self.stats
+            .events_written
+            .fetch_add(written, Ordering::Relaxed);
+        self.stats
+            .findings_written
+            .fetch_add(findings, Ordering::Relaxed);
+        self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
+        Ok(inner.store.head(node).seq)
+    }
+}

@@ -1,0 +1,413 @@
+//! Where the collector writes: JSON-lines files that rotate, or a stream
+//! (stdout), and the per-node heads it has persisted.
+//!
+//! Directory layout (`--out DIR`):
+//!
+//! - `events-YYYY-MM-DD-NNNNNN.jsonl`: the records. NNNNNN counts files
+//!   across days and the date never goes back (a clock stepping back keeps
+//!   the last date), so names sort in write order. A file rotates when the
+//!   next batch would take it past the size limit or the UTC day changed;
+//!   a batch never spans two files.
+//! - `state.json`: per-node heads (seq, hash) as of a position in the
+//!   files, written atomically (temporary file, fsync, rename) at each
+//!   rotation and at shutdown.
+//! - `keys/NODE.pub`: keys first seen (trust on first use).
+//!
+//! Durability: a batch is written and fsynced before it is acknowledged.
+//! On start the collector loads `state.json` and scans the records after
+//! the position it names (at most the files written since the last
+//! rotation), so it knows every persisted (node, seq) and never writes one
+//! twice. A torn tail in the newest file (a crash mid-write; never
+//! acknowledged) is cut back to the last complete record.
+
+use std::{
+    collections::HashMap,
+    fs::{self, File, OpenOptions},
+    io::{self, Read as _, Seek as _, SeekFrom, Write},
+    path::{Path, PathBuf},
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+use serde_json::{Value, json};
+
+use crate::audit::chain::{Head, hex};
+use crate::collector::keys::parse_key;
+
+/// Default size at which output files rotate.
+pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
+const STATE_FILE: &str = "state.json";
+
+/// What a store found when it opened.
+#[derive(Clone, Debug, Default)]
+pub struct Recovery {
+    /// Files whose records were scanned.
+    pub files_scanned: usize,
+    /// Records scanned.
+    pub records_scanned: u64,
+    /// The newest file's torn tail, cut: (file, bytes cut).
+    pub torn: Option<(PathBuf, u64)>,
+    /// Complete lines that were not valid JSON records (file, line), skipped.
+    pub bad_lines: Vec<(PathBuf, u64)>,
+}
+
+enum Sink {
+    Dir(DirSink),
+    Writer(Box<dyn Write + Send>),
+}
+
+struct DirSink {
+    dir: PathBuf,
+    rotate_bytes: u64,
+    /// The file being written: (name, handle, size, day number, counter).
+    current: Option<(String, File, u64, i64, u64)>,
+}
+
+/// The collector's output and the heads it has persisted.
+pub struct Store {
+    sink: Sink,
+    heads: HashMap<String, Head>,
+    /// For stream outputs with a state directory: written after each batch.
+    state_dir: Option<PathBuf>,
+}
+
+/// Days since the epoch to a civil (year, month, day) (H. Hinnant's
+/// algorithm).
+pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let y = yoe + era * 400;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    (if m <= 2 { y + 1 } else { y }, m, d)
+}
+
+fn today() -> i64 {
+    let secs = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    secs.div_euclid(86_400)
+}
+
+fn file_name(day: i64, counter: u64) -> String {
+    let (y, m, d) = civil_from_days(day);
+    format!("events-{y:04}-{m:02}-{d:02}-{counter:06}.jsonl")
+}
+
+/// (day number, counter) of an output file name.
+fn parse_name(name: &str) -> Option<(i64, u64)> {
+    let rest = name.strip_prefix("events-")?.strip_suffix(".jsonl")?;
+    let (date, counter) = rest.rsplit_once('-')?;
+    let counter: u64 = counter.parse().ok()?;
+    let mut it = date.splitn(3, '-');
+    let y: i64 = it.next()?.parse().ok()?;
+    let m: u32 = it.next()?.parse().ok()?;
+    let d: u32 = it.next()?.parse().ok()?;
+    // Days from civil (inverse of the above).
+    let y2 = if m <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = if m > 2 { m - 3 } else { m + 9 } as i64;
+    let doy = (153 * mp + 2) / 5 + d as i64 - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    Some((era * 146_097 + doe - 719_468, counter))
+}
+
+/// Output files in `dir`, in write order.
+pub fn output_files(dir: &Path) -> io::Result<Vec<PathBuf>> {
+    let mut v: Vec<(u64, PathBuf)> = Vec::new();
+    for entry in fs::read_dir(dir)? {
+        let path = entry?.path();
+        if let Some((_, c)) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_name)
+        {
+            v.push((c, path));
+        }
+    }
+    v.sort();
+    Ok(v.into_iter().map(|(_, p)| p).collect())
+}
+
+fn sync_dir(dir: &Path) -> io::Result<()> {
+    File::open(dir)?.sync_all()
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    let tmp = path.with_extension("tmp");
+    {
+        let mut f = File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, path)?;
+    sync_dir(dir)
+}
+
+fn heads_json(heads: &HashMap<String, Head>) -> Value {
+    let mut nodes: Vec<_> = heads.iter().collect();
+    nodes.sort_by(|a, b| a.0.cmp(b.0));
+    let mut m = serde_json::Map::new();
+    for (n, h) in nodes {
+        m.insert(n.clone(), json!({"seq": h.seq, "hash": hex(&h.hash)}));
+    }
+    Value::Object(m)
+}
+
+fn parse_heads(v: &Value) -> Option<HashMap<String, Head>> {
+    let mut out = HashMap::new();
+    for (n, h) in v.as_object()? {
+        let seq = h.get("seq")?.as_u64()?;
+        let hash = parse_key(h.get("hash")?.as_str()?).ok()?;
+        out.insert(n.clone(), Head { seq, hash });
+    }
+    Some(out)
+}
+
+/// The (node, seq, hash) of an event record line, if it is one.
+pub fn record_head(v: &Value) -> Option<(String, Head)> {
+    let p = v.get("portcullis")?;
+    if p.get("record")?.as_str()? != "event" {
+        return None;
+    }
+    let node = p.get("node_id")?.as_str()?.to_owned();
+    let seq = p.get("seq")?.as_u64()?;
+    let hash = parse_key(p.get("hash")?.as_str()?).ok()?;
+    Some((node, Head { seq, hash }))
+}
+
+impl Store {
+    /// A store writing to a stream (stdout). With `state_dir`, the heads
+    /// are saved there after every batch and loaded at open.
+    pub fn writer(w: Box<dyn Write + Send>, state_dir: Option<&Path>) -> io::Result<Store> {
+        let mut heads = HashMap::new();
+        if let Some(dir) = state_dir {
+            fs::create_dir_all(dir)?;
+            match fs::read(dir.join(STATE_FILE)) {
+                Ok(b) => {
+                    let v: Value = serde_json::from_slice(&b)
+                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
+                    heads = v.get("nodes").and_then(parse_heads).ok_or_else(|| {
+                        io::Error::new(io::ErrorKind::InvalidData, "state.json: no valid `nodes`")
+                    })?;
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(Store {
+            sink: Sink::Writer(w),
+            heads,
+            state_dir: state_dir.map(Path::to_owned),
+        })
+    }
+
+    /// Opens (creating) an output directory, recovering the persisted heads
+    /// and cutting a torn tail.
+    pub fn open_dir(dir: &Path, rotate_bytes: u64) -> io::Result<(Store, Recovery)> {
+        fs::create_dir_all(dir)?;
+        let files = output_files(dir)?;
+        let mut rec = Recovery::default();
+        let mut heads = HashMap::new();
+        // Where to start scanning: the state's position when it is valid.
+        let mut start = (0usize, 0u64);
+        if let Ok(b) = fs::read(dir.join(STATE_FILE))
+            && let Ok(v) = serde_json::from_slice::<Value>(&b)
+            && let Some(h) = v.get("nodes").and_then(parse_heads)
+            && let Some(file) = v.get("file").and_then(Value::as_str)
+            && let Some(offset) = v.get("offset").and_then(Value::as_u64)
+            && let Some(i) = files
+                .iter()
+                .position(|p| p.file_name().and_then(|n| n.to_str()) == Some(file))
+            && fs::metadata(&files[i])?.len() >= offset
+        {
+            heads = h;
+            start = (i, offset);
+        }
+        let last = files.len().saturating_sub(1);
+        for (i, path) in files.iter().enumerate().skip(start.0) {
+            let offset = if i == start.0 { start.1 } else { 0 };
+            let mut f = OpenOptions::new().read(true).write(i == last).open(path)?;
+            f.seek(SeekFrom::Start(offset))?;
+            let mut buf = Vec::new();
+            f.read_to_end(&mut buf)?;
+            rec.files_scanned += 1;
+            let mut pos = 0usize;
+            let mut line_no = 0u64;
+            let mut cut: Option<usize> = None;
+            while pos < buf.len() {
+                let Some(nl) = buf[pos..].iter().position(|&b| b == b'\n') else {
+                    // No newline: a torn tail (only possible in the newest file).
+                    cut = Some(pos);
+                    break;
+                };
+                line_no += 1;
+                let line = &buf[pos..pos + nl];
+                match serde_json::from_slice::<Value>(line) {
+                    Ok(v) => {
+                        rec.records_scanned += 1;
+                        if let Some((node, h)) = record_head(&v) {
+                            let e = heads.entry(node).or_insert(Head::EMPTY);
+                            if h.seq > e.seq {
+                                *e = h;
+                            }
+                        }
+                    }
+                    Err(_) if i == last => {
+                        // Garbage in the newest file after a crash: cut here.
+                        cut = Some(pos);
+                        break;
+                    }
+                    Err(_) => rec.bad_lines.push((path.clone(), line_no)),
+                }
+                pos += nl + 1;
+            }
+            if let Some(at) = cut {
+                if i != last {
+                    rec.bad_lines.push((path.clone(), line_no + 1));
+                } else {
+                    let keep = offset + at as u64;
+                    f.set_len(keep)?;
+                    f.sync_all()?;
+                    rec.torn = Some((path.clone(), buf.len() as u64 - at as u64));
+                }
+            }
+        }
+        let mut sink = DirSink {
+            dir: dir.to_owned(),
+            rotate_bytes: rotate_bytes.max(1),
+            current: None,
+        };
+        if let Some(path) = files.last() {
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default()
+                .to_owned();
+            let (day, counter) = parse_name(&name).unwrap_or((today(), 0));
+            let f = OpenOptions::new().append(true).open(path)?;
+            let size = f.metadata()?.len();
+            sink.current = Some((name, f, size, day, counter));
+        }
+        Ok((
+            Store {
+                sink: Sink::Dir(sink),
+                heads,
+                state_dir: None,
+            },
+            rec,
+        ))
+    }
+
+    /// The persisted head of every node.
+    pub fn heads(&self) -> &HashMap<String, Head> {
+        &self.heads
+    }
+
+    pub fn head(&self, node: &str) -> Head {
+        self.heads.get(node).copied().unwrap_or(Head::EMPTY)
+    }
+
+    /// Writes `data` (whole JSON lines), makes it durable (fsync, or flush
+    /// for a stream), then records the new heads.
+    pub fn append(&mut self, data: &[u8], heads: &[(String, Head)]) -> io::Result<()> {
+        if data.is_empty() {
+            return Ok(());
+        }
+        match &mut self.sink {
+            Sink::Writer(w) => {
+                w.write_all(data)?;
+                w.flush()?;
+            }
+            Sink::Dir(d) => {
+                let day = today();
+                let rotate = match &d.current {
+                    None => true,
+                    Some((_, _, size, fday, _)) => {
+                        *size > 0
+                            && (size.saturating_add(data.len() as u64) > d.rotate_bytes
+                                || day > *fday)
+                    }
+                };
+                if rotate {
+                    let (new_day, counter) = match &d.current {
+                        None => (day, 1),
+                        Some((_, _, _, fday, c)) => (day.max(*fday), c + 1),
+                    };
+                    let name = file_name(new_day, counter);
+                    let path = d.dir.join(&name);
+                    let f = OpenOptions::new()
+                        .append(true)
+                        .create_new(true)
+                        .open(&path)?;
+                    sync_dir(&d.dir)?;
+                    d.current = Some((name.clone(), f, 0, new_day, counter));
+                    // Everything before the new file is durable: record the
+                    // heads as of its start so a restart scans from here.
+                    let state =
+                        json!({"file": name, "offset": 0, "nodes": heads_json(&self.heads)});
+                    write_atomic(&d.dir.join(STATE_FILE), state.to_string().as_bytes())?;
+                }
+                let (_, f, size, _, _) = d.current.as_mut().expect("opened above");
+                if let Err(e) = f.write_all(data).and_then(|()| f.sync_data()) {
+                    // Cut back what may have been written: nothing of a
+                    // failed batch stays.
+                    let _ = f.set_len(*size);
+                    return Err(e);
+                }
+                *size += data.len() as u64;
+            }
+        }
+        for (node, h) in heads {
+            let e = self.heads.entry(node.clone()).or_insert(Head::EMPTY);
+            if h.seq > e.seq {
+                *e = *h;
+            }
+        }
+        if let Some(dir) = &self.state_dir {
+            let state = json!({"nodes": heads_json(&self.heads)});
+            write_atomic(&dir.join(STATE_FILE), state.to_string().as_bytes())?;
+        }
+        Ok(())
+    }
+
+    /// Records the heads at the current end of output (clean shutdown), so
+    /// the next start scans nothing.
+    pub fn save_state(&mut self) -> io::Result<()> {
+        match &self.sink {
+            Sink::Dir(d) => {
+                if let Some((name, _, size, _, _)) = &d.current {
+                    let state =
+                        json!({"file": name, "offset": size, "nodes": heads_json(&self.heads)});
+                    write_atomic(&d.dir.join(STATE_FILE), state.to_string().as_bytes())?;
+                }
+                Ok(())
+            }
+            Sink::Writer(w) => {
+                let _ = w;
+                Ok(())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn civil_dates_round_trip() {
+        assert_eq!(civil_from_days(0), (1970, 1, 1));
+        assert_eq!(civil_from_days(20_781), (2026, 11, 24));
+        for day in [-1000, 0, 59, 60, 20_000, 20_781, 40_000] {
+            let name = file_name(day, 7);
+            assert_eq!(parse_name(&name), Some((day, 7)), "{name}");
+        }
+        assert_eq!(file_name(20_781, 1), "events-2026-11-24-000001.jsonl");
+    }
+}
