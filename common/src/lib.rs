@@ -8,7 +8,11 @@
 
 /// Bumped whenever a map's key/value layout or meaning changes. A restarted
 /// agent refuses to adopt pinned maps written under another layout.
-pub const LAYOUT_VERSION: u32 = 1;
+///
+/// 2: usage counters per (identity, service) (`PCL_USAGE`, `PCL_USAGE_COLS`),
+/// a usage column in `PortEntry`, `ServiceRef` values in `PCL_SERVICES`, and
+/// the column in `Flow`.
+pub const LAYOUT_VERSION: u32 = 2;
 
 /// Address family tags used in keys (addresses are always 16 bytes; IPv4 is
 /// stored IPv4-mapped, `::ffff:a.b.c.d`, RFC 4291 §2.5.5.2).
@@ -26,7 +30,8 @@ pub mod maps {
     pub const IDENTITIES: &str = "PCL_IDENT";
     pub const RATES: &str = "PCL_RATES";
     pub const FLOWS: &str = "PCL_FLOWS";
-    pub const ID_STATS: &str = "PCL_ID_STATS";
+    pub const USAGE: &str = "PCL_USAGE";
+    pub const USAGE_COLS: &str = "PCL_USAGE_COLS";
     pub const DROPS: &str = "PCL_DROPS";
     pub const KNOCK_SRC: &str = "PCL_KNOCK_SRC";
     pub const KNOCK_ALL: &str = "PCL_KNOCK_ALL";
@@ -36,14 +41,15 @@ pub mod maps {
     pub const META: &str = "PCL_META";
 
     /// Every map, in the order the agent pins and adopts them.
-    pub const ALL: [&str; 14] = [
+    pub const ALL: [&str; 15] = [
         PORTS,
         SERVICES,
         ADMISSIONS,
         IDENTITIES,
         RATES,
         FLOWS,
-        ID_STATS,
+        USAGE,
+        USAGE_COLS,
         DROPS,
         KNOCK_SRC,
         KNOCK_ALL,
@@ -70,6 +76,24 @@ pub const DEFAULT_MAX_KNOCK_SOURCES: u32 = 16_384;
 pub const MAX_IDENTITIES: u32 = 4_096;
 /// Service ids index nothing but are kept below this for sanity checks.
 pub const MAX_SERVICES: u32 = 1_024;
+/// Usage is counted per identity slot and per service *column*: each
+/// service the agent protects gets one of `MAX_USAGE_SERVICES` small
+/// columns (written into its port entry, its `ServiceRef` and its flows),
+/// so the hot path indexes a per-CPU array (`usage_row`) instead of
+/// hashing. Memory: `MAX_IDENTITIES * MAX_USAGE_SERVICES * 48` bytes per
+/// CPU (1.5 MiB).
+pub const USAGE_COL_BITS: u32 = 3;
+pub const MAX_USAGE_SERVICES: u32 = 1 << USAGE_COL_BITS;
+/// Rows of `PCL_USAGE`.
+pub const USAGE_ROWS: u32 = MAX_IDENTITIES * MAX_USAGE_SERVICES;
+
+/// The `PCL_USAGE` row of (identity slot, service column). Out-of-range
+/// columns are folded in (the verifier sees a bounded index); slots past
+/// `MAX_IDENTITIES` land past the array and the lookup fails.
+#[inline(always)]
+pub const fn usage_row(slot: u32, col: u32) -> u32 {
+    (slot << USAGE_COL_BITS) | (col & (MAX_USAGE_SERVICES - 1))
+}
 pub const EVENT_RING_BYTES: u32 = 256 * 1024;
 /// Port table: one entry per destination port.
 pub const PORT_TABLE_SIZE: u32 = 65_536;
@@ -173,7 +197,10 @@ pub struct PortEntry {
     pub tcp_service: u32,
     pub udp_service: u32,
     pub flags: u32,
-    pub _pad: u32,
+    /// Usage columns (`usage_row`) of the wildcard services above.
+    pub tcp_col: u8,
+    pub udp_col: u8,
+    pub _pad: u16,
 }
 
 pub const PORT_TCP_BY_ADDR: u32 = 1;
@@ -190,6 +217,14 @@ pub struct ServiceKey {
     pub port: u16,
     pub proto: u8,
     pub _pad: u8,
+}
+
+/// `PCL_SERVICES` value: the address-specific service and its usage column.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct ServiceRef {
+    pub id: u32,
+    pub col: u32,
 }
 
 /// `PCL_ADMIT` key. `src_port` 0 covers every source port; a non-zero port
@@ -286,9 +321,17 @@ pub struct Flow {
     /// Cached admission expiry; past it the kernel re-reads the admission
     /// (a re-knock extends it) or drops.
     pub expires_ns: u64,
+    /// The service's usage column when the flow was created: egress charges
+    /// responses to `usage_row(identity, col)`.
+    pub col: u32,
+    pub _pad: u32,
 }
 
-/// `PCL_ID_STATS[slot]` (per CPU): counters the agent sums every interval.
+/// `PCL_USAGE[usage_row(slot, col)]` (per CPU): counters per identity and
+/// service, which the agent sums over CPUs every interval. Cumulative since
+/// the map was created, except that the agent zeroes a slot's rows when it
+/// gives the slot to a new identity and a column's rows when it gives the
+/// column to a new service.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct IdentityStats {
@@ -374,6 +417,7 @@ mod user {
     // arrays with explicit padding fields, so every bit pattern is valid.
     unsafe impl aya::Pod for PortEntry {}
     unsafe impl aya::Pod for ServiceKey {}
+    unsafe impl aya::Pod for ServiceRef {}
     unsafe impl aya::Pod for AdmissionKey {}
     unsafe impl aya::Pod for Admission {}
     unsafe impl aya::Pod for Identity {}
@@ -401,9 +445,23 @@ mod tests {
         assert_eq!(size_of::<Admission>(), 24);
         assert_eq!(size_of::<Identity>(), 64);
         assert_eq!(size_of::<FlowKey>(), 40);
-        assert_eq!(size_of::<Flow>(), 24);
+        assert_eq!(size_of::<Flow>(), 32);
+        assert_eq!(size_of::<ServiceRef>(), 8);
+        assert_eq!(size_of::<IdentityStats>(), 48);
         assert_eq!(size_of::<DropEvent>(), 56);
         assert_eq!(size_of::<KernelConfig>(), 40);
+    }
+
+    #[test]
+    fn usage_rows_stay_in_the_array() {
+        assert_eq!(usage_row(0, 0), 0);
+        assert_eq!(usage_row(1, 2), MAX_USAGE_SERVICES + 2);
+        assert_eq!(
+            usage_row(MAX_IDENTITIES - 1, MAX_USAGE_SERVICES - 1),
+            USAGE_ROWS - 1
+        );
+        // A column out of range never reaches another slot's row.
+        assert_eq!(usage_row(3, MAX_USAGE_SERVICES), usage_row(3, 0));
     }
 
     #[test]

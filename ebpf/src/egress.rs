@@ -3,10 +3,10 @@
 //! extraction guard). Traffic that is not a response of a known flow passes.
 
 use aya_ebpf::{helpers::bpf_ktime_get_coarse_ns, programs::TcContext};
-use portcullis_common::{FlowKey, PROTO_TCP, Reason};
+use portcullis_common::{FlowKey, PROTO_TCP, Reason, usage_row};
 
 use crate::{
-    FLOWS, ID_STATS, IDENTITIES, PORTS, RATES, count,
+    FLOWS, IDENTITIES, PORTS, RATES, USAGE, count,
     parse::{Parsed, parse},
     ratelimit::{byte_cost, conform},
 };
@@ -44,6 +44,7 @@ pub fn decide(ctx: &TcContext) -> i32 {
         return TC_ACT_UNSPEC;
     };
     let slot = flow.identity;
+    let row = usage_row(slot, flow.col);
     let len = ctx.len() as u64;
     if let Some(ident) = IDENTITIES.get(slot)
         && ident.out_byte_cost != 0
@@ -58,13 +59,13 @@ pub fn decide(ctx: &TcContext) -> i32 {
             ident.out_burst_ns,
         ) {
             count(Reason::EgressCap);
-            if let Some(st) = ID_STATS.get_ptr_mut(slot) {
+            if let Some(st) = USAGE.get_ptr_mut(row) {
                 unsafe { (*st).dropped += 1 };
             }
             return TC_ACT_SHOT;
         }
     }
-    if let Some(st) = ID_STATS.get_ptr_mut(slot) {
+    if let Some(st) = USAGE.get_ptr_mut(row) {
         let st = unsafe { &mut *st };
         st.packets_out += 1;
         st.bytes_out += len;

@@ -7,10 +7,11 @@ use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs:
 use portcullis_common::{
     ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, Flow, FlowKey, IDENTITY_LIVE,
     PORT_KNOCK, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
+    usage_row,
 };
 
 use crate::{
-    ADMISSIONS, CONFIG, FLOWS, ID_STATS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES, SERVICES,
+    ADMISSIONS, CONFIG, FLOWS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES, SERVICES, USAGE,
     count, events,
     parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
     ratelimit::{byte_cost, conform},
@@ -32,44 +33,64 @@ pub fn decide(ctx: &XdpContext) -> u32 {
     let Some(port) = PORTS.get(pkt.dport as u32) else {
         return xdp_action::XDP_PASS;
     };
-    let (service, by_addr) = if pkt.proto == PROTO_TCP {
-        (port.tcp_service, port.flags & PORT_TCP_BY_ADDR != 0)
+    let (service, col, by_addr) = if pkt.proto == PROTO_TCP {
+        (
+            port.tcp_service,
+            port.tcp_col as u32,
+            port.flags & PORT_TCP_BY_ADDR != 0,
+        )
     } else {
         if port.flags & PORT_KNOCK != 0 {
             return knock(&pkt);
         }
-        (port.udp_service, port.flags & PORT_UDP_BY_ADDR != 0)
+        (
+            port.udp_service,
+            port.udp_col as u32,
+            port.flags & PORT_UDP_BY_ADDR != 0,
+        )
     };
-    let service = if by_addr {
-        lookup_by_addr(&pkt).unwrap_or(service)
+    let svc = Svc { id: service, col };
+    let svc = if by_addr {
+        lookup_by_addr(&pkt).unwrap_or(svc)
     } else {
-        service
+        svc
     };
-    if service == 0 {
+    if svc.id == 0 {
         return xdp_action::XDP_PASS;
     }
     if pkt.first_fragment {
         // Fragments cannot be judged per packet; a legitimate client of a
         // model port has no reason to fragment (PMTU discovery avoids it).
-        return drop(Reason::Fragment, Some(&pkt), service);
+        return drop(Reason::Fragment, Some(&pkt), svc.id);
     }
     let len = (end - data) as u64;
-    enforce(&pkt, service, len)
+    enforce(&pkt, svc, len)
+}
+
+/// The protected service a packet is for: its id and usage column.
+#[derive(Clone, Copy)]
+struct Svc {
+    id: u32,
+    col: u32,
 }
 
 #[inline(always)]
-fn lookup_by_addr(pkt: &Summary) -> Option<u32> {
+fn lookup_by_addr(pkt: &Summary) -> Option<Svc> {
     let key = ServiceKey {
         addr: pkt.dst,
         port: pkt.dport,
         proto: pkt.proto,
         _pad: 0,
     };
-    unsafe { SERVICES.get(&key) }.copied()
+    unsafe { SERVICES.get(&key) }.map(|r| Svc {
+        id: r.id,
+        col: r.col,
+    })
 }
 
 #[inline(always)]
-fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
+fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
+    let service = svc.id;
     // Jiffy resolution is plenty for expiries and rate buckets, and costs a
     // fraction of the precise clock on the per-packet path.
     let now = unsafe { bpf_ktime_get_coarse_ns() };
@@ -89,11 +110,11 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
     if !syn && let Some(flow) = FLOWS.get_ptr_mut(&key) {
         match flow_verdict(unsafe { &*flow }, now) {
             FlowVerdict::Live(slot, cost, burst) => {
-                return admit_packet(slot, cost, burst, len, now, false, pkt, service);
+                return admit_packet(slot, cost, burst, len, now, false, pkt, svc);
             }
             FlowVerdict::Revoked(slot) => {
                 let _ = FLOWS.remove(&key);
-                return drop_for(slot, Reason::Revoked, pkt, service);
+                return drop_for(slot, Reason::Revoked, pkt, svc);
             }
             FlowVerdict::Stale => revalidating = true,
         }
@@ -133,7 +154,7 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
                         && flow.syn_seq == pkt.tcp_seq
                         && let FlowVerdict::Live(slot, cost, burst) = flow_verdict(flow, now)
                     {
-                        return admit_packet(slot, cost, burst, len, now, false, pkt, service);
+                        return admit_packet(slot, cost, burst, len, now, false, pkt, svc);
                     }
                     if revalidating {
                         let _ = FLOWS.remove(&key);
@@ -147,7 +168,7 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         if revalidating {
             let _ = FLOWS.remove(&key);
         }
-        return drop_for(adm.identity, Reason::Expired, pkt, service);
+        return drop_for(adm.identity, Reason::Expired, pkt, svc);
     }
     let Some(ident) = IDENTITIES.get(adm.identity) else {
         return drop(Reason::Revoked, Some(pkt), service);
@@ -156,7 +177,7 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         if revalidating {
             let _ = FLOWS.remove(&key);
         }
-        return drop_for(adm.identity, Reason::Revoked, pkt, service);
+        return drop_for(adm.identity, Reason::Revoked, pkt, svc);
     }
     // UDP has no handshake: a datagram without a flow opens one. A TCP
     // non-SYN without a flow (evicted from the LRU, or a table from before
@@ -172,7 +193,7 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
             ident.conn_cost_ns,
             ident.conn_burst_ns,
         ) {
-            return drop_for(adm.identity, Reason::ConnRate, pkt, service);
+            return drop_for(adm.identity, Reason::ConnRate, pkt, svc);
         }
     }
     let one_use = adm.flags & ADMIT_ONE_USE != 0;
@@ -191,9 +212,11 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         service,
         syn_seq: pkt.tcp_seq,
         expires_ns,
+        col: svc.col,
+        _pad: 0,
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
-        return drop_for(adm.identity, Reason::FlowInsert, pkt, service);
+        return drop_for(adm.identity, Reason::FlowInsert, pkt, svc);
     }
     if one_use {
         let _ = ADMISSIONS.remove(&akey);
@@ -206,7 +229,7 @@ fn enforce(pkt: &Summary, service: u32, len: u64) -> u32 {
         now,
         new_conn,
         pkt,
-        service,
+        svc,
     )
 }
 
@@ -237,8 +260,8 @@ fn flow_verdict(flow: &Flow, now: u64) -> FlowVerdict {
     }
 }
 
-/// Charges the identity's ingress byte rate and counters for a packet that
-/// an admission covers.
+/// Charges the identity's ingress byte rate and its counters for the
+/// service for a packet that an admission covers.
 #[inline(always)]
 #[allow(clippy::too_many_arguments)]
 fn admit_packet(
@@ -249,11 +272,11 @@ fn admit_packet(
     now: u64,
     new_conn: bool,
     pkt: &Summary,
-    service: u32,
+    svc: Svc,
 ) -> u32 {
     if byte_cost_q16 != 0 {
         let Some(rate) = RATES.get_ptr_mut(slot) else {
-            return drop(Reason::Revoked, Some(pkt), service);
+            return drop(Reason::Revoked, Some(pkt), svc.id);
         };
         if !conform(
             unsafe { &raw mut (*rate).in_tat },
@@ -261,10 +284,10 @@ fn admit_packet(
             byte_cost(len, byte_cost_q16),
             burst_ns,
         ) {
-            return drop_for(slot, Reason::ByteRate, pkt, service);
+            return drop_for(slot, Reason::ByteRate, pkt, svc);
         }
     }
-    if let Some(st) = ID_STATS.get_ptr_mut(slot) {
+    if let Some(st) = USAGE.get_ptr_mut(usage_row(slot, svc.col)) {
         let st = unsafe { &mut *st };
         st.packets_in += 1;
         st.bytes_in += len;
@@ -312,11 +335,12 @@ fn drop(reason: Reason, pkt: Option<&Summary>, service: u32) -> u32 {
     xdp_action::XDP_DROP
 }
 
-/// A drop attributed to a known identity also lands in its counters.
+/// A drop attributed to a known identity also lands in its counters for
+/// the service.
 #[inline(always)]
-fn drop_for(slot: u32, reason: Reason, pkt: &Summary, service: u32) -> u32 {
-    if let Some(st) = ID_STATS.get_ptr_mut(slot) {
+fn drop_for(slot: u32, reason: Reason, pkt: &Summary, svc: Svc) -> u32 {
+    if let Some(st) = USAGE.get_ptr_mut(usage_row(slot, svc.col)) {
         unsafe { (*st).dropped += 1 };
     }
-    drop(reason, Some(pkt), service)
+    drop(reason, Some(pkt), svc.id)
 }

@@ -18,7 +18,8 @@ use aya_ebpf::{
 use portcullis_common::{
     Admission, AdmissionKey, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
     EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityStats, KernelConfig,
-    MAX_IDENTITIES, MAX_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry, RateState, Reason, ServiceKey,
+    MAX_IDENTITIES, MAX_SERVICES, MAX_USAGE_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry, RateState,
+    Reason, ServiceKey, ServiceRef, USAGE_ROWS,
 };
 
 /// Destination port → services on it (one array lookup decides the
@@ -26,9 +27,9 @@ use portcullis_common::{
 #[map(name = "PCL_PORTS")]
 static PORTS: Array<PortEntry> = Array::with_max_entries(PORT_TABLE_SIZE, 0);
 
-/// Address-specific services: (addr, port, proto) → service id.
+/// Address-specific services: (addr, port, proto) → service id and column.
 #[map(name = "PCL_SERVICES")]
-static SERVICES: HashMap<ServiceKey, u32> = HashMap::with_max_entries(MAX_SERVICES, 0);
+static SERVICES: HashMap<ServiceKey, ServiceRef> = HashMap::with_max_entries(MAX_SERVICES, 0);
 
 /// (source, service[, source port]) → identity and expiry.
 #[map(name = "PCL_ADMIT")]
@@ -47,8 +48,14 @@ static RATES: Array<RateState> = Array::with_max_entries(MAX_IDENTITIES, 0);
 #[map(name = "PCL_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
 
-#[map(name = "PCL_ID_STATS")]
-static ID_STATS: PerCpuArray<IdentityStats> = PerCpuArray::with_max_entries(MAX_IDENTITIES, 0);
+/// Counters per (identity slot, service column): `usage_row`.
+#[map(name = "PCL_USAGE")]
+static USAGE: PerCpuArray<IdentityStats> = PerCpuArray::with_max_entries(USAGE_ROWS, 0);
+
+/// Column → service id, written by the agent so any reader can name the
+/// columns; the kernel never reads it.
+#[map(name = "PCL_USAGE_COLS")]
+static USAGE_COLS: Array<u32> = Array::with_max_entries(MAX_USAGE_SERVICES, 0);
 
 #[map(name = "PCL_DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);

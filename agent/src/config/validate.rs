@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use portcullis_common::{
     BYTE_COST_SHIFT, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
-    MAX_IDENTITIES, MAX_SERVICES,
+    MAX_IDENTITIES, MAX_SERVICES, MAX_USAGE_SERVICES,
 };
 
 use super::raw::{
@@ -677,6 +677,16 @@ fn services(raw: &[RawService], knock: &KnockSection) -> Result<Vec<Service>, Co
             "services",
             format!(
                 "{} services defined; at most {MAX_SERVICES} are supported",
+                raw.len()
+            ),
+        ));
+    }
+    // The kernel counts usage in one small column per service.
+    if raw.len() > MAX_USAGE_SERVICES as usize {
+        return Err(invalid(
+            "services",
+            format!(
+                "{} services defined; usage is accounted for at most {MAX_USAGE_SERVICES} per node; merge services or split them over nodes",
                 raw.len()
             ),
         ));

@@ -11,20 +11,22 @@ use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use portcullis_common::{
     ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, DropEvent, EventBudget, Flow, FlowKey,
     IDENTITY_FREE, IDENTITY_LIVE, IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig,
-    MAX_IDENTITIES, Meta, PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR,
-    PROTO_TCP, PortEntry, RateState, Reason, ServiceKey, maps as names,
+    MAX_IDENTITIES, MAX_USAGE_SERVICES, Meta, PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR,
+    PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry, RateState, Reason, ServiceKey, ServiceRef,
+    maps as names, usage_row,
 };
 
 use super::KernelError;
 
 pub struct Maps {
     pub ports: Array<MapData, PortEntry>,
-    pub services: HashMap<MapData, ServiceKey, u32>,
+    pub services: HashMap<MapData, ServiceKey, ServiceRef>,
     pub admissions: HashMap<MapData, AdmissionKey, Admission>,
     pub identities: Array<MapData, Identity>,
     pub rates: Array<MapData, RateState>,
     pub flows: HashMap<MapData, FlowKey, Flow>,
-    pub id_stats: PerCpuArray<MapData, IdentityStats>,
+    pub usage: PerCpuArray<MapData, IdentityStats>,
+    pub usage_cols: Array<MapData, u32>,
     pub drops: PerCpuArray<MapData, u64>,
     pub config: Array<MapData, KernelConfig>,
     pub events: RingBuf<MapData>,
@@ -41,6 +43,17 @@ pub struct ServiceEntry {
     pub proto: u8,
     pub port: u16,
     pub addr: Option<IpAddr>,
+}
+
+/// Cumulative counters of one identity slot for one service, summed over
+/// CPUs (see [`Maps::usage`]).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub slot: u32,
+    /// `Identity::key` of the slot's identity when read.
+    pub identity_key: u64,
+    pub service: u32,
+    pub stats: IdentityStats,
 }
 
 /// IPv4 as IPv4-mapped IPv6 (the kernel's key format), IPv6 as is.
@@ -94,7 +107,8 @@ impl Maps {
             identities: typed!(names::IDENTITIES),
             rates: typed!(names::RATES),
             flows: typed!(names::FLOWS),
-            id_stats: typed!(names::ID_STATS),
+            usage: typed!(names::USAGE),
+            usage_cols: typed!(names::USAGE_COLS),
             drops: typed!(names::DROPS),
             config: typed!(names::CONFIG),
             events: typed!(names::EVENTS),
@@ -167,13 +181,21 @@ impl Maps {
         services: &[ServiceEntry],
         knock_port: u16,
     ) -> Result<(), KernelError> {
+        let cols = self.assign_usage_columns(services)?;
         let mut want = vec![PortEntry::default(); PORT_TABLE_SIZE as usize];
         let mut want_by_addr = std::collections::HashMap::new();
         for s in services {
+            let col = cols[&s.id];
             let e = &mut want[s.port as usize];
             match (s.addr, s.proto == PROTO_TCP) {
-                (None, true) => e.tcp_service = s.id,
-                (None, false) => e.udp_service = s.id,
+                (None, true) => {
+                    e.tcp_service = s.id;
+                    e.tcp_col = col as u8;
+                }
+                (None, false) => {
+                    e.udp_service = s.id;
+                    e.udp_col = col as u8;
+                }
                 (Some(a), tcp) => {
                     e.flags |= if tcp {
                         PORT_TCP_BY_ADDR
@@ -186,7 +208,7 @@ impl Maps {
                         proto: s.proto,
                         _pad: 0,
                     };
-                    want_by_addr.insert(key, s.id);
+                    want_by_addr.insert(key, ServiceRef { id: s.id, col });
                 }
             }
         }
@@ -221,6 +243,79 @@ impl Maps {
             let _ = self.services.remove(&k);
         }
         Ok(())
+    }
+
+    /// Gives every service a usage column, keeping the column a service
+    /// already has (so counters stay attributed across restarts and
+    /// reloads). New services take a never-used column first, else one of a
+    /// service no longer configured, whose rows are zeroed before anything
+    /// points at it. Returns service id → column.
+    fn assign_usage_columns(
+        &mut self,
+        services: &[ServiceEntry],
+    ) -> Result<std::collections::HashMap<u32, u32>, KernelError> {
+        let mut ids: Vec<u32> = services.iter().map(|s| s.id).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        if ids.len() > MAX_USAGE_SERVICES as usize {
+            return Err(KernelError::map(
+                names::USAGE_COLS,
+                format!(
+                    "{} services to protect, but usage is counted for at most {MAX_USAGE_SERVICES}",
+                    ids.len()
+                ),
+            ));
+        }
+        let current = self.usage_columns()?;
+        let mut out = std::collections::HashMap::new();
+        for (col, id) in current.iter().enumerate() {
+            if *id != 0 && ids.contains(id) {
+                out.insert(*id, col as u32);
+            }
+        }
+        let taken =
+            |out: &std::collections::HashMap<u32, u32>, col: u32| out.values().any(|c| *c == col);
+        for id in ids {
+            if out.contains_key(&id) {
+                continue;
+            }
+            let col = (0..MAX_USAGE_SERVICES)
+                .find(|c| current[*c as usize] == 0 && !taken(&out, *c))
+                .or_else(|| (0..MAX_USAGE_SERVICES).find(|c| !taken(&out, *c)))
+                .expect("at most MAX_USAGE_SERVICES services");
+            if current[col as usize] != 0 {
+                // A retired service's column: its counts must not become
+                // the new service's.
+                for slot in 0..MAX_IDENTITIES {
+                    self.zero_usage_row(usage_row(slot, col))?;
+                }
+            }
+            self.usage_cols
+                .set(col, id, 0)
+                .map_err(|e| KernelError::map(names::USAGE_COLS, e))?;
+            out.insert(id, col);
+        }
+        Ok(out)
+    }
+
+    /// Column → service id (0: never used).
+    pub fn usage_columns(&self) -> Result<Vec<u32>, KernelError> {
+        (0..MAX_USAGE_SERVICES)
+            .map(|c| {
+                self.usage_cols
+                    .get(&c, 0)
+                    .map_err(|e| KernelError::map(names::USAGE_COLS, e))
+            })
+            .collect()
+    }
+
+    fn zero_usage_row(&mut self, row: u32) -> Result<(), KernelError> {
+        let n = aya::util::nr_cpus().map_err(|(_, e)| KernelError::map(names::USAGE, e))?;
+        let zeros = aya::maps::PerCpuValues::try_from(vec![IdentityStats::default(); n])
+            .map_err(|e| KernelError::map(names::USAGE, e))?;
+        self.usage
+            .set(row, zeros, 0)
+            .map_err(|e| KernelError::map(names::USAGE, e))
     }
 
     pub fn identity(&self, slot: u32) -> Result<Identity, KernelError> {
@@ -280,6 +375,12 @@ impl Maps {
             self.rates
                 .set(slot, RateState::default(), 0)
                 .map_err(|e| KernelError::map(names::RATES, e))?;
+            // Nothing refers to a free slot, so nothing counts into it:
+            // the new identity's usage starts from zero (the accountant
+            // relies on this when a slot changes hands).
+            for col in 0..MAX_USAGE_SERVICES {
+                self.zero_usage_row(usage_row(slot, col))?;
+            }
         }
         self.identities
             .set(slot, ident, 0)
@@ -439,21 +540,79 @@ impl Maps {
         Ok(out)
     }
 
-    pub fn identity_stats(&self, slot: u32) -> Result<IdentityStats, KernelError> {
+    /// One (slot, column) row summed over CPUs.
+    pub fn usage_row(&self, slot: u32, col: u32) -> Result<IdentityStats, KernelError> {
         let per_cpu = self
-            .id_stats
-            .get(&slot, 0)
-            .map_err(|e| KernelError::map(names::ID_STATS, e))?;
+            .usage
+            .get(&usage_row(slot, col), 0)
+            .map_err(|e| KernelError::map(names::USAGE, e))?;
         let mut s = IdentityStats::default();
         for c in per_cpu.iter() {
-            s.connections += c.connections;
-            s.packets_in += c.packets_in;
-            s.bytes_in += c.bytes_in;
-            s.packets_out += c.packets_out;
-            s.bytes_out += c.bytes_out;
-            s.dropped += c.dropped;
+            add_stats(&mut s, c);
         }
         Ok(s)
+    }
+
+    /// An identity slot's counters over all services.
+    pub fn identity_stats(&self, slot: u32) -> Result<IdentityStats, KernelError> {
+        let mut s = IdentityStats::default();
+        for col in 0..MAX_USAGE_SERVICES {
+            add_stats(&mut s, &self.usage_row(slot, col)?);
+        }
+        Ok(s)
+    }
+
+    /// Cumulative counters of every identity slot in use, per service that
+    /// has a column, summed over CPUs; rows never counted into are left
+    /// out. One read of each identity slot plus one per-CPU read per (slot
+    /// in use, service): the accountant calls this every second.
+    pub fn usage(&self) -> Result<Vec<Usage>, KernelError> {
+        let cols: Vec<(u32, u32)> = self
+            .usage_columns()?
+            .into_iter()
+            .enumerate()
+            .filter(|(_, id)| *id != 0)
+            .map(|(c, id)| (c as u32, id))
+            .collect();
+        let mut out = Vec::new();
+        if cols.is_empty() {
+            return Ok(out);
+        }
+        for slot in 1..MAX_IDENTITIES {
+            let id = self.identity(slot)?;
+            if id.state == IDENTITY_FREE {
+                continue;
+            }
+            for &(col, service) in &cols {
+                let stats = self.usage_row(slot, col)?;
+                if stats != IdentityStats::default() {
+                    out.push(Usage {
+                        slot,
+                        identity_key: id.key,
+                        service,
+                        stats,
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Names the instance of the usage counters: the boot and the kernel's
+    /// id of the `PCL_USAGE` map. Maps created afresh (a first load, a load
+    /// after `agent detach`, a reboot) get another name and start from
+    /// zero; pinned maps that were adopted keep theirs.
+    pub fn usage_instance(&self) -> Result<String, KernelError> {
+        use aya::maps::IterableMap;
+        let id = self
+            .usage
+            .map()
+            .info()
+            .map_err(|e| KernelError::map(names::USAGE, e))?
+            .id();
+        let boot =
+            std::fs::read_to_string(BOOT_ID).map_err(|e| KernelError::io(Path::new(BOOT_ID), e))?;
+        Ok(format!("{}/{id}", boot.trim()))
     }
 
     /// Drains the sampled drop events the kernel has written so far.
@@ -476,6 +635,17 @@ impl Maps {
     pub fn flow_count(&self) -> usize {
         self.flows.keys().filter_map(Result::ok).count()
     }
+}
+
+const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+fn add_stats(s: &mut IdentityStats, c: &IdentityStats) {
+    s.connections = s.connections.wrapping_add(c.connections);
+    s.packets_in = s.packets_in.wrapping_add(c.packets_in);
+    s.bytes_in = s.bytes_in.wrapping_add(c.bytes_in);
+    s.packets_out = s.packets_out.wrapping_add(c.packets_out);
+    s.bytes_out = s.bytes_out.wrapping_add(c.bytes_out);
+    s.dropped = s.dropped.wrapping_add(c.dropped);
 }
 
 /// Deletes the entries `pred` selects. Keys are collected first: deleting
