@@ -1,5 +1,6 @@
 //! The portcullis agent: the modules behind the `portcullis` binary.
 
+pub mod accounting;
 pub mod admin;
 pub mod admission;
 pub mod apply;
