@@ -5,6 +5,7 @@
 
 pub mod chain;
 pub mod drops;
+pub mod export;
 pub mod verify;
 pub mod verify_cli;
 pub mod spool;
