@@ -3,6 +3,7 @@
 //! before anything else sees it, and is streamed to a collector that
 //! acknowledges what it has persisted.
 
+pub mod auditor;
 pub mod chain;
 pub mod drops;
 pub mod export;
