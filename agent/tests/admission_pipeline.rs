@@ -10,6 +10,7 @@ use std::{
 };
 
 use portcullis_agent::{
+    accounting::{Accountant, SpendBook},
     admission::{
         admitter::{Admitter, identity_name},
         jwk::JwksFile,
@@ -55,17 +56,31 @@ impl Drop for TempDir {
 }
 
 fn fixture(tag: &str) -> Fixture {
+    fixture_with(tag, CONFIG, default_policies(), None)
+}
+
+fn fixture_with(
+    tag: &str,
+    config: &str,
+    policies: Arc<PolicyStore>,
+    spend: Option<Arc<SpendBook>>,
+) -> Fixture {
     let dir = std::env::temp_dir().join(format!("pcl-pipe-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     let out = devtoken::keygen(&dir).expect("keygen");
-    let cfg = Arc::new(Config::from_toml_str(CONFIG).expect("config"));
+    let cfg = Arc::new(Config::from_toml_str(config).expect("config"));
     let jwks = Arc::new(JwksFile::load(&out.jwks_path, false).expect("jwks"));
     let verifier = Arc::new(Verifier::new(TokenPolicy::new("https://dev", "pc"), jwks));
     let kernel = Unattached::load().expect("load eBPF (root?)");
     let maps = Arc::new(Mutex::new(kernel.maps));
     let node = Arc::new(NodeKey::generate().expect("node key"));
+    let admitter = Admitter::new(cfg, verifier, maps.clone(), node, policies);
+    let admitter = match spend {
+        Some(book) => admitter.with_spend_book(book),
+        None => admitter,
+    };
     Fixture {
-        admitter: Admitter::new(cfg, verifier, maps.clone(), node, default_policies()),
+        admitter,
         maps,
         key: out.key_path,
         _dir: TempDir(dir),
@@ -300,4 +315,72 @@ fn exhausted_identity_slots_are_a_clean_refusal() {
         .unwrap_err();
     assert_eq!(err.reason(), "identity_slots_exhausted", "{err}");
     assert!(!admitted(&f, 1, service_id("llm")));
+}
+
+#[test]
+fn policy_decides_on_spend_and_forecast_from_the_accountant() {
+    let ledger = std::env::temp_dir().join(format!("pcl-pipe-ledger-{}.json", std::process::id()));
+    let _ = std::fs::remove_file(&ledger);
+    // llm costs 600 per connection; invoking is forbidden past 1000 spent.
+    let config = CONFIG.replace(
+        "port = 8000\n",
+        "port = 8000\nprice = { per_connection_micros = 600 }\n",
+    ) + &format!(
+        "[accounting]\nledger = {:?}\n",
+        ledger.display().to_string()
+    );
+    let cfg = Config::from_toml_str(&config).expect("config");
+    let policies = PolicySet::from_sources(
+        &[
+            ("a.cedar".into(), portcullis_agent::policy::DEFAULT_POLICY.into()),
+            (
+                "spend.cedar".into(),
+                "@id(\"ceiling\") forbid (principal, action, resource) when { context.spend_month > 1000 };"
+                    .into(),
+            ),
+        ],
+        None,
+    )
+    .expect("policies");
+    let book = SpendBook::new();
+    let mut acct = Accountant::open(&cfg, book.clone()).expect("ledger");
+    let f = fixture_with(
+        "spend",
+        &config,
+        Arc::new(PolicyStore::fixed(policies)),
+        Some(book.clone()),
+    );
+    let tok = token(&f, "alice", "model:llm:invoke");
+    let g = f
+        .admitter
+        .handle(&datagram(&tok, "llm", 1), peer(1), SystemTime::now())
+        .expect("nothing spent yet");
+    // Two connections of alice's (as the kernel would count them).
+    let name = identity_name(Some("acme"), "alice");
+    let usage = portcullis_agent::kernel::maps::Usage {
+        slot: g.slot,
+        identity_key: identity_key(&name),
+        service: service_id("llm"),
+        stats: portcullis_common::IdentityStats {
+            connections: 2,
+            ..Default::default()
+        },
+    };
+    acct.tick(SystemTime::now(), "test/1", &[usage])
+        .expect("tick");
+    assert_eq!(book.spend(&name, Some("acme")).0, 1_200);
+    let err = f
+        .admitter
+        .handle(&datagram(&tok, "llm", 2), peer(1), SystemTime::now())
+        .expect_err("over the ceiling");
+    assert_eq!(err.reason(), "policy", "{err}");
+    // Others are unaffected; the accountant named alice from the admitter.
+    let tok_b = token(&f, "bob", "model:llm:invoke");
+    f.admitter
+        .handle(&datagram(&tok_b, "llm", 3), peer(2), SystemTime::now())
+        .expect("bob spent nothing");
+    let report = acct.take_report(SystemTime::now()).expect("a report");
+    assert_eq!(report.lines[0].identity, name);
+    assert_eq!(report.lines[0].tenant, "acme");
+    let _ = std::fs::remove_file(&ledger);
 }

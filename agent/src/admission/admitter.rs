@@ -12,6 +12,7 @@ use std::{
 };
 
 use crate::{
+    accounting::SpendBook,
     admission::{
         knock::{self, KnockError, KnockLimits, NonceCache},
         revocations::Change,
@@ -245,6 +246,8 @@ pub struct Admitter {
     node: Arc<NodeKey>,
     grants: Mutex<Grants>,
     policies: Arc<PolicyStore>,
+    /// Spend to date for the policy context; `None`: reported as 0.
+    spend: Option<Arc<SpendBook>>,
     pub counters: Counters,
 }
 
@@ -340,8 +343,17 @@ impl Admitter {
             node,
             grants: Mutex::new(Grants::default()),
             policies,
+            spend: None,
             counters: Counters::default(),
         }
+    }
+
+    /// Feeds `spend_month` / `forecast_month` of policy requests from the
+    /// accountant's book (and tells it the names of the identities it
+    /// decides about).
+    pub fn with_spend_book(mut self, book: Arc<SpendBook>) -> Admitter {
+        self.spend = Some(book);
+        self
     }
 
     pub fn verifier(&self) -> &Verifier {
@@ -561,6 +573,13 @@ impl Admitter {
         method: Method,
         now: SystemTime,
     ) -> Decision {
+        let (spend_month, forecast_month) = match &self.spend {
+            Some(book) => book.spend(
+                &identity_name(claims.tenant.as_deref(), &claims.subject),
+                claims.tenant.as_deref(),
+            ),
+            None => (0, 0),
+        };
         self.policies.current().decide(&PolicyRequest {
             principal: Principal {
                 subject: claims.subject.clone(),
@@ -581,10 +600,8 @@ impl Admitter {
             source,
             method,
             token_age: now.duration_since(claims.issued_at).unwrap_or_default(),
-            // Zero until cost accounting exists (the fields are there so
-            // policies can be written against them now).
-            spend_month: 0,
-            forecast_month: 0,
+            spend_month,
+            forecast_month,
         })
     }
 
