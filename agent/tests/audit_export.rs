@@ -189,6 +189,9 @@ struct FakeState {
     max_batch: usize,
     proofs_ok: usize,
     errors: Vec<String>,
+    /// Refuse (INVALID_ARGUMENT) batches with more events than this, like a
+    /// collector configured with a lower limit than the agent.
+    batch_limit: Option<usize>,
 }
 
 #[derive(Clone)]
@@ -305,6 +308,14 @@ impl Fake {
                 return Err(Status::invalid_argument("expected EventBatch"));
             };
             batches += 1;
+            if let Some(limit) = self.st().batch_limit
+                && batch.events.len() > limit
+            {
+                return Err(Status::invalid_argument(format!(
+                    "a batch of {} events is over the limit of {limit}",
+                    batch.events.len()
+                )));
+            }
             let persisted = {
                 let mut st = self.st();
                 let idx = st.batches.len() - 1;
@@ -593,6 +604,24 @@ async fn batches_are_bounded_by_bytes_as_well_as_count() {
         st.max_batch
     );
     assert!(st.batches[0] >= 10);
+}
+
+#[tokio::test]
+async fn batches_shrink_when_the_collector_refuses_them_as_too_large() {
+    let src = MemSource::new("node-shrink");
+    src.append(500, 8);
+    let fake = Fake::new(src.public_key(), &[]);
+    fake.st().batch_limit = Some(10);
+    let server = ServerHandle::local(&fake);
+    let run = Running::start(&src, plain(server.addr, 64), fast());
+    fake.wait_persisted(500).await;
+    run.wait_until("acked", |s| s.acked_seq == 500).await;
+    let snap = run.stop().await;
+    // 64 -> 32 -> 16 -> 8: three refusals, then everything fits.
+    assert_eq!((snap.batch_events, snap.failures), (8, 3), "{snap:?}");
+    assert_eq!(snap.protocol_errors, 0);
+    assert_delivered_exactly(&fake, &src);
+    assert_acks_monotonic(&src.acks(), 500);
 }
 
 #[tokio::test]

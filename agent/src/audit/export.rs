@@ -35,7 +35,7 @@ use std::{
 };
 
 use portcullis_proto::v1::{
-    AgentMessage, Event, EventBatch, Hello, Proof, agent_message,
+    AgentMessage, CollectorMessage, Event, EventBatch, Hello, Proof, agent_message,
     collector_client::CollectorClient, collector_message,
 };
 use prost::Message as _;
@@ -231,6 +231,9 @@ pub struct ExportStatus {
     protocol_errors: AtomicU64,
     /// The delay chosen before the latest reconnect, milliseconds.
     last_backoff_ms: AtomicU64,
+    /// Events per batch in force (the configured bound unless the collector
+    /// refused batches that large).
+    batch_events: AtomicU64,
     last_error: Mutex<Option<String>>,
 }
 
@@ -245,6 +248,7 @@ pub struct ExportSnapshot {
     pub failures: u64,
     pub protocol_errors: u64,
     pub last_backoff_ms: u64,
+    pub batch_events: u64,
     pub last_error: Option<String>,
 }
 
@@ -263,6 +267,7 @@ impl ExportStatus {
             failures: self.failures.load(Ordering::Relaxed),
             protocol_errors: self.protocol_errors.load(Ordering::Relaxed),
             last_backoff_ms: self.last_backoff_ms.load(Ordering::Relaxed),
+            batch_events: self.batch_events.load(Ordering::Relaxed),
             last_error: self.last_error.lock().map(|e| e.clone()).unwrap_or(None),
         }
     }
@@ -276,6 +281,41 @@ impl ExportStatus {
             *last = Some(e.to_string());
         }
     }
+}
+
+/// The batch bounds in force: the configured ones, halved each time the
+/// collector refuses a batch as too large (a collector configured with a
+/// lower limit than the agent must not stall delivery for good).
+#[derive(Clone, Copy, Debug)]
+struct BatchLimits {
+    events: usize,
+    bytes: usize,
+}
+
+impl BatchLimits {
+    /// Smallest byte bound shrinking goes to (a batch still carries at least
+    /// one event whatever its size).
+    const MIN_BYTES: usize = 4096;
+
+    /// Halves both bounds; false when already at the minimum.
+    fn shrink(&mut self) -> bool {
+        let before = (self.events, self.bytes);
+        self.events = (self.events / 2).max(1);
+        self.bytes = (self.bytes / 2).max(Self::MIN_BYTES.min(self.bytes));
+        (self.events, self.bytes) != before
+    }
+}
+
+/// The collector ended the stream saying a message was invalid or too big:
+/// the likely cause is a batch over its limits.
+fn refused_batch(e: &ExportError) -> bool {
+    matches!(
+        e,
+        ExportError::Status(s) if matches!(
+            s.code(),
+            tonic::Code::InvalidArgument | tonic::Code::ResourceExhausted | tonic::Code::OutOfRange
+        )
+    )
 }
 
 /// How a stream ended without an error.
@@ -319,6 +359,13 @@ pub async fn run_with<S: EventSource>(
 ) {
     let rng = ring::rand::SystemRandom::new();
     let mut attempt: u32 = 0;
+    let mut limits = BatchLimits {
+        events: target.batch_max_events.max(1),
+        bytes: opts.batch_bytes.max(1),
+    };
+    status
+        .batch_events
+        .store(limits.events as u64, Ordering::Relaxed);
     let mut first = true;
     tracing::info!(
         event = "audit_export_start",
@@ -337,7 +384,7 @@ pub async fn run_with<S: EventSource>(
         let started = Instant::now();
         let mut progressed = false;
         let outcome = tokio::select! {
-            r = session(&source, &key, &target, &opts, &status, &mut progressed) => r,
+            r = session(&source, &key, &target, &opts, limits, &status, &mut progressed) => r,
             _ = stopped(&mut shutdown) => Ok(End::Shutdown),
         };
         status.connected.store(false, Ordering::Relaxed);
@@ -352,6 +399,19 @@ pub async fn run_with<S: EventSource>(
             }
             Err(e) => {
                 status.record_error(&e);
+                if refused_batch(&e) && limits.shrink() {
+                    status
+                        .batch_events
+                        .store(limits.events as u64, Ordering::Relaxed);
+                    tracing::warn!(
+                        event = "audit_export_batch_shrunk",
+                        batch_events = limits.events,
+                        batch_bytes = limits.bytes,
+                        error = %e,
+                        "the collector refused a batch; sending smaller batches \
+                         (align audit.collector.batch_max_events with the collector's limit)"
+                    );
+                }
                 if progressed || started.elapsed() >= opts.healthy_after {
                     attempt = 0;
                 }
@@ -400,16 +460,14 @@ async fn session<S: EventSource>(
     key: &NodeKey,
     target: &CollectorTarget,
     opts: &ExportOptions,
+    limits: BatchLimits,
     status: &ExportStatus,
     progressed: &mut bool,
 ) -> Result<End, ExportError> {
     let channel = connect(target, opts).await?;
     let mut client = CollectorClient::new(channel)
         .max_decoding_message_size(MAX_COLLECTOR_MESSAGE)
-        .max_encoding_message_size(max_batch_message_bytes(
-            target.batch_max_events,
-            opts.batch_bytes,
-        ));
+        .max_encoding_message_size(max_batch_message_bytes(limits.events, limits.bytes));
 
     let window = opts.window_batches.max(1);
     // Room for Hello, Proof and a full window: sends never wait on the
@@ -460,9 +518,13 @@ async fn session<S: EventSource>(
         )));
     }
     let sig = key.sign(&chain::hello_message(source.node_id(), &welcome.challenge));
-    send(agent_message::Msg::Proof(Proof {
+    if send(agent_message::Msg::Proof(Proof {
         signature: sig.to_vec(),
-    }))?;
+    }))
+    .is_err()
+    {
+        return Err(why_closed(&mut inbound).await);
+    }
     status.connected.store(true, Ordering::Relaxed);
     status.sessions.fetch_add(1, Ordering::Relaxed);
     let acked_before = status.acked_seq.load(Ordering::Relaxed);
@@ -501,7 +563,7 @@ async fn session<S: EventSource>(
                     caught_up = true;
                     break;
                 }
-                let events = read(source, sent, target.batch_max_events).await?;
+                let events = read(source, sent, limits.events).await?;
                 let mut prev = sent;
                 for bytes in events {
                     let seq = event_seq(&bytes).ok_or_else(|| {
@@ -536,8 +598,7 @@ async fn session<S: EventSource>(
             let mut last = sent;
             while let Some((seq, ev)) = pending.front() {
                 if !batch.is_empty()
-                    && (batch.len() >= target.batch_max_events
-                        || bytes_in + ev.len() > opts.batch_bytes)
+                    && (batch.len() >= limits.events || bytes_in + ev.len() > limits.bytes)
                 {
                     break;
                 }
@@ -549,7 +610,9 @@ async fn session<S: EventSource>(
             if inflight.is_empty() {
                 last_progress = Instant::now();
             }
-            send(agent_message::Msg::Batch(EventBatch { events: batch }))?;
+            if send(agent_message::Msg::Batch(EventBatch { events: batch })).is_err() {
+                return Err(why_closed(&mut inbound).await);
+            }
             inflight.push_back(last);
             sent = last;
             status.sent_seq.fetch_max(sent, Ordering::Relaxed);
@@ -603,17 +666,41 @@ async fn session<S: EventSource>(
     }
 }
 
-/// A status about an oversize or undecodable message from the collector is
-/// the collector's fault (a protocol violation), not the network's.
+/// A status from this side's decoder (a collector message over
+/// `MAX_COLLECTOR_MESSAGE`, or not a `CollectorMessage`) is the collector's
+/// fault: a protocol violation. Statuses the collector sent stay statuses.
 fn classify(s: tonic::Status) -> ExportError {
     let m = s.message();
-    let decode =
-        s.code() == tonic::Code::Internal && (m.contains("decod") || m.contains("message length"));
-    if decode || s.code() == tonic::Code::OutOfRange || s.code() == tonic::Code::ResourceExhausted {
-        ExportError::Protocol(format!("undecodable or oversize message: {s}"))
+    let oversize = matches!(
+        s.code(),
+        tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    ) && m.contains(&format!("limit is: {MAX_COLLECTOR_MESSAGE} bytes"));
+    let undecodable =
+        s.code() == tonic::Code::Internal && s.metadata().is_empty() && m.contains("decod");
+    if oversize || undecodable {
+        ExportError::Protocol(format!("undecodable or oversize message: {m}"))
     } else {
         ExportError::Status(s)
     }
+}
+
+/// The outgoing half closed under us: the collector ended the stream. Its
+/// status says why (a refused batch, a shutdown); wait briefly for it.
+/// Acks still in the pipe are dropped, not applied: the next stream resumes
+/// from what the collector says it holds.
+async fn why_closed(inbound: &mut tonic::Streaming<CollectorMessage>) -> ExportError {
+    let reason = async {
+        loop {
+            match inbound.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => return ExportError::Closed,
+                Err(s) => return classify(s),
+            }
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(2), reason)
+        .await
+        .unwrap_or(ExportError::Closed)
 }
 
 /// Reads the next events from the source off the async runtime.
