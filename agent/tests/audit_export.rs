@@ -14,10 +14,12 @@ use std::{
 
 use portcullis_agent::{
     audit::{
+        auditor::{Auditor, StartInfo},
         chain::{self, Head, Sealer},
         export::{self, Backoff, EventSource, ExportOptions, ExportStatus},
     },
-    config::{CollectorTarget, CollectorTls},
+    collector::{self, CollectorOptions, Output, store},
+    config::{AuditSection, CollectorTarget, CollectorTls, OnFull},
     nodekey::NodeKey,
 };
 use portcullis_proto::v1::{
@@ -44,7 +46,9 @@ struct MemSource {
     node_id: String,
     key: Arc<NodeKey>,
     inner: Mutex<MemInner>,
-    durable: watch::Sender<u64>,
+    /// `None` once closed (the auditor stopped).
+    durable: Mutex<Option<watch::Sender<u64>>>,
+    durable_rx: watch::Receiver<u64>,
 }
 
 struct MemInner {
@@ -59,6 +63,7 @@ struct MemInner {
 impl MemSource {
     fn new(node_id: &str) -> Arc<MemSource> {
         let key = Arc::new(NodeKey::generate().unwrap());
+        let (tx, durable_rx) = watch::channel(0);
         Arc::new(MemSource {
             node_id: node_id.to_owned(),
             key,
@@ -68,7 +73,8 @@ impl MemSource {
                 all: Vec::new(),
                 acks: Vec::new(),
             }),
-            durable: watch::Sender::new(0),
+            durable: Mutex::new(Some(tx)),
+            durable_rx,
         })
     }
 
@@ -91,7 +97,14 @@ impl MemSource {
             g.all.push(s.bytes);
         }
         drop(g);
-        self.durable.send_replace(last);
+        if let Some(tx) = self.durable.lock().unwrap().as_ref() {
+            tx.send_replace(last);
+        }
+    }
+
+    /// The source stops: no more events will become durable.
+    fn close(&self) {
+        self.durable.lock().unwrap().take();
     }
 
     fn all(&self) -> Vec<Vec<u8>> {
@@ -111,7 +124,7 @@ impl EventSource for MemSource {
     type Error = std::convert::Infallible;
 
     fn durable(&self) -> watch::Receiver<u64> {
-        self.durable.subscribe()
+        self.durable_rx.clone()
     }
 
     fn read_after(&self, seq: u64, max_events: usize) -> Result<Vec<Vec<u8>>, Self::Error> {
@@ -1152,4 +1165,258 @@ async fn mtls_presents_the_client_certificate() {
     run.wait_until("acked", |s| s.acked_seq == 20).await;
     run.stop().await;
     assert_delivered_exactly(&fake, &src);
+}
+
+// ---- draining at stop ----------------------------------------------------------
+
+#[tokio::test]
+async fn a_closed_source_is_drained_and_acknowledged_before_the_exporter_ends() {
+    let src = MemSource::new("node-drain");
+    src.append(300, 8);
+    let fake = Fake::new(src.public_key(), &[Mode::SlowAck(Duration::from_millis(5))]);
+    let server = ServerHandle::local(&fake);
+    let run = Running::start(&src, plain(server.addr, 20), fast());
+    src.close();
+    // No shutdown signal: the exporter ends by itself once all 300 are acked.
+    tokio::time::timeout(WAIT, run.task)
+        .await
+        .expect("exporter ends after draining a closed source")
+        .unwrap();
+    let snap = run.status.snapshot();
+    assert_eq!(snap.acked_seq, 300, "{snap:?}");
+    assert_delivered_exactly(&fake, &src);
+    assert_eq!(src.held(), 0);
+}
+
+// ---- the real auditor and the real collector -------------------------------------
+
+/// A unique temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        let d = Pki::new(name);
+        let path = d.dir.clone();
+        std::mem::forget(d);
+        TempDir(path)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The real collector serving `dir` on `addr` until `stop`.
+struct RealCollector {
+    addr: SocketAddr,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<anyhow::Result<()>>,
+}
+
+impl RealCollector {
+    async fn start(dir: &std::path::Path, addr: SocketAddr) -> RealCollector {
+        let c = collector::Collector::open(CollectorOptions::new(Output::Dir {
+            dir: dir.to_owned(),
+            rotate_bytes: store::DEFAULT_ROTATE_BYTES,
+        }))
+        .unwrap();
+        let start = Instant::now();
+        let listener = loop {
+            match tokio::net::TcpListener::bind(addr).await {
+                Ok(l) => break l,
+                Err(e) if start.elapsed() < WAIT => {
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                Err(e) => panic!("bind {addr}: {e}"),
+            }
+        };
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(async move {
+            c.serve(listener, None, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        RealCollector {
+            addr,
+            stop: Some(tx),
+            task,
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(WAIT, self.task)
+            .await
+            .expect("collector stops")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn control_call(i: u64) -> Body {
+    Body::ControlCall(portcullis_proto::v1::ControlCall {
+        caller: "test".into(),
+        role: "operator".into(),
+        method: "Stats".into(),
+        request: format!("#{i}"),
+        allowed: true,
+        outcome: "ok".into(),
+    })
+}
+
+/// (seq -> raw canonical bytes) of every event record the collector wrote,
+/// counting repeats, and the finding records.
+fn collector_output(
+    dir: &std::path::Path,
+    node: &str,
+) -> (BTreeMap<u64, Vec<Vec<u8>>>, Vec<String>) {
+    let mut events: BTreeMap<u64, Vec<Vec<u8>>> = BTreeMap::new();
+    let mut findings = Vec::new();
+    for file in store::output_files(dir).unwrap() {
+        for line in std::fs::read_to_string(&file).unwrap().lines() {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            match store::record_head(&v) {
+                Some((n, head)) if n == node => {
+                    let raw = v["portcullis"]["raw"]
+                        .as_str()
+                        .expect("raw bytes in the record");
+                    events
+                        .entry(head.seq)
+                        .or_default()
+                        .push(collector::ocsf::decode_raw(raw).unwrap());
+                }
+                Some(_) => {}
+                None => findings.push(line.to_owned()),
+            }
+        }
+    }
+    (events, findings)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_auditor_to_real_collector_every_seq_exactly_once_across_a_collector_restart() {
+    let tmp = TempDir::new("real");
+    let out = tmp.0.join("collector");
+    std::fs::create_dir_all(&out).unwrap();
+    let node = "node-real";
+    let key = Arc::new(NodeKey::generate().unwrap());
+    let cfg = AuditSection {
+        spool_dir: tmp.0.join("spool"),
+        spool_max_bytes: 256 << 20,
+        segment_bytes: 256 << 10,
+        on_full: OnFull::RefuseAdmissions,
+        checkpoint_events: 1000,
+        checkpoint_interval: Duration::from_secs(3600),
+        report_interval: Duration::from_secs(3600),
+        collector: None,
+    };
+    let (auditor, writer) = Auditor::open(
+        &cfg,
+        node,
+        Arc::clone(&key),
+        StartInfo {
+            agent_version: "test".into(),
+            policy_version: "p".into(),
+            reason: "start".into(),
+        },
+    )
+    .unwrap();
+    let writer = tokio::spawn(writer.run());
+
+    let first = RealCollector::start(&out, "127.0.0.1:0".parse().unwrap()).await;
+    let addr = first.addr;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let status = ExportStatus::new();
+    let exporter = tokio::spawn(export::run_with(
+        Arc::new(auditor.clone()),
+        Arc::clone(&key),
+        plain(addr, 256),
+        stop_rx,
+        Arc::clone(&status),
+        fast(),
+    ));
+    let wait_acked = |through: u64| {
+        let status = Arc::clone(&status);
+        async move {
+            let start = Instant::now();
+            while status.snapshot().acked_seq < through {
+                assert!(
+                    start.elapsed() < WAIT,
+                    "acked {:?} of {through}",
+                    status.snapshot()
+                );
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        }
+    };
+
+    // 10k events; the collector restarts while a backlog is in flight.
+    let mut last = 0;
+    for i in 0..5_000u64 {
+        if i % 500 == 499 {
+            last = auditor.record_durable(control_call(i)).await.unwrap();
+        } else {
+            auditor.record(control_call(i)).unwrap();
+        }
+    }
+    wait_acked(last / 3).await;
+    first.stop().await;
+    for i in 5_000..10_000u64 {
+        if i % 500 == 499 {
+            last = auditor.record_durable(control_call(i)).await.unwrap();
+        } else {
+            auditor.record(control_call(i)).unwrap();
+        }
+    }
+    let second = RealCollector::start(&out, addr).await;
+    wait_acked(last).await;
+
+    // Agent stop: the auditor writes STOPPING and a checkpoint; the exporter
+    // delivers them and ends by itself.
+    auditor.clone().shutdown("test stop").await.unwrap();
+    tokio::time::timeout(WAIT, exporter)
+        .await
+        .expect("exporter drains and ends after the auditor stops")
+        .unwrap();
+    let _ = stop_tx.send(true);
+    tokio::time::timeout(WAIT, writer).await.unwrap().unwrap();
+    let stats = auditor.stats();
+    let snap = status.snapshot();
+    second.stop().await;
+
+    assert!(stats.durable_seq > 10_000, "{stats:?}");
+    assert_eq!(snap.acked_seq, stats.durable_seq, "{snap:?} {stats:?}");
+    assert!(snap.sessions >= 2 && snap.failures >= 1, "{snap:?}");
+    let (events, findings) = collector_output(&out, node);
+    assert!(findings.is_empty(), "findings: {findings:#?}");
+    let seqs: Vec<u64> = events.keys().copied().collect();
+    let expect: Vec<u64> = (1..=stats.durable_seq).collect();
+    assert!(
+        seqs == expect,
+        "collector has {} seqs, {}..={}",
+        seqs.len(),
+        seqs[0],
+        seqs[seqs.len() - 1]
+    );
+    let repeated: Vec<_> = events
+        .iter()
+        .filter(|(_, v)| v.len() != 1)
+        .map(|(s, _)| *s)
+        .collect();
+    assert!(
+        repeated.is_empty(),
+        "seqs written more than once: {repeated:?}"
+    );
+    // The bytes are the canonical encodings, chained.
+    let mut prev = chain::GENESIS;
+    for (seq, v) in &events {
+        let ev = Event::decode(v[0].as_slice()).unwrap();
+        assert_eq!((ev.seq, ev.prev_hash.as_slice()), (*seq, &prev[..]));
+        prev = chain::event_hash(&v[0]);
+    }
 }

@@ -46,7 +46,10 @@ use tonic::{
 };
 
 use crate::{
-    audit::chain,
+    audit::{
+        auditor::{AuditError, Auditor},
+        chain,
+    },
     config::{CollectorTarget, CollectorTls},
     nodekey::NodeKey,
 };
@@ -91,6 +94,25 @@ pub trait EventSource: Send + Sync + 'static {
     fn acknowledged(&self, seq: u64);
     fn node_id(&self) -> &str;
     fn public_key(&self) -> [u8; 32];
+}
+
+impl EventSource for Auditor {
+    type Error = AuditError;
+    fn durable(&self) -> watch::Receiver<u64> {
+        Auditor::durable(self)
+    }
+    fn read_after(&self, seq: u64, max_events: usize) -> Result<Vec<Vec<u8>>, AuditError> {
+        Auditor::read_after(self, seq, max_events)
+    }
+    fn acknowledged(&self, seq: u64) {
+        Auditor::acknowledged(self, seq)
+    }
+    fn node_id(&self) -> &str {
+        Auditor::node_id(self)
+    }
+    fn public_key(&self) -> [u8; 32] {
+        Auditor::public_key(self)
+    }
 }
 
 /// Reconnect delays: exponential growth with full jitter above a small
@@ -321,15 +343,23 @@ fn refused_batch(e: &ExportError) -> bool {
 /// How a stream ended without an error.
 enum End {
     Shutdown,
-    /// The event source is gone (its durable watch closed).
+    /// The event source is gone (its durable watch closed) and everything
+    /// it made durable was acknowledged.
     SourceClosed,
 }
 
 /// Streams `source` to the collector at `target` until `shutdown` turns
-/// true (or its sender is dropped), or the source goes away. Never returns
-/// early on errors: each is logged, counted in `status`, and retried after
-/// a backoff. Dropping the future at any await point is also safe:
-/// unacknowledged events stay in the spool and are sent by the next run.
+/// true (or its sender is dropped), or until the source has closed (the
+/// auditor shut down) and everything it made durable was acknowledged.
+/// Never returns early on errors: each is logged, counted in `status`, and
+/// retried after a backoff. Dropping the future at any await point is also
+/// safe: unacknowledged events stay in the spool and are sent by the next
+/// run.
+///
+/// Agent stop: `auditor.shutdown(..)` (STOPPING and a final checkpoint
+/// become durable), then give this task a bounded time to drain
+/// (`tokio::time::timeout(d, handle)`), then send `true` on `shutdown` and
+/// await it; it returns promptly.
 pub async fn run<S: EventSource>(
     source: Arc<S>,
     key: Arc<NodeKey>,
@@ -392,8 +422,9 @@ pub async fn run_with<S: EventSource>(
             Ok(End::Shutdown) => break,
             Ok(End::SourceClosed) => {
                 tracing::info!(
-                    event = "audit_export_source_closed",
-                    "audit source closed; exporter stops"
+                    event = "audit_export_drained",
+                    acked = status.acked_seq.load(Ordering::Relaxed),
+                    "audit source closed and everything durable was acknowledged; exporter stops"
                 );
                 return;
             }
@@ -552,6 +583,9 @@ async fn session<S: EventSource>(
     let mut pending: VecDeque<(u64, Vec<u8>)> = VecDeque::new();
     let mut last_progress = Instant::now();
     let mut caught_up;
+    // The source stopped (auditor shut down): deliver what is durable, wait
+    // for its acks, then end.
+    let mut source_closed = false;
 
     loop {
         // Fill the window.
@@ -618,6 +652,9 @@ async fn session<S: EventSource>(
             status.sent_seq.fetch_max(sent, Ordering::Relaxed);
         }
 
+        if caught_up && source_closed && inflight.is_empty() {
+            return Ok(End::SourceClosed);
+        }
         let deadline = last_progress + opts.ack_timeout;
         tokio::select! {
             msg = inbound.message() => {
@@ -654,9 +691,9 @@ async fn session<S: EventSource>(
                     }
                 }
             }
-            r = durable.changed(), if caught_up => {
+            r = durable.changed(), if caught_up && !source_closed => {
                 if r.is_err() {
-                    return Ok(End::SourceClosed);
+                    source_closed = true;
                 }
             }
             _ = tokio::time::sleep_until(deadline.into()), if !inflight.is_empty() => {
