@@ -397,6 +397,13 @@ pub async fn run_with<S: EventSource>(
         .batch_events
         .store(limits.events as u64, Ordering::Relaxed);
     let mut first = true;
+    if key.public_key() != source.public_key() {
+        tracing::error!(
+            event = "audit_export_key_mismatch",
+            "the key given to the exporter is not the audit source's node key; \
+             the collector will refuse every Proof"
+        );
+    }
     tracing::info!(
         event = "audit_export_start",
         endpoint = %target.endpoint,
@@ -523,7 +530,10 @@ async fn session<S: EventSource>(
     .await
     .map_err(|_| ExportError::HandshakeTimeout(hs))?;
     let (mut inbound, first) = welcome.map_err(classify)?;
-    let welcome = match first.and_then(|m| m.msg) {
+    let Some(first) = first else {
+        return Err(ExportError::Closed);
+    };
+    let welcome = match first.msg {
         Some(collector_message::Msg::Welcome(w)) => w,
         Some(collector_message::Msg::Ack(a)) => {
             return Err(ExportError::Protocol(format!(
@@ -531,7 +541,11 @@ async fn session<S: EventSource>(
                 a.persisted_through
             )));
         }
-        None => return Err(ExportError::Closed),
+        None => {
+            return Err(ExportError::Protocol(
+                "an empty CollectorMessage instead of Welcome".into(),
+            ));
+        }
     };
     if welcome.challenge.len() != CHALLENGE_LEN {
         return Err(ExportError::Protocol(format!(
