@@ -244,12 +244,14 @@ fn ensure_apt_packages() -> Result<()> {
 }
 
 /// PyJWT with `cryptography`: the independent JWT implementation the
-/// interop tests and the admission benchmark mint tokens with.
-const PYTHON_PACKAGES: [&str; 2] = ["pyjwt", "cryptography"];
+/// interop tests and the admission benchmark mint tokens with;
+/// `pydantic-ocsf`: the OCSF schema exports and models that
+/// tests/ocsf/validate.py checks the collector's records against.
+const PYTHON_PACKAGES: [&str; 3] = ["pyjwt", "cryptography", "pydantic-ocsf==3.0.0"];
 
 fn ensure_python_packages() -> Result<()> {
     let probe = Command::new("python3")
-        .args(["-c", "import jwt, cryptography"])
+        .args(["-c", "import jwt, cryptography, ocsf.v1_7_0.events"])
         .output();
     if probe.is_ok_and(|o| o.status.success()) {
         println!(

@@ -36,35 +36,6 @@ use crate::collector::ocsf;
 /// The spool segment magic.
 pub const SPOOL_MAGIC: &[u8; 8] = b"PCSPOOL1";
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib and crc32fast compute it) of a
-/// spool frame's payload.
-pub fn crc32(data: &[u8]) -> u32 {
-    const TABLE: [u32; 256] = {
-        let mut t = [0u32; 256];
-        let mut i = 0;
-        while i < 256 {
-            let mut c = i as u32;
-            let mut k = 0;
-            while k < 8 {
-                c = if c & 1 != 0 {
-                    0xEDB8_8320 ^ (c >> 1)
-                } else {
-                    c >> 1
-                };
-                k += 1;
-            }
-            t[i] = c;
-            i += 1;
-        }
-        t
-    };
-    let mut c = !0u32;
-    for &b in data {
-        c = TABLE[((c ^ b as u32) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
-
 /// Where in the input something was found.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Location {
@@ -244,7 +215,7 @@ pub fn verify_files(opts: &VerifyOptions) -> std::io::Result<Report> {
         let bytes = fs::read(file)
             .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
         if bytes.starts_with(SPOOL_MAGIC) {
-            spool(&mut run, file, &bytes);
+            spool(&mut run, file)?;
         } else {
             json_lines(&mut run, file, &bytes);
         }
@@ -293,57 +264,35 @@ pub fn verify_files(opts: &VerifyOptions) -> std::io::Result<Report> {
     Ok(run.report)
 }
 
-fn spool(run: &mut Run, file: &Path, bytes: &[u8]) {
-    let mut pos = SPOOL_MAGIC.len();
-    let mut frame = 0u64;
-    while pos < bytes.len() {
-        frame += 1;
+fn spool(run: &mut Run, file: &Path) -> std::io::Result<()> {
+    let seg = super::spool::read_segment_file(file)
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
+    for (i, payload) in seg.frames.iter().enumerate() {
         let at = Location {
             file: file.to_owned(),
-            line: frame,
+            line: i as u64 + 1,
             unit: "frame",
         };
-        if bytes.len() - pos < 8 {
-            run.issue(
-                &at,
-                Severity::Error,
-                "truncated",
-                format!(
-                    "{} bytes at offset {pos} are not a whole frame header (torn tail)",
-                    bytes.len() - pos
-                ),
-            );
-            return;
-        }
-        let len = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes")) as usize;
-        let crc = u32::from_le_bytes(bytes[pos + 4..pos + 8].try_into().expect("4 bytes"));
-        let start = pos + 8;
-        if bytes.len() - start < len {
-            run.issue(
-                &at,
-                Severity::Error,
-                "truncated",
-                format!(
-                    "frame at offset {pos} says {len} bytes but only {} remain (torn tail)",
-                    bytes.len() - start
-                ),
-            );
-            return;
-        }
-        let payload = &bytes[start..start + len];
-        if crc32(payload) != crc {
-            run.issue(
-                &at,
-                Severity::Error,
-                "corrupt",
-                format!("frame at offset {pos}: CRC mismatch"),
-            );
-            return;
-        }
         run.report.records += 1;
         run.event(&at, payload);
-        pos = start + len;
     }
+    if let Some(bad) = seg.bad {
+        let at = Location {
+            file: file.to_owned(),
+            line: seg.frames.len() as u64 + 1,
+            unit: "frame",
+        };
+        run.issue(
+            &at,
+            Severity::Error,
+            "truncated",
+            format!(
+                "segment stops decoding at byte {} of {}: {}",
+                bad.offset, seg.len, bad.reason
+            ),
+        );
+    }
+    Ok(())
 }
 
 fn json_lines(run: &mut Run, file: &Path, bytes: &[u8]) {
@@ -621,14 +570,5 @@ pub fn run_action(action: AuditAction) -> anyhow::Result<()> {
                 )
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn crc32_matches_the_standard_check_value() {
-        assert_eq!(super::crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(super::crc32(b""), 0);
     }
 }

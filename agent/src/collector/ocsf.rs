@@ -52,7 +52,7 @@ use crate::audit::chain::{event_hash, hex};
 use crate::audit::verify::{Finding, Severity};
 
 /// The OCSF schema version the records follow.
-pub const OCSF_VERSION: &str = "1.3.0";
+pub const OCSF_VERSION: &str = "1.7.0";
 /// The version of this mapping (`portcullis.mapping`); bumped whenever a
 /// record for the same bytes would change.
 pub const MAPPING_VERSION: u64 = 1;
@@ -236,6 +236,8 @@ fn auth_attrs(
 ) -> Vec<(&'static str, Value)> {
     let mut user = Map::new();
     if identity.is_empty() {
+        // OCSF's User needs a name, uid or account.
+        user.insert("name".into(), json!("unknown"));
         user.insert("type_id".into(), json!(0));
         user.insert("type".into(), json!("Unknown"));
     } else {
@@ -272,10 +274,6 @@ fn auth_attrs(
         ("auth_protocol_id", json!(proto_id)),
         ("auth_protocol", json!(proto)),
         ("is_remote", json!(true)),
-        (
-            "logon_process",
-            json!({"name": format!("portcullis {}", method_name(method))}),
-        ),
     ];
     if !jti_sha256.is_empty() {
         attrs.push(("session", json!({"uid": hex(jti_sha256)})));
@@ -764,7 +762,10 @@ pub fn finding_record(
         }),
     );
     if let Some(ip) = peer {
-        r.insert("src_endpoint".into(), json!({"ip": ip.to_string()}));
+        r.insert(
+            "evidences".into(),
+            json!([{"src_endpoint": {"ip": ip.to_string()}}]),
+        );
     }
     let mut p = Map::new();
     p.insert("record".into(), json!("finding"));

@@ -1,0 +1,725 @@
+//! The collector in-process: a real tonic server on 127.0.0.1:0 driven by a
+//! tonic client with events sealed by `chain::Sealer` and a `NodeKey`.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::{Duration, SystemTime},
+};
+
+use portcullis_agent::{
+    audit::{
+        chain::{self, Head, Sealed, Sealer},
+        verify::Trust,
+        verify_cli::{VerifyOptions, verify_files},
+    },
+    collector::{Collector, CollectorOptions, Output, ocsf, store},
+    nodekey::NodeKey,
+};
+use portcullis_proto::v1::{
+    AdmissionGranted, AgentMessage, CollectorMessage, EventBatch, Hello, Lifecycle, Proof,
+    agent_message::Msg, collector_client::CollectorClient, collector_message, event::Body,
+    lifecycle::Phase,
+};
+use prost::Message as _;
+use serde_json::Value;
+use tokio::sync::{mpsc, oneshot};
+use tonic::{Code, Streaming, codegen::tokio_stream::wrappers::ReceiverStream};
+
+/// A unique temporary directory, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(name: &str) -> TempDir {
+        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let d = std::env::temp_dir().join(format!(
+            "portcullis-collector-{name}-{}-{n}",
+            std::process::id()
+        ));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        TempDir(d)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A collector serving in the background.
+struct Running {
+    addr: SocketAddr,
+    collector: Collector,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+impl Running {
+    async fn start(opts: CollectorOptions) -> Running {
+        let collector = Collector::open(opts).unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (tx, rx) = oneshot::channel::<()>();
+        let c = collector.clone();
+        let task = tokio::spawn(async move {
+            c.serve(listener, None, async {
+                let _ = rx.await;
+            })
+            .await
+        });
+        Running {
+            addr,
+            collector,
+            stop: Some(tx),
+            task: Some(task),
+        }
+    }
+
+    async fn stop(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), self.task.take().unwrap())
+            .await
+            .expect("collector stops within 10 s")
+            .unwrap()
+            .unwrap();
+    }
+}
+
+fn dir_opts(dir: &Path) -> CollectorOptions {
+    CollectorOptions::new(Output::Dir {
+        dir: dir.to_owned(),
+        rotate_bytes: store::DEFAULT_ROTATE_BYTES,
+    })
+}
+
+/// A test agent: a node key and a chain.
+struct Agent {
+    node: String,
+    key: NodeKey,
+    sealer: Sealer,
+    t: u64,
+}
+
+impl Agent {
+    fn new(node: &str) -> Agent {
+        Agent {
+            node: node.to_owned(),
+            key: NodeKey::generate().unwrap(),
+            sealer: Sealer::resume(node, Head::EMPTY),
+            t: 0,
+        }
+    }
+
+    fn seal(&mut self, body: Body) -> Sealed {
+        self.t += 1;
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + self.t);
+        self.sealer.seal(body, wall, self.t * 1_000)
+    }
+
+    fn started(&mut self) -> Sealed {
+        let pk = self.key.public_key();
+        self.seal(Body::Lifecycle(Lifecycle {
+            phase: Phase::Started as i32,
+            agent_version: "0.1.0".into(),
+            public_key: pk.to_vec(),
+            key_id: chain::key_id(&pk),
+            reason: "start".into(),
+            ..Default::default()
+        }))
+    }
+
+    fn granted(&mut self, who: &str) -> Sealed {
+        self.seal(Body::AdmissionGranted(AdmissionGranted {
+            identity: who.into(),
+            service: "llm".into(),
+            source: "10.0.0.7".into(),
+            method: 1,
+            policies: vec!["p1".into()],
+            action: "invoke".into(),
+            expires_unix_ms: 1_800_000_300_000,
+            ..Default::default()
+        }))
+    }
+
+    fn checkpoint(&mut self) -> Sealed {
+        self.t += 1;
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + self.t);
+        self.sealer
+            .seal_checkpoint(&self.key, 1, wall, self.t * 1_000)
+    }
+
+    /// STARTED, `n - 2` admissions, a checkpoint.
+    fn chain(&mut self, n: usize) -> Vec<Sealed> {
+        let mut v = vec![self.started()];
+        for i in 0..n.saturating_sub(2) {
+            v.push(self.granted(&format!("user{i}")));
+        }
+        v.push(self.checkpoint());
+        v
+    }
+}
+
+/// A client stream.
+struct Stream {
+    tx: mpsc::Sender<AgentMessage>,
+    rx: Streaming<CollectorMessage>,
+}
+
+impl Stream {
+    async fn open(addr: SocketAddr) -> Stream {
+        let mut client = CollectorClient::connect(format!("http://{addr}"))
+            .await
+            .unwrap();
+        let (tx, rx) = mpsc::channel(8);
+        let resp = client.stream(ReceiverStream::new(rx)).await.unwrap();
+        Stream {
+            tx,
+            rx: resp.into_inner(),
+        }
+    }
+
+    async fn send(&self, m: Msg) {
+        self.tx.send(AgentMessage { msg: Some(m) }).await.unwrap();
+    }
+
+    async fn recv(&mut self) -> Result<collector_message::Msg, tonic::Status> {
+        let m = tokio::time::timeout(Duration::from_secs(10), self.rx.message())
+            .await
+            .expect("collector answers within 10 s")?;
+        Ok(m.expect("stream open").msg.expect("message set"))
+    }
+
+    /// Hello; returns (challenge, resume_after).
+    async fn hello(&mut self, node: &str, pk: [u8; 32]) -> (Vec<u8>, u64) {
+        self.send(Msg::Hello(Hello {
+            protocol: 1,
+            node_id: node.into(),
+            public_key: pk.to_vec(),
+        }))
+        .await;
+        match self.recv().await.unwrap() {
+            collector_message::Msg::Welcome(w) => (w.challenge, w.resume_after),
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    /// Full handshake as `agent`; returns resume_after.
+    async fn handshake(addr: SocketAddr, agent: &Agent) -> (Stream, u64) {
+        let mut s = Stream::open(addr).await;
+        let (challenge, resume) = s.hello(&agent.node, agent.key.public_key()).await;
+        assert_eq!(challenge.len(), 32);
+        let sig = agent
+            .key
+            .sign(&chain::hello_message(&agent.node, &challenge));
+        s.send(Msg::Proof(Proof {
+            signature: sig.to_vec(),
+        }))
+        .await;
+        (s, resume)
+    }
+
+    async fn batch(&mut self, events: &[Sealed]) -> Result<u64, tonic::Status> {
+        self.send(Msg::Batch(EventBatch {
+            events: events.iter().map(|e| e.bytes.clone()).collect(),
+        }))
+        .await;
+        match self.recv().await? {
+            collector_message::Msg::Ack(a) => Ok(a.persisted_through),
+            other => panic!("expected Ack, got {other:?}"),
+        }
+    }
+}
+
+/// Every record in the output directory, in write order.
+fn records(dir: &Path) -> Vec<Value> {
+    let mut out = Vec::new();
+    for f in store::output_files(dir).unwrap() {
+        let text = std::fs::read_to_string(&f).unwrap();
+        for line in text.lines() {
+            out.push(serde_json::from_str(line).unwrap());
+        }
+    }
+    out
+}
+
+fn event_seqs(recs: &[Value], node: &str) -> Vec<u64> {
+    recs.iter()
+        .filter(|r| r["portcullis"]["record"] == "event" && r["portcullis"]["node_id"] == node)
+        .map(|r| r["portcullis"]["seq"].as_u64().unwrap())
+        .collect()
+}
+
+fn findings(recs: &[Value]) -> Vec<String> {
+    recs.iter()
+        .filter(|r| r["portcullis"]["record"] == "finding")
+        .map(|r| {
+            assert_eq!(r["class_uid"], 2004);
+            r["portcullis"]["finding"]["kind"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect()
+}
+
+fn verify_dir(dir: &Path) -> portcullis_agent::audit::verify_cli::Report {
+    verify_files(&VerifyOptions {
+        files: store::output_files(dir).unwrap(),
+        trust: Trust::Tofu,
+        pinned: HashMap::new(),
+    })
+    .unwrap()
+}
+
+#[tokio::test]
+async fn handshake_batches_acks_and_ocsf_records() {
+    let dir = TempDir::new("happy");
+    let run = Running::start(dir_opts(&dir.0)).await;
+    let mut a = Agent::new("node-a");
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, 0);
+    let evs = a.chain(5);
+    assert_eq!(s.batch(&evs[..2]).await.unwrap(), 2);
+    assert_eq!(s.batch(&evs[2..]).await.unwrap(), 5);
+    let recs = records(&dir.0);
+    assert_eq!(event_seqs(&recs, "node-a"), vec![1, 2, 3, 4, 5]);
+    assert!(findings(&recs).is_empty());
+    assert_eq!(recs[0]["class_uid"], 6002);
+    assert_eq!(recs[1]["class_uid"], 3002);
+    assert_eq!(recs[1]["user"]["name"], "user0");
+    assert_eq!(recs[4]["class_uid"], ocsf::PORTCULLIS_CLASS_UID);
+    // Each record is exactly the mapping of its bytes.
+    for (r, e) in recs.iter().zip(&evs) {
+        assert_eq!(r, &ocsf::event_record(&e.bytes).unwrap());
+    }
+    // The key was trusted on first use and persisted.
+    assert!(dir.0.join("keys/node-a.pub").exists());
+    drop(s);
+    run.stop().await;
+    let report = verify_dir(&dir.0);
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.nodes[0].last_checkpoint, Some(5));
+    assert_eq!(report.nodes[0].unsigned, 0);
+}
+
+/// A codec that sends raw bytes (garbage) and reads CollectorMessages.
+#[derive(Clone, Default)]
+struct RawCodec;
+
+struct RawEnc;
+struct RawDec;
+
+impl tonic::codec::Encoder for RawEnc {
+    type Item = Vec<u8>;
+    type Error = tonic::Status;
+    fn encode(
+        &mut self,
+        item: Vec<u8>,
+        dst: &mut tonic::codec::EncodeBuf<'_>,
+    ) -> Result<(), tonic::Status> {
+        use prost::bytes::BufMut as _;
+        dst.put_slice(&item);
+        Ok(())
+    }
+}
+
+impl tonic::codec::Decoder for RawDec {
+    type Item = CollectorMessage;
+    type Error = tonic::Status;
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<CollectorMessage>, tonic::Status> {
+        CollectorMessage::decode(src)
+            .map(Some)
+            .map_err(|e| tonic::Status::internal(e.to_string()))
+    }
+}
+
+impl tonic::codec::Codec for RawCodec {
+    type Encode = Vec<u8>;
+    type Decode = CollectorMessage;
+    type Encoder = RawEnc;
+    type Decoder = RawDec;
+    fn encoder(&mut self) -> RawEnc {
+        RawEnc
+    }
+    fn decoder(&mut self) -> RawDec {
+        RawDec
+    }
+}
+
+async fn send_garbage(addr: SocketAddr, bytes: Vec<u8>) -> tonic::Status {
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .unwrap()
+        .connect()
+        .await
+        .unwrap();
+    let mut grpc = tonic::client::Grpc::new(channel);
+    grpc.ready().await.unwrap();
+    let (tx, rx) = mpsc::channel::<Vec<u8>>(1);
+    tx.send(bytes).await.unwrap();
+    let path =
+        tonic::codegen::http::uri::PathAndQuery::from_static("/portcullis.v1.Collector/Stream");
+    let resp = grpc
+        .streaming(tonic::Request::new(ReceiverStream::new(rx)), path, RawCodec)
+        .await;
+    let status = match resp {
+        Err(s) => s,
+        Ok(r) => {
+            let mut st = r.into_inner();
+            tokio::time::timeout(Duration::from_secs(10), st.message())
+                .await
+                .unwrap()
+                .expect_err("garbage must be refused")
+        }
+    };
+    drop(tx);
+    status
+}
+
+#[tokio::test]
+async fn non_agents_are_refused_and_nothing_is_written() {
+    let dir = TempDir::new("refuse");
+    let mut opts = dir_opts(&dir.0);
+    let pinned = Agent::new("pinned-node");
+    let mut impostor = Agent::new("pinned-node");
+    opts.pinned = HashMap::from([("pinned-node".to_owned(), pinned.key.public_key())]);
+    let run = Running::start(opts).await;
+
+    // Garbage bytes as the first message.
+    let st = send_garbage(run.addr, vec![0x08, 0x05, 0xff, 0xff, 0x13]).await;
+    assert_eq!(st.code(), Code::InvalidArgument, "{st:?}");
+
+    // Wrong order: a Proof first.
+    let mut s = Stream::open(run.addr).await;
+    s.send(Msg::Proof(Proof {
+        signature: vec![0; 64],
+    }))
+    .await;
+    assert_eq!(s.recv().await.unwrap_err().code(), Code::InvalidArgument);
+
+    // Bad Hello fields.
+    for (protocol, node, key_len) in [(2, "n", 32), (1, "bad/node", 32), (1, "n", 31)] {
+        let mut s = Stream::open(run.addr).await;
+        s.send(Msg::Hello(Hello {
+            protocol,
+            node_id: node.into(),
+            public_key: vec![1; key_len],
+        }))
+        .await;
+        assert_eq!(s.recv().await.unwrap_err().code(), Code::InvalidArgument);
+    }
+
+    // Bad proof: signed by another key than the Hello key.
+    let a = Agent::new("node-b");
+    let other = NodeKey::generate().unwrap();
+    let mut s = Stream::open(run.addr).await;
+    let (challenge, _) = s.hello("node-b", a.key.public_key()).await;
+    s.send(Msg::Proof(Proof {
+        signature: other
+            .sign(&chain::hello_message("node-b", &challenge))
+            .to_vec(),
+    }))
+    .await;
+    assert_eq!(s.recv().await.unwrap_err().code(), Code::Unauthenticated);
+
+    // A valid proof for a key that is not the pinned one.
+    let (mut s, _) = Stream::handshake(run.addr, &impostor).await;
+    let evs = impostor.chain(3);
+    let err = s.batch(&evs).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+
+    // Events of another node on an authenticated stream.
+    let mut c = Agent::new("node-c");
+    let mut d = Agent::new("node-d");
+    let (mut s, _) = Stream::handshake(run.addr, &c).await;
+    let mut mixed = c.chain(2);
+    mixed.push(d.started());
+    let err = s.batch(&mixed).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // Undecodable event bytes in a batch.
+    let (mut s, _) = Stream::handshake(run.addr, &c).await;
+    let mut junk = c.chain(2);
+    junk[1].bytes = vec![0xff; 9];
+    let err = s.batch(&junk).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+
+    let refused = portcullis_agent::collector::Stats::get(&run.collector.stats().refused);
+    assert!(refused >= 9, "refused {refused}");
+    drop(s);
+    run.stop().await;
+    let recs = records(&dir.0);
+    // No event record at all; findings for the bad proof and the key mismatch.
+    assert!(recs.iter().all(|r| r["portcullis"]["record"] == "finding"));
+    let mut kinds = findings(&recs);
+    kinds.sort();
+    assert_eq!(kinds, vec!["bad_signature", "key_mismatch"]);
+}
+
+#[tokio::test]
+async fn oversized_batch_is_refused_whole() {
+    let dir = TempDir::new("big");
+    let mut opts = dir_opts(&dir.0);
+    opts.max_batch_events = 4;
+    let run = Running::start(opts).await;
+    let mut a = Agent::new("node-a");
+    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let evs = a.chain(5);
+    assert_eq!(
+        s.batch(&evs).await.unwrap_err().code(),
+        Code::InvalidArgument
+    );
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, 0, "nothing of the refused batch was written");
+    assert_eq!(s.batch(&evs[..4]).await.unwrap(), 4);
+    drop(s);
+    run.stop().await;
+    assert_eq!(event_seqs(&records(&dir.0), "node-a"), vec![1, 2, 3, 4]);
+}
+
+#[tokio::test]
+async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
+    let dir = TempDir::new("dedupe");
+    let mut a = Agent::new("node-a");
+    let evs = a.chain(10);
+
+    let run = Running::start(dir_opts(&dir.0)).await;
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, 0);
+    assert_eq!(s.batch(&evs[..5]).await.unwrap(), 5);
+    drop(s);
+    // Reconnect: resume_after says 5; a resend of 3..=7 writes only 6, 7.
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, 5);
+    assert_eq!(s.batch(&evs[2..7]).await.unwrap(), 7);
+    let dups = portcullis_agent::collector::Stats::get(&run.collector.stats().duplicates);
+    assert_eq!(dups, 3);
+    drop(s);
+    run.stop().await;
+    assert_eq!(
+        event_seqs(&records(&dir.0), "node-a"),
+        (1..=7).collect::<Vec<_>>()
+    );
+
+    // A crash mid-write leaves a torn last line (never acknowledged).
+    let last = store::output_files(&dir.0).unwrap().pop().unwrap();
+    let good_len = std::fs::metadata(&last).unwrap().len();
+    let torn = ocsf::event_record(&evs[7].bytes).unwrap().to_string();
+    {
+        use std::io::Write as _;
+        let mut f = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&last)
+            .unwrap();
+        f.write_all(&torn.as_bytes()[..torn.len() / 2]).unwrap();
+    }
+    // The state file is behind the output too (as after a kill): remove it
+    // so heads come from scanning the records.
+    std::fs::remove_file(dir.0.join("state.json")).unwrap();
+
+    let run = Running::start(dir_opts(&dir.0)).await;
+    assert_eq!(
+        std::fs::metadata(&last).unwrap().len(),
+        good_len,
+        "torn tail cut"
+    );
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, 7);
+    // The agent resends from 6 (it never got an ack for 8).
+    assert_eq!(s.batch(&evs[5..]).await.unwrap(), 10);
+    drop(s);
+    run.stop().await;
+    let recs = records(&dir.0);
+    assert_eq!(event_seqs(&recs, "node-a"), (1..=10).collect::<Vec<_>>());
+    assert!(findings(&recs).is_empty(), "{:?}", findings(&recs));
+    let report = verify_dir(&dir.0);
+    assert!(report.is_clean(), "{:?}", report.problems);
+}
+
+#[tokio::test]
+async fn rotates_by_size_in_write_order() {
+    let dir = TempDir::new("rotate");
+    let run = Running::start(CollectorOptions::new(Output::Dir {
+        dir: dir.0.clone(),
+        rotate_bytes: 4096,
+    }))
+    .await;
+    let mut a = Agent::new("node-a");
+    let mut b = Agent::new("node-b");
+    let ea = a.chain(30);
+    let eb = b.chain(30);
+    let (mut sa, _) = Stream::handshake(run.addr, &a).await;
+    let (mut sb, _) = Stream::handshake(run.addr, &b).await;
+    for i in (0..30).step_by(3) {
+        sa.batch(&ea[i..i + 3]).await.unwrap();
+        sb.batch(&eb[i..i + 3]).await.unwrap();
+    }
+    drop((sa, sb));
+    run.stop().await;
+    let files = store::output_files(&dir.0).unwrap();
+    assert!(files.len() >= 5, "{} files", files.len());
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_str().unwrap().to_owned())
+        .collect();
+    let mut sorted = names.clone();
+    sorted.sort();
+    assert_eq!(names, sorted);
+    for (i, n) in names.iter().enumerate() {
+        assert!(
+            n.starts_with("events-") && n.ends_with(&format!("-{:06}.jsonl", i + 1)),
+            "{n}"
+        );
+    }
+    // Every file but the last is at most a batch past the limit.
+    for f in &files[..files.len() - 1] {
+        assert!(std::fs::metadata(f).unwrap().len() <= 4096 + 8192);
+    }
+    let recs = records(&dir.0);
+    assert_eq!(event_seqs(&recs, "node-a"), (1..=30).collect::<Vec<_>>());
+    assert_eq!(event_seqs(&recs, "node-b"), (1..=30).collect::<Vec<_>>());
+    let report = verify_dir(&dir.0);
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.nodes.len(), 2);
+}
+
+#[tokio::test]
+async fn chain_break_and_bad_checkpoint_write_findings() {
+    let dir = TempDir::new("findings");
+    let run = Running::start(dir_opts(&dir.0)).await;
+    let mut a = Agent::new("node-a");
+    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let first = a.chain(3);
+    s.batch(&first).await.unwrap();
+    // An event that does not link to seq 3.
+    let mut fork = Sealer::resume(
+        "node-a",
+        Head {
+            seq: 3,
+            hash: [9; 32],
+        },
+    );
+    let broken = fork.seal(
+        Body::Gap(portcullis_proto::v1::Gap::default()),
+        SystemTime::now(),
+        99_000,
+    );
+    // A checkpoint signed by another key.
+    let other = NodeKey::generate().unwrap();
+    let bad_cp = fork.seal_checkpoint(&other, 1, SystemTime::now(), 99_001);
+    assert_eq!(s.batch(&[broken, bad_cp]).await.unwrap(), 5);
+    drop(s);
+    run.stop().await;
+    let recs = records(&dir.0);
+    assert_eq!(event_seqs(&recs, "node-a"), vec![1, 2, 3, 4, 5]);
+    assert_eq!(findings(&recs), vec!["chain_break", "bad_signature"]);
+    // The finding carries the offending bytes as evidence.
+    let f = recs
+        .iter()
+        .find(|r| r["portcullis"]["record"] == "finding")
+        .unwrap();
+    assert!(f["portcullis"]["evidence_raw"].is_string());
+    assert_eq!(f["finding_info"]["uid"], "node-a/4/chain_break");
+    // audit verify sees the same problems in the output.
+    let report = verify_dir(&dir.0);
+    let kinds: Vec<&str> = report.problems.iter().map(|p| p.kind.as_str()).collect();
+    assert_eq!(kinds, vec!["chain_break", "bad_signature"]);
+}
+
+#[tokio::test]
+async fn a_newer_stream_of_the_same_node_takes_over() {
+    let dir = TempDir::new("takeover");
+    let run = Running::start(dir_opts(&dir.0)).await;
+    let mut a = Agent::new("node-a");
+    let evs = a.chain(4);
+    let (mut old, _) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(old.batch(&evs[..1]).await.unwrap(), 1);
+    let (mut new, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, 1);
+    assert_eq!(
+        old.batch(&evs[1..2]).await.unwrap_err().code(),
+        Code::Aborted
+    );
+    assert_eq!(new.batch(&evs[1..]).await.unwrap(), 4);
+    drop((old, new));
+    run.stop().await;
+    assert_eq!(event_seqs(&records(&dir.0), "node-a"), vec![1, 2, 3, 4]);
+}
+
+#[test]
+fn stdout_mode_writes_json_lines_to_stdout() {
+    use std::io::{BufRead as _, BufReader};
+    use std::process::{Command, Stdio};
+    let state = TempDir::new("stdout");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args([
+            "collector",
+            "--listen",
+            "127.0.0.1:0",
+            "--stdout",
+            "--state-dir",
+        ])
+        .arg(&state.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    struct Kill(std::process::Child);
+    impl Drop for Kill {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stderr = child.stderr.take().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let _guard = Kill(child);
+    // The bound address is announced on stderr; keep draining it after.
+    let (atx, arx) = std::sync::mpsc::channel();
+    let drain = std::thread::spawn(move || {
+        let mut log = Vec::new();
+        let mut atx = Some(atx);
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(a) = line.strip_prefix("portcullis collector: listening on ")
+                && let Some(tx) = atx.take()
+            {
+                let _ = tx.send(a.parse::<SocketAddr>().unwrap());
+            }
+            log.push(line);
+        }
+        log
+    });
+    let addr = arx.recv_timeout(Duration::from_secs(30)).ok();
+    let addr = addr.expect("collector announces its address");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let mut a = Agent::new("node-s");
+    let evs = a.chain(4);
+    rt.block_on(async {
+        let (mut s, resume) = Stream::handshake(addr, &a).await;
+        assert_eq!(resume, 0);
+        // Acked only after the lines are flushed to stdout.
+        assert_eq!(s.batch(&evs).await.unwrap(), 4);
+    });
+    let lines: Vec<Value> = BufReader::new(stdout)
+        .lines()
+        .take(4)
+        .map(|l| serde_json::from_str(&l.unwrap()).unwrap())
+        .collect();
+    for (l, e) in lines.iter().zip(&evs) {
+        assert_eq!(l, &ocsf::event_record(&e.bytes).unwrap());
+    }
+    assert!(state.0.join("keys/node-s.pub").exists());
+    assert!(state.0.join("state.json").exists());
+    drop(_guard);
+    let log = drain.join().unwrap();
+    assert!(
+        log.iter().any(|l| l.contains("agent stream accepted")),
+        "{log:?}"
+    );
+}
