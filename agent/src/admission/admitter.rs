@@ -305,6 +305,8 @@ pub struct Revoked {
     pub jtis: usize,
     pub identities: usize,
     pub admissions: usize,
+    /// One audit record per revoked jti or subject.
+    pub events: Vec<v1::Revocation>,
 }
 
 impl Admitter {
@@ -674,11 +676,21 @@ impl Admitter {
         for jti in &change.added.jtis {
             self.verifier.revoke_jti(jti, remember);
             done.jtis += 1;
+            let mut removed = 0;
             if let Some((_, admitted)) = grants.by_jti.get(jti) {
                 for (source, service) in admitted {
-                    done.admissions += maps.revoke_source(*source, *service)?;
+                    removed += maps.revoke_source(*source, *service)?;
                 }
             }
+            done.admissions += removed;
+            // The audit trail never carries a jti, only its hash.
+            done.events.push(v1::Revocation {
+                target_kind: "jti".into(),
+                target: crate::audit::chain::hex(&crate::admission::jwk::sha256(jti.as_bytes())),
+                reason: "revocations file".into(),
+                admissions_removed: u32::try_from(removed).unwrap_or(u32::MAX),
+                identities: Vec::new(),
+            });
         }
         for subject in &change.added.subjects {
             self.verifier.revoke_subject(subject);
@@ -691,12 +703,24 @@ impl Admitter {
             // Also an identity admitted before this agent started, or
             // statically, under the bare subject.
             names.insert(subject.clone());
+            let mut event = v1::Revocation {
+                target_kind: "subject".into(),
+                target: subject.clone(),
+                reason: "revocations file".into(),
+                ..Default::default()
+            };
             for name in names {
                 if let Some(slot) = maps.find_identity(identity_key(&name))? {
-                    done.admissions += maps.revoke_identity(slot)?;
+                    let removed = maps.revoke_identity(slot)?;
+                    done.admissions += removed;
                     done.identities += 1;
+                    event.admissions_removed = event
+                        .admissions_removed
+                        .saturating_add(u32::try_from(removed).unwrap_or(u32::MAX));
+                    event.identities.push(name);
                 }
             }
+            done.events.push(event);
         }
         for subject in &change.removed.subjects {
             self.verifier.unrevoke_subject(subject);

@@ -21,13 +21,16 @@ pub const TOP_SOURCES: usize = 10;
 /// counted in `sampled` (a spoofed-source flood cannot grow memory).
 const MAX_TRACKED_SOURCES: usize = 4096;
 
+/// Sampled drops of one source: in all, and per reason.
+type SourceTally = (u64, HashMap<u32, u64>);
+
 /// Accumulates one interval. When the audit spool cannot take the summary
 /// (full), the caller keeps accumulating and the next summary covers both
 /// intervals.
 pub struct DropAccumulator {
     start: SystemTime,
     reasons: HashMap<String, u64>,
-    sources: HashMap<IpAddr, (u64, HashMap<u32, u64>)>,
+    sources: HashMap<IpAddr, SourceTally>,
     sampled: u64,
 }
 
@@ -98,7 +101,7 @@ impl DropAccumulator {
             })
             .collect();
         reasons.sort_by(|a, b| b.packets.cmp(&a.packets).then(a.reason.cmp(&b.reason)));
-        let mut top: Vec<(&IpAddr, &(u64, HashMap<u32, u64>))> = self.sources.iter().collect();
+        let mut top: Vec<(&IpAddr, &SourceTally)> = self.sources.iter().collect();
         top.sort_by(|a, b| b.1.0.cmp(&a.1.0).then(a.0.cmp(b.0)));
         let top_sources = top
             .into_iter()

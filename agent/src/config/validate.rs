@@ -221,7 +221,7 @@ fn collector(raw: &RawCollector) -> Result<CollectorTarget, ConfigError> {
         batch_max_events: int(
             "audit.collector.batch_max_events",
             raw.batch_max_events,
-            4096,
+            1024,
             1..=65_536,
         )?,
     })
