@@ -21,6 +21,7 @@ use tokio::{
 use portcullis_proto::v1::{self, event::Body};
 
 use crate::{
+    accounting::{Accountant, SpendBook},
     admission::{
         admitter::{Admitter, Denied, Granted, Refusal},
         jwk::JwksFile,
@@ -86,6 +87,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     )
     .with_context(|| format!("opening the audit spool {}", cfg.audit.spool_dir.display()))?;
     let audit_task = tokio::spawn(audit_task.run());
+    // Spend to date: a corrupt ledger stops the agent here, before the
+    // kernel, rather than silently starting the month from zero.
+    let book = SpendBook::new();
+    let mut acct = Accountant::open(&cfg, book.clone())
+        .with_context(|| format!("accounting.ledger {}", cfg.accounting.ledger.display()))?;
+    for a in &cfg.admissions {
+        acct.know(&a.identity, "");
+    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let export_status = ExportStatus::new();
     let exporter = cfg.audit.collector.clone().map(|target| {
@@ -113,7 +122,17 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let knocks = match (&cfg.tokens, cfg.knock.enabled()) {
         (Some(tokens), true) => {
             let parts = parts.expect("prepared for [tokens] with knocking on");
-            Some(start_knocks(&cfg, tokens, parts, maps.clone(), auditor.clone()).await?)
+            Some(
+                start_knocks(
+                    &cfg,
+                    tokens,
+                    parts,
+                    maps.clone(),
+                    auditor.clone(),
+                    book.clone(),
+                )
+                .await?,
+            )
         }
         (None, true) => {
             tracing::warn!(
@@ -160,6 +179,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
             _ = report_tick.tick() => {
                 let now = SystemTime::now();
+                report_cost(&auditor, &mut acct, now);
                 if let Some(summary) = drops.summary(now) {
                     // A full spool defers the summary: the counts keep
                     // accumulating into the next one.
@@ -171,6 +191,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
             _ = second.tick() => {
                 lock(&maps)?.reset_event_budget()?;
+                account(&maps, &mut acct)?;
                 if let Some(k) = &knocks {
                     k.upkeep();
                 }
@@ -190,6 +211,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         reason = stop_reason,
         "agent stopping; programs stay pinned and keep enforcing"
     );
+    // Usage up to the stop is charged and reported before the trail ends.
+    account(&maps, &mut acct)?;
+    report_cost(&auditor, &mut acct, SystemTime::now());
     // The STOPPING event and a final checkpoint are durable before exit;
     // whatever the collector has not acknowledged is sent after restart.
     if let Err(e) = auditor.shutdown(stop_reason).await {
@@ -207,6 +231,38 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     drop(stop_tx);
     let _ = audit_task.await;
     Ok(())
+}
+
+/// One accounting tick: the kernel's cumulative usage becomes spend. A
+/// ledger write error is logged; the next tick's write persists it.
+fn account(maps: &Mutex<Maps>, acct: &mut Accountant) -> anyhow::Result<()> {
+    let (rows, instance) = {
+        let maps = lock(maps)?;
+        (maps.usage()?, maps.usage_instance()?)
+    };
+    if let Err(e) = acct.tick(SystemTime::now(), &instance, &rows) {
+        tracing::error!(event = "ledger_write_failed", error = %e, "spend to date not persisted");
+    }
+    Ok(())
+}
+
+/// The cost report of the interval, if there was usage. A full spool
+/// defers it: the next report covers both intervals.
+fn report_cost(auditor: &Auditor, acct: &mut Accountant, now: SystemTime) {
+    let Some(report) = acct.take_report(now) else {
+        return;
+    };
+    match auditor.record(Body::CostReport(report)) {
+        Ok(()) => {
+            if let Err(e) = acct.commit_report() {
+                tracing::error!(event = "ledger_write_failed", error = %e, "cost report state not persisted");
+            }
+        }
+        Err(e) => {
+            acct.restore_report();
+            tracing::warn!(event = "cost_report_deferred", error = %e, "cost report kept for the next interval");
+        }
+    }
 }
 
 fn load_node_key(cfg: &Config) -> anyhow::Result<NodeKey> {
@@ -458,6 +514,7 @@ async fn start_knocks(
     parts: KnockParts,
     maps: Arc<Mutex<Maps>>,
     auditor: Auditor,
+    book: Arc<SpendBook>,
 ) -> anyhow::Result<Knocks> {
     let KnockParts {
         jwks,
@@ -465,7 +522,8 @@ async fn start_knocks(
         node,
         policies,
     } = parts;
-    let admitter = Arc::new(Admitter::new(cfg.clone(), verifier, maps, node, policies));
+    let admitter =
+        Arc::new(Admitter::new(cfg.clone(), verifier, maps, node, policies).with_spend_book(book));
     // One dual-stack socket: IPv4 knocks arrive as IPv4-mapped addresses.
     let addr = SocketAddr::from((Ipv6Addr::UNSPECIFIED, cfg.knock.port));
     let sock = UdpSocket::bind(addr)
