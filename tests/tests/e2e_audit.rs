@@ -1,0 +1,400 @@
+//! End to end: the audit stream with real processes (design.md, "Events
+//! and the collector"). The agent (knock admission on, one checkpoint and
+//! one report a second) and `portcullis collector` both run in the server
+//! namespace, talking over its loopback. A client knocks continuously, so
+//! events keep flowing while the test kills the agent with SIGKILL (and
+//! tears its spool's tail), stops the collector for a while, and kills the
+//! collector mid-write. Afterwards the collector's output must hold every
+//! sequence number of the node exactly once, and `portcullis audit verify`
+//! must accept it, and name the place once a line is deleted.
+
+mod e2e_support;
+
+use std::{
+    collections::BTreeMap,
+    fs::{self, File, OpenOptions},
+    io::Write as _,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Stdio},
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use e2e_support::{
+    SERVICE,
+    knock::{KnockEnv, KnockSettings},
+    serial,
+};
+use portcullis_agent::{
+    audit::spool::read_segment_file,
+    netns::{Netns, TempDir, poll_until},
+};
+use portcullis_proto::v1;
+use prost::Message as _;
+
+const INVOKE: &str = "model:llm:invoke";
+const COLLECTOR_PORT: u16 = 7443;
+const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
+/// Knocks the client sends at most (each admits once: one audit event).
+const MAX_KNOCKS: usize = 1500;
+
+/// `portcullis collector` inside a namespace; killed on drop.
+struct Collector {
+    child: Option<Child>,
+    binary: PathBuf,
+    ns_path: PathBuf,
+    out: PathBuf,
+    log: PathBuf,
+}
+
+impl Collector {
+    fn start(binary: &Path, ns: &Netns, out: &Path, log_dir: &Path) -> Collector {
+        let mut c = Collector {
+            child: None,
+            binary: binary.to_path_buf(),
+            ns_path: ns.path(),
+            out: out.to_path_buf(),
+            log: log_dir.join("collector.log"),
+        };
+        c.spawn(ns);
+        c
+    }
+
+    fn spawn(&mut self, ns: &Netns) {
+        assert!(self.child.is_none());
+        assert_eq!(ns.path(), self.ns_path);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log)
+            .expect("collector log");
+        let listen = SocketAddr::from(([127, 0, 0, 1], COLLECTOR_PORT)).to_string();
+        let child = ns
+            .exec(&self.binary)
+            .args(["collector", "--listen", &listen, "--out"])
+            .arg(&self.out)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn collector");
+        self.child = Some(child);
+    }
+
+    fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            // SAFETY: kill(2) on our own unreaped child.
+            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
+            if poll_until(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+
+    fn log(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Collector {
+    fn drop(&mut self) {
+        self.kill9();
+        if std::thread::panicking() {
+            eprintln!("---- collector log ----\n{}---- end ----", self.log());
+        }
+    }
+}
+
+/// The collector's output files in write order.
+fn output_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+fn json_u64(v: &serde_json::Value) -> Option<u64> {
+    v.as_u64().or_else(|| v.as_str()?.parse().ok())
+}
+
+/// Sequence numbers of `node`'s events in the output, counted (a finding
+/// record carries no event of its own and is not counted).
+fn delivered(dir: &Path, node: &str) -> BTreeMap<u64, u32> {
+    let mut seqs = BTreeMap::new();
+    for f in output_files(dir) {
+        let text = fs::read_to_string(&f).unwrap_or_default();
+        for line in text.lines() {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(line) else {
+                continue; // a line still being written
+            };
+            let p = &v["portcullis"];
+            if p["node_id"].as_str() != Some(node) || p.get("raw").is_none() {
+                continue;
+            }
+            if let Some(seq) = json_u64(&p["seq"]) {
+                *seqs.entry(seq).or_insert(0) += 1;
+            }
+        }
+    }
+    seqs
+}
+
+/// Segment files of the agent's spool, oldest first.
+fn segments(spool: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = fs::read_dir(spool)
+        .expect("spool dir")
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pcs"))
+        .collect();
+    v.sort();
+    v
+}
+
+/// The newest sequence number the agent has made durable.
+fn spool_head(spool: &Path) -> u64 {
+    let last = segments(spool).pop().expect("a segment");
+    let read = read_segment_file(&last).expect("read segment");
+    let bytes = read.frames.last().expect("an event in the active segment");
+    portcullis_agent::audit::chain::Head::of(bytes)
+        .expect("decodes")
+        .seq
+}
+
+/// The newest `Lifecycle` STARTED event in the spool.
+fn last_started(spool: &Path) -> v1::Lifecycle {
+    let mut found = None;
+    for seg in segments(spool) {
+        for bytes in read_segment_file(&seg).expect("read segment").frames {
+            let ev = v1::Event::decode(bytes.as_slice()).expect("decodes");
+            if let Some(v1::event::Body::Lifecycle(l)) = ev.body
+                && l.phase == v1::lifecycle::Phase::Started as i32
+            {
+                found = Some(l);
+            }
+        }
+    }
+    found.expect("a STARTED event in the spool")
+}
+
+fn verify(binary: &Path, files: &[PathBuf]) -> std::process::Output {
+    std::process::Command::new(binary)
+        .args(["audit", "verify"])
+        .args(files)
+        .output()
+        .expect("run audit verify")
+}
+
+#[test]
+fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() {
+    let _serial = serial();
+    let settings = KnockSettings {
+        knock_per_source: (100, 100),
+        audit: format!(
+            "checkpoint_secs = 1\nreport_interval_secs = 1\n\n[audit.collector]\nendpoint = \"http://127.0.0.1:{COLLECTOR_PORT}\"\nbatch_max_events = 64\n"
+        ),
+        ..KnockSettings::default()
+    };
+    let mut k = KnockEnv::start("audit", &settings);
+    let node = format!("e2e-knock-{}", k.env.topo.index);
+    let spool = k.env.state_dir().join("spool");
+    let out_dir = TempDir::new("collector-out").expect("out dir");
+    let mut collector = Collector::start(
+        &k.env.binary,
+        &k.env.topo.server,
+        out_dir.path(),
+        k.env.state_dir(),
+    );
+
+    let stop = AtomicBool::new(false);
+    let knocks = AtomicU64::new(0);
+    // The knocking thread must not borrow the environment the test restarts
+    // the agent in: it gets ready-made token files and plain paths.
+    let token_files: Vec<PathBuf> = (0..MAX_KNOCKS)
+        .map(|_| k.token_file(&k.mint(&[INVOKE], Duration::from_secs(600))))
+        .collect();
+    let client_ns = k.env.topo.client.name().to_string();
+    let binary = k.env.binary.clone();
+    let node_pub = k.node_pub_file.clone();
+    let knock_addr = k.knock_addr(false).to_string();
+    std::thread::scope(|scope| {
+        // Events keep flowing: one admission per knock.
+        let (stop, knocks) = (&stop, &knocks);
+        let client = scope.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(150);
+            for file in &token_files {
+                if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
+                    break;
+                }
+                let out = std::process::Command::new("ip")
+                    .args(["netns", "exec", &client_ns])
+                    .arg(&binary)
+                    .args(["knock", "--token-file"])
+                    .arg(file)
+                    .args(["--service", SERVICE, "--node-key-pub"])
+                    .arg(&node_pub)
+                    .args(["--timeout-ms", "500", "--retries", "1", &knock_addr])
+                    .stdin(Stdio::null())
+                    .output()
+                    .expect("run knock");
+                if out.status.success() {
+                    knocks.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+        });
+        let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+            assert!(
+                poll_until(DELIVERY_TIMEOUT, || f().then_some(())).is_some(),
+                "{what}"
+            );
+        };
+
+        // 1. Streaming: the collector acknowledges a steady flow.
+        wait_for("first events delivered", &|| {
+            delivered(out_dir.path(), &node).len() >= 10
+        });
+
+        // 2. SIGKILL the agent mid-stream and tear its spool's tail, as a
+        //    crash in the middle of a write would.
+        k.env.agent().kill9().expect("kill agent");
+        k.env.agent = None;
+        let active = segments(&spool).pop().expect("active segment");
+        let before = fs::metadata(&active).unwrap().len();
+        File::options()
+            .append(true)
+            .open(&active)
+            .unwrap()
+            .write_all(&[0x2a, 0, 0, 0, 1, 2, 3])
+            .unwrap();
+        assert_eq!(k.env.start_agent(), "adopted");
+        // The restarted agent cut exactly the torn bytes and said so.
+        let started = last_started(&spool);
+        assert_eq!(started.recovered_torn_bytes, 7, "{started:?}");
+        assert!(started.recovered_seq > 0, "{started:?}");
+        assert!(fs::metadata(&active).unwrap().len() >= before);
+        let head_after_restart = spool_head(&spool);
+        wait_for("delivery resumes after the agent restart", &|| {
+            delivered(out_dir.path(), &node)
+                .keys()
+                .next_back()
+                .is_some_and(|&s| s >= head_after_restart)
+        });
+
+        // 3. Collector stopped for a while: events pile up in the spool.
+        collector.terminate();
+        let held = spool_head(&spool);
+        wait_for(
+            "the agent keeps recording while the collector is down",
+            &|| spool_head(&spool) >= held + 5,
+        );
+        collector.spawn(&k.env.topo.server);
+        let target = spool_head(&spool);
+        wait_for(
+            "the backlog is delivered after the collector returns",
+            &|| {
+                delivered(out_dir.path(), &node)
+                    .keys()
+                    .next_back()
+                    .is_some_and(|&s| s >= target)
+            },
+        );
+
+        // 4. Collector killed mid-write (while a backlog streams in).
+        collector.terminate();
+        let held = spool_head(&spool);
+        wait_for("a backlog builds", &|| spool_head(&spool) >= held + 5);
+        collector.spawn(&k.env.topo.server);
+        wait_for("the collector takes part of the backlog", &|| {
+            delivered(out_dir.path(), &node)
+                .keys()
+                .next_back()
+                .is_some_and(|&s| s > held)
+        });
+        collector.kill9();
+        collector.spawn(&k.env.topo.server);
+
+        stop.store(true, Ordering::Relaxed);
+        client.join().expect("knock thread");
+    });
+    assert!(
+        knocks.load(Ordering::Relaxed) > 0,
+        "some knocks were admitted"
+    );
+
+    // Everything the agent holds arrives, each sequence number once.
+    let head = spool_head(&spool);
+    assert!(
+        poll_until(DELIVERY_TIMEOUT, || {
+            let d = delivered(out_dir.path(), &node);
+            (d.keys().next_back() == Some(&head)).then_some(())
+        })
+        .is_some(),
+        "the collector never caught up with seq {head}"
+    );
+    let seqs = delivered(out_dir.path(), &node);
+    let missing: Vec<u64> = (1..=head).filter(|s| !seqs.contains_key(s)).collect();
+    let dups: Vec<(&u64, &u32)> = seqs.iter().filter(|(_, n)| **n > 1).collect();
+    assert!(missing.is_empty(), "missing seqs: {missing:?}");
+    assert!(dups.is_empty(), "duplicated seqs: {dups:?}");
+    assert_eq!(seqs.len() as u64, head);
+    eprintln!(
+        "delivered seqs 1..={head} exactly once ({} knocks admitted)",
+        knocks.load(Ordering::Relaxed)
+    );
+
+    // The collector's output verifies as a whole.
+    let files = output_files(out_dir.path());
+    let ok = verify(&k.env.binary, &files);
+    assert!(
+        ok.status.success(),
+        "audit verify rejected the collector's output:\n{}{}",
+        String::from_utf8_lossy(&ok.stdout),
+        String::from_utf8_lossy(&ok.stderr)
+    );
+
+    // Deleting one line is found, and named.
+    let tampered_dir = TempDir::new("tampered").expect("dir");
+    let all: String = files
+        .iter()
+        .map(|f| fs::read_to_string(f).unwrap())
+        .collect();
+    let lines: Vec<&str> = all.lines().collect();
+    let victim = lines.len() / 2;
+    let kept: Vec<&str> = lines
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| *i != victim)
+        .map(|(_, l)| *l)
+        .collect();
+    let tampered = tampered_dir.path().join("events.jsonl");
+    fs::write(&tampered, kept.join("\n") + "\n").unwrap();
+    let bad = verify(&k.env.binary, std::slice::from_ref(&tampered));
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&bad.stdout),
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    assert!(
+        !bad.status.success(),
+        "a deleted line went unnoticed:\n{said}"
+    );
+    assert!(
+        said.contains(&format!(":{}", victim + 1)),
+        "audit verify does not name line {} (where the deleted event was):\n{said}",
+        victim + 1
+    );
+    drop(collector);
+}
