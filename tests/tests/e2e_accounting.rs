@@ -5,9 +5,9 @@
 //! exactly the cost the price table says, per service.
 //!
 //! `counters_priced_per_service_over_pinned_maps` drives an `Accountant` in
-//! the test over the agent's pinned maps. `agent_ledger_prices_real_traffic`
-//! reads the ledger the agent itself keeps; it needs the runtime to drive
-//! the accountant every second.
+//! the test over the agent's pinned maps; `agent_ledger_prices_real_traffic`
+//! reads the ledger the agent itself keeps (its runtime ticks the
+//! accountant every second) and restarts the agent in between.
 
 mod e2e_support;
 
@@ -192,7 +192,6 @@ fn counters_priced_per_service_over_pinned_maps() {
 }
 
 #[test]
-#[ignore = "needs runtime.rs to drive the Accountant every second"]
 fn agent_ledger_prices_real_traffic() {
     let _serial = serial();
     let mut env = env("acct-agent");
