@@ -222,11 +222,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     // The exporter drains what is durable (the final events included) when
     // the auditor closes; a slow or absent collector gets them after the
     // next start instead.
-    if let Some(mut x) = exporter {
-        if tokio::time::timeout(EXPORT_DRAIN, &mut x).await.is_err() {
-            let _ = stop_tx.send(true);
-            let _ = x.await;
-        }
+    if let Some(mut x) = exporter
+        && tokio::time::timeout(EXPORT_DRAIN, &mut x).await.is_err()
+    {
+        let _ = stop_tx.send(true);
+        let _ = x.await;
     }
     drop(stop_tx);
     let _ = audit_task.await;
@@ -236,9 +236,19 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
 /// One accounting tick: the kernel's cumulative usage becomes spend. A
 /// ledger write error is logged; the next tick's write persists it.
 fn account(maps: &Mutex<Maps>, acct: &mut Accountant) -> anyhow::Result<()> {
-    let (rows, instance) = {
+    let read = {
         let maps = lock(maps)?;
-        (maps.usage()?, maps.usage_instance()?)
+        maps.usage()
+            .and_then(|rows| Ok((rows, maps.usage_instance()?)))
+    };
+    // A failed read skips this tick: the counters are cumulative, so the
+    // next read charges what this one missed.
+    let (rows, instance) = match read {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(event = "usage_read_failed", error = %e, "usage not charged this second");
+            return Ok(());
+        }
     };
     if let Err(e) = acct.tick(SystemTime::now(), &instance, &rows) {
         tracing::error!(event = "ledger_write_failed", error = %e, "spend to date not persisted");

@@ -28,6 +28,7 @@ use e2e_support::{
 };
 use portcullis_agent::{
     audit::spool::read_segment_file,
+    devtoken,
     netns::{Netns, TempDir, poll_until},
 };
 use portcullis_proto::v1;
@@ -36,8 +37,9 @@ use prost::Message as _;
 const INVOKE: &str = "model:llm:invoke";
 const COLLECTOR_PORT: u16 = 7443;
 const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
-/// Knocks the client sends at most (each admits once: one audit event).
-const MAX_KNOCKS: usize = 1500;
+/// The client knocks (each admitted knock is one audit event) until the
+/// test has seen what it needs, but never longer than this.
+const KNOCKING_AT_MOST: Duration = Duration::from_secs(240);
 
 /// `portcullis collector` inside a namespace; killed on drop.
 struct Collector {
@@ -222,10 +224,11 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
     let stop = AtomicBool::new(false);
     let knocks = AtomicU64::new(0);
     // The knocking thread must not borrow the environment the test restarts
-    // the agent in: it gets ready-made token files and plain paths.
-    let token_files: Vec<PathBuf> = (0..MAX_KNOCKS)
-        .map(|_| k.token_file(&k.mint(&[INVOKE], Duration::from_secs(600))))
-        .collect();
+    // the agent in: it mints its own tokens from plain paths and claims.
+    let issuer_key = k.issuer.key_path.clone();
+    let claims = k.claims(&[INVOKE], Duration::from_secs(600));
+    let token_dir = k.env.state_dir().join("knock-tokens");
+    fs::create_dir_all(&token_dir).unwrap();
     let client_ns = k.env.topo.client.name().to_string();
     let binary = k.env.binary.clone();
     let node_pub = k.node_pub_file.clone();
@@ -234,16 +237,19 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
         // Events keep flowing: one admission per knock.
         let (stop, knocks) = (&stop, &knocks);
         let client = scope.spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(150);
-            for file in &token_files {
+            let deadline = Instant::now() + KNOCKING_AT_MOST;
+            for n in 0.. {
                 if stop.load(Ordering::Relaxed) || Instant::now() > deadline {
                     break;
                 }
+                let token = devtoken::mint(&issuer_key, claims.clone()).expect("mint");
+                let file = token_dir.join(format!("t{}", n % 8));
+                fs::write(&file, token).unwrap();
                 let out = std::process::Command::new("ip")
                     .args(["netns", "exec", &client_ns])
                     .arg(&binary)
                     .args(["knock", "--token-file"])
-                    .arg(file)
+                    .arg(&file)
                     .args(["--service", SERVICE, "--node-key-pub"])
                     .arg(&node_pub)
                     .args(["--timeout-ms", "500", "--retries", "1", &knock_addr])
