@@ -3,6 +3,7 @@
 //! the demo.)
 
 pub mod bench_admission;
+pub mod bench_events;
 pub mod bench_policy;
 pub mod bench_support;
 pub mod packet;

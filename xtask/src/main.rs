@@ -62,6 +62,8 @@ enum Bench {
     Admission,
     /// Cedar policy decisions (10/100/1000 policies) vs token verification
     Policy,
+    /// Audit events agent → collector (fsync both sides) vs the local spool only
+    Events,
     /// Every benchmark, each with its defaults
     All,
 }
@@ -141,15 +143,22 @@ fn bench(what: Bench, args: &[String]) -> Result<()> {
         Bench::Xdp => bench_run("xdp", args),
         Bench::Admission => bench_run("admission", args),
         Bench::Policy => bench_run("policy", args),
+        Bench::Events => {
+            // It runs the real `portcullis collector` from target/release.
+            build()?;
+            bench_run("events", args)
+        }
         Bench::All => {
             if !args.is_empty() {
                 bail!(
-                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy ARGS`"
+                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events ARGS`"
                 );
             }
             bench_run("xdp", &[])?;
             bench_run("admission", &[])?;
-            bench_run("policy", &[])
+            bench_run("policy", &[])?;
+            build()?;
+            bench_run("events", &[])
         }
     }
 }

@@ -5,6 +5,10 @@
 //! 100 and 1000 policies next to token verification and a cached admission
 //! (see `portcullis_tests::bench_policy`).
 //!
+//! `portcullis-bench events [--secs N]`: audit events from the agent to a
+//! real collector, sustained, against the same events written to the local
+//! spool only (see `portcullis_tests::bench_events`).
+//!
 //! `portcullis-bench xdp [--repeat N] [--singles N]`: per-packet cost of the
 //! XDP ingress program's paths, measured with BPF_PROG_TEST_RUN (the
 //! kernel-reported average over `repeat` runs of the same frame), against a
@@ -34,7 +38,9 @@ const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
        portcullis-bench admission [--n N]
   --n N        calls per row (default 2000)
        portcullis-bench policy [--n N]
-  --n N        decisions per row (default 20000)";
+  --n N        decisions per row (default 20000)
+       portcullis-bench events [--secs N] [--inflight N] [--rate N] [--portcullis PATH]
+  --secs N     seconds per scenario (default 30)";
 
 struct Args {
     repeat: u32,
@@ -89,6 +95,9 @@ fn main() -> ExitCode {
             std::env::args().skip(2),
         )),
         Some("policy") => Some(portcullis_tests::bench_policy::main(
+            std::env::args().skip(2),
+        )),
+        Some("events") => Some(portcullis_tests::bench_events::main(
             std::env::args().skip(2),
         )),
         _ => None,
