@@ -7,6 +7,6 @@ pub mod auditor;
 pub mod chain;
 pub mod drops;
 pub mod export;
+pub mod spool;
 pub mod verify;
 pub mod verify_cli;
-pub mod spool;
