@@ -218,12 +218,9 @@ fn agent_ledger_prices_real_traffic() {
         .expect("stop");
     env.agent.take();
     assert_eq!(env.start_agent(), "adopted");
-    std::thread::sleep(Duration::from_secs(3));
-    let after = read_ledger(&ledger).expect("ledger");
-    assert_eq!(
-        after["identities"]["alice"]["month_micros"].as_u64(),
-        Some(month)
-    );
+    // Nothing is counted twice: the ledger reaches exactly one connection
+    // more than before the restart, and double-counted usage from the
+    // restart would overshoot it for good.
     // One more embed connection costs exactly one more connection.
     let _embed = env.echo_server(false, EMBED_PORT);
     let mut e = env

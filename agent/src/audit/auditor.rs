@@ -1369,28 +1369,4 @@ mod tests {
         a.shutdown("test").await.unwrap();
         task.await.unwrap();
     }
-
-    /// `cargo test --release -p portcullis-agent --lib auditor_throughput -- --ignored --nocapture`
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    #[ignore = "a measurement, not a check"]
-    async fn auditor_throughput() {
-        let tmp = TempDir::new("auditor-tput").unwrap();
-        let key = Arc::new(NodeKey::generate().unwrap());
-        let c = cfg(tmp.path(), 1 << 30, 64 << 20, OnFull::RefuseAdmissions);
-        let (a, task) = open(&c, &key, "start");
-        let n = 200_000;
-        let t = Instant::now();
-        for i in 0..n {
-            a.record(call(i, 40)).unwrap();
-        }
-        a.record_durable(call(n, 40)).await.unwrap();
-        let dt = t.elapsed();
-        eprintln!(
-            "{} events in {dt:?}: {:.0} events/s",
-            n + 1,
-            (n + 1) as f64 / dt.as_secs_f64()
-        );
-        a.shutdown("test").await.unwrap();
-        task.await.unwrap();
-    }
 }
