@@ -723,3 +723,88 @@ fn stdout_mode_writes_json_lines_to_stdout() {
         "{log:?}"
     );
 }
+
+/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop, even
+/// when the test fails.
+struct SmallDisk(TempDir);
+
+impl SmallDisk {
+    fn mount(name: &str, size: &str) -> SmallDisk {
+        let dir = TempDir::new(name);
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&dir.0)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "mount tmpfs on {}", dir.0.display());
+        SmallDisk(dir)
+    }
+
+    fn path(&self) -> &Path {
+        &self.0.0
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(&self.0.0)
+            .status();
+    }
+}
+
+/// Disk full at the collector: the batch that does not fit is refused
+/// (nothing acknowledged that is not on disk, nothing half-written kept),
+/// and once space returns the agent's resend lands exactly once.
+#[tokio::test]
+async fn collector_disk_full_refuses_without_acking_then_recovers() {
+    let disk = SmallDisk::mount("enospc", "1m");
+    let out = disk.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    // Ballast that leaves room for only part of the events below.
+    let ballast = disk.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 900 * 1024]).unwrap();
+
+    let mut a = Agent::new("node-full");
+    let evs = a.chain(200);
+    let run = Running::start(dir_opts(&out)).await;
+    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let mut acked = 0;
+    let mut refused = None;
+    for chunk in evs.chunks(10) {
+        match s.batch(chunk).await {
+            Ok(n) => acked = n,
+            Err(status) => {
+                refused = Some(status);
+                break;
+            }
+        }
+    }
+    let status = refused.expect("the disk filled up before 200 events were written");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(acked > 0 && acked < 200, "acked {acked}");
+    // Exactly what was acknowledged is on disk: no more (a half-written
+    // batch was cut back), no less.
+    assert_eq!(
+        event_seqs(&records(&out), "node-full"),
+        (1..=acked).collect::<Vec<_>>()
+    );
+
+    // Space returns; the agent reconnects and resends from the resume point.
+    std::fs::remove_file(&ballast).unwrap();
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, acked);
+    let from = usize::try_from(acked).unwrap();
+    for chunk in evs[from..].chunks(10) {
+        s.batch(chunk).await.expect("written once space is back");
+    }
+    drop(s);
+    run.stop().await;
+    assert_eq!(
+        event_seqs(&records(&out), "node-full"),
+        (1..=200).collect::<Vec<_>>()
+    );
+    assert!(verify_dir(&out).is_clean());
+}
