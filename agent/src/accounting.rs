@@ -60,7 +60,7 @@ use price::Carry;
 
 use crate::{
     config::{Config, Price, identity_key},
-    kernel::maps::Usage,
+    kernel::{clock::unix_ns, maps::Usage},
 };
 
 /// The forecast extrapolates the cost of this many recent seconds.
@@ -630,12 +630,5 @@ fn unix_secs(t: SystemTime) -> i64 {
     match t.duration_since(UNIX_EPOCH) {
         Ok(d) => i64::try_from(d.as_secs()).unwrap_or(i64::MAX),
         Err(e) => -i64::try_from(e.duration().as_secs()).unwrap_or(i64::MAX),
-    }
-}
-
-fn unix_ns(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
     }
 }

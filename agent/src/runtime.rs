@@ -308,7 +308,7 @@ fn audit_static_admissions(auditor: &Auditor, cfg: &Config) {
             source_port: u32::from(a.source_port),
             method: v1::AdmissionMethod::Static as i32,
             policies: vec!["config:admissions".to_string()],
-            expires_unix_ms: crate::audit::drops::unix_ns(now + a.ttl) / 1_000_000,
+            expires_unix_ms: clock::unix_ms(now + a.ttl),
             action: action.to_string(),
             ..Default::default()
         };

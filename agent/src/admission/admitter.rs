@@ -120,7 +120,7 @@ impl Decided {
             policies: self.policies.clone(),
             policy_version: self.policy_version.clone(),
             jti_sha256: self.claims.jti_hash().to_vec(),
-            expires_unix_ms: unix_ms(self.expires),
+            expires_unix_ms: clock::unix_ms(self.expires),
             action: self.action.to_string(),
         }
     }
@@ -179,11 +179,6 @@ impl Denied {
             action: a.action.to_string(),
         })
     }
-}
-
-fn unix_ms(t: SystemTime) -> i64 {
-    t.duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
 }
 
 /// A granted admission: what the agent logs (and later audits).

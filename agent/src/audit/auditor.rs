@@ -47,6 +47,7 @@ use tokio::sync::{oneshot, watch};
 use super::chain::{self, Sealed, Sealer};
 use super::spool::{Recovery, Spool, SpoolError};
 use crate::config::{AuditSection, OnFull};
+use crate::kernel::clock::precise_monotonic_ns;
 use crate::nodekey::NodeKey;
 
 /// Most events sealed and written in one batch (one fsync).
@@ -170,18 +171,6 @@ pub struct Auditor {
 /// The writer; `run` it once (`tokio::spawn(task.run())`).
 pub struct AuditorTask {
     writer: Writer,
-}
-
-/// CLOCK_MONOTONIC in nanoseconds.
-pub fn monotonic_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: valid pointer to a timespec; CLOCK_MONOTONIC always exists.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
-    debug_assert_eq!(rc, 0);
-    (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
 }
 
 /// Events whose producers can hold their counts and report them in the
@@ -576,7 +565,7 @@ impl Writer {
             if self.batch.is_empty() {
                 self.seal_pending();
                 if self.batch.is_empty() && stopping && self.since_checkpoint > 0 {
-                    let (wall, mono) = (SystemTime::now(), monotonic_ns());
+                    let (wall, mono) = (SystemTime::now(), precise_monotonic_ns());
                     self.seal_checkpoint(wall, mono);
                 }
             }
@@ -624,7 +613,7 @@ impl Writer {
 
     fn seal_pending(&mut self) {
         let wall = SystemTime::now();
-        let mono = monotonic_ns();
+        let mono = precise_monotonic_ns();
         while self.batch.len() < BATCH_CAP {
             let Some(p) = self.pending.pop_front() else {
                 break;

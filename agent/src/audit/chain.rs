@@ -9,7 +9,7 @@
 //! covered by one signature. Verifiers hash the bytes they received; they
 //! never re-encode.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use portcullis_proto::v1::{Event, event::Body};
 use prost::Message as _;
@@ -134,10 +134,7 @@ impl Sealer {
     /// Seals `body` as the next event.
     pub fn seal(&mut self, body: Body, wall: SystemTime, monotonic_ns: u64) -> Sealed {
         let seq = self.head.seq + 1;
-        let time_unix_ns = match wall.duration_since(UNIX_EPOCH) {
-            Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-            Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
-        };
+        let time_unix_ns = crate::kernel::clock::unix_ns(wall);
         let ev = Event {
             seq,
             time_unix_ns,
@@ -175,6 +172,7 @@ impl Sealer {
 mod tests {
     use super::*;
     use portcullis_proto::v1::Gap;
+    use std::time::UNIX_EPOCH;
 
     fn gap() -> Body {
         Body::Gap(Gap {

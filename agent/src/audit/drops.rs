@@ -7,13 +7,13 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, SystemTime},
 };
 
 use portcullis_common::{DropEvent, Reason};
 use portcullis_proto::v1::{DropSummary, ReasonCount, SourceCount};
 
-use crate::kernel::maps::bytes_addr;
+use crate::kernel::{clock::unix_ns, maps::bytes_addr};
 
 /// Sources listed per summary.
 pub const TOP_SOURCES: usize = 10;
@@ -138,13 +138,6 @@ impl DropAccumulator {
     /// Starts the next interval at `now`.
     pub fn reset(&mut self, now: SystemTime) {
         *self = DropAccumulator::new(now);
-    }
-}
-
-pub fn unix_ns(t: SystemTime) -> i64 {
-    match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
-        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
     }
 }
 

@@ -1,18 +1,43 @@
-//! Kernel time as the programs read it: `bpf_ktime_get_coarse_ns`, which is
-//! CLOCK_MONOTONIC_COARSE (jiffy resolution). Expiries the agent writes must
-//! come from the same clock to compare correctly in the kernel.
+//! The agent's clocks. Kernel time as the programs read it:
+//! `bpf_ktime_get_coarse_ns`, which is CLOCK_MONOTONIC_COARSE (jiffy
+//! resolution); expiries the agent writes must come from the same clock to
+//! compare correctly in the kernel. Audit events carry CLOCK_MONOTONIC (fine
+//! resolution) beside the wall clock, as signed Unix nanoseconds.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-pub fn monotonic_ns() -> u64 {
+fn clock_ns(clock: libc::clockid_t) -> u64 {
     let mut ts = libc::timespec {
         tv_sec: 0,
         tv_nsec: 0,
     };
-    // SAFETY: valid pointer to a timespec; the clock always exists on Linux.
-    let rc = unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC_COARSE, &mut ts) };
+    // SAFETY: valid pointer to a timespec; both clocks always exist on Linux.
+    let rc = unsafe { libc::clock_gettime(clock, &mut ts) };
     debug_assert_eq!(rc, 0);
     (ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Kernel time (CLOCK_MONOTONIC_COARSE), as the BPF programs see it.
+pub fn monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC_COARSE)
+}
+
+/// CLOCK_MONOTONIC: never steps, fine resolution.
+pub fn precise_monotonic_ns() -> u64 {
+    clock_ns(libc::CLOCK_MONOTONIC)
+}
+
+/// Nanoseconds since the Unix epoch, negative before it, saturating.
+pub fn unix_ns(t: SystemTime) -> i64 {
+    match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => i64::try_from(d.as_nanos()).unwrap_or(i64::MAX),
+        Err(e) => -i64::try_from(e.duration().as_nanos()).unwrap_or(i64::MAX),
+    }
+}
+
+/// Milliseconds since the Unix epoch, negative before it.
+pub fn unix_ms(t: SystemTime) -> i64 {
+    unix_ns(t).div_euclid(1_000_000)
 }
 
 /// Kernel time `ttl` from now.
