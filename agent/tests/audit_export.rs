@@ -4,6 +4,7 @@
 //! collector, garbage from the collector (never trims on a bogus ack), TLS
 //! and mTLS, and plaintext refused off loopback.
 
+use portcullis_agent::netns::TempDir;
 use std::{
     collections::BTreeMap,
     net::SocketAddr,
@@ -1190,24 +1191,6 @@ async fn a_closed_source_is_drained_and_acknowledged_before_the_exporter_ends() 
 
 // ---- the real auditor and the real collector -------------------------------------
 
-/// A unique temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        let d = Pki::new(name);
-        let path = d.dir.clone();
-        std::mem::forget(d);
-        TempDir(path)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 /// The real collector serving `dir` on `addr` until `stop`.
 struct RealCollector {
     addr: SocketAddr,
@@ -1300,13 +1283,13 @@ fn collector_output(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn real_auditor_to_real_collector_every_seq_exactly_once_across_a_collector_restart() {
-    let tmp = TempDir::new("real");
-    let out = tmp.0.join("collector");
+    let tmp = TempDir::new("real").unwrap();
+    let out = tmp.path().join("collector");
     std::fs::create_dir_all(&out).unwrap();
     let node = "node-real";
     let key = Arc::new(NodeKey::generate().unwrap());
     let cfg = AuditSection {
-        spool_dir: tmp.0.join("spool"),
+        spool_dir: tmp.path().join("spool"),
         spool_max_bytes: 256 << 20,
         segment_bytes: 256 << 10,
         on_full: OnFull::RefuseAdmissions,

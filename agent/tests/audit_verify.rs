@@ -1,6 +1,7 @@
 //! `portcullis audit verify` over collector JSON lines and spool segments:
 //! a clean trail passes; every kind of tampering fails naming the line.
 
+use portcullis_agent::netns::TempDir;
 use std::{
     collections::HashMap,
     path::{Path, PathBuf},
@@ -24,28 +25,6 @@ use portcullis_proto::v1::{
     lifecycle::Phase,
 };
 use serde_json::Value;
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!(
-            "portcullis-audit-verify-{name}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 fn wall(t: u64) -> SystemTime {
     SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000 + t)
@@ -209,8 +188,8 @@ fn first(r: &Report) -> (u64, String, String) {
 
 #[test]
 fn a_clean_trail_passes_with_per_node_summaries() {
-    let d = TempDir::new("clean");
-    let f = write(&d.0, "a.jsonl", &clean_lines());
+    let d = TempDir::new("clean").unwrap();
+    let f = write(d.path(), "a.jsonl", &clean_lines());
     let r = verify(std::slice::from_ref(&f));
     assert!(r.is_clean(), "{:?}", r.problems);
     assert_eq!(r.records, 24);
@@ -237,10 +216,10 @@ fn a_clean_trail_passes_with_per_node_summaries() {
 
 #[test]
 fn an_unsigned_tail_is_a_warning_not_a_failure() {
-    let d = TempDir::new("tail");
+    let d = TempDir::new("tail").unwrap();
     let mut lines = clean_lines();
     lines.truncate(lines.len() - 2); // drop both checkpoints
-    let f = write(&d.0, "a.jsonl", &lines);
+    let f = write(d.path(), "a.jsonl", &lines);
     let r = verify(&[f]);
     assert!(r.is_clean(), "{:?}", r.problems);
     assert!(
@@ -252,14 +231,14 @@ fn an_unsigned_tail_is_a_warning_not_a_failure() {
 
 #[test]
 fn an_edited_ocsf_field_is_named_by_line_and_path() {
-    let d = TempDir::new("edit-ocsf");
+    let d = TempDir::new("edit-ocsf").unwrap();
     let mut lines = clean_lines();
     // Line 3 is node-a's admission granted.
     let mut v: Value = serde_json::from_str(&lines[2]).unwrap();
     assert_eq!(v["user"]["name"], "alice");
     v["user"]["name"] = "mallory".into();
     lines[2] = v.to_string();
-    let f = write(&d.0, "a.jsonl", &lines);
+    let f = write(d.path(), "a.jsonl", &lines);
     let r = verify(std::slice::from_ref(&f));
     let (line, kind, msg) = first(&r);
     assert_eq!((line, kind.as_str()), (3, "edited"));
@@ -270,7 +249,7 @@ fn an_edited_ocsf_field_is_named_by_line_and_path() {
     let mut v: Value = serde_json::from_str(&lines[5]).unwrap();
     v["metadata"]["note"] = "hi".into();
     lines[5] = v.to_string();
-    let r = verify(&[write(&d.0, "b.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "b.jsonl", &lines)]);
     let (line, _, msg) = first(&r);
     assert_eq!(line, 6);
     assert!(msg.contains("$.metadata.note"), "{msg}");
@@ -293,7 +272,7 @@ fn an_edited_ocsf_field_is_named_by_line_and_path() {
 
 #[test]
 fn an_edited_raw_is_detected_even_when_the_record_is_recomputed() {
-    let d = TempDir::new("edit-raw");
+    let d = TempDir::new("edit-raw").unwrap();
     let ka = NodeKey::generate().unwrap();
     let evs = every_kind("node-a", &ka);
     let mut lines: Vec<String> = evs.iter().map(line).collect();
@@ -313,13 +292,13 @@ fn an_edited_raw_is_detected_even_when_the_record_is_recomputed() {
     v["portcullis"]["raw"] = base64_of(&forged.bytes).into();
     let mut only_raw = lines.clone();
     only_raw[1] = v.to_string();
-    let r = verify(&[write(&d.0, "a.jsonl", &only_raw)]);
+    let r = verify(&[write(d.path(), "a.jsonl", &only_raw)]);
     let (line, kind, _) = first(&r);
     assert_eq!((line, kind.as_str()), (2, "edited"));
     // The whole record recomputed from forged bytes: the chain breaks at
     // the next line.
     lines[1] = line_of(&forged);
-    let r = verify(&[write(&d.0, "b.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "b.jsonl", &lines)]);
     let (line, kind, _) = first(&r);
     assert_eq!((line, kind.as_str()), (3, "chain_break"));
 }
@@ -335,11 +314,11 @@ fn line_of(e: &Sealed) -> String {
 
 #[test]
 fn deleted_reordered_duplicated_and_truncated_lines_fail() {
-    let d = TempDir::new("lines");
+    let d = TempDir::new("lines").unwrap();
     // Deleted: line 5 (node-a seq 3) gone; node-a seq 4 is now line 6.
     let mut lines = clean_lines();
     lines.remove(4);
-    let r = verify(&[write(&d.0, "del.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "del.jsonl", &lines)]);
     let (line, kind, msg) = first(&r);
     assert_eq!((line, kind.as_str()), (6, "gap"), "{msg}");
     assert!(msg.contains("seqs 3..=3 missing"), "{msg}");
@@ -347,7 +326,7 @@ fn deleted_reordered_duplicated_and_truncated_lines_fail() {
     // Reordered: node-a seq 2 (line 3) and seq 3 (line 5) swapped.
     let mut lines = clean_lines();
     lines.swap(2, 4);
-    let r = verify(&[write(&d.0, "swap.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "swap.jsonl", &lines)]);
     let kinds: Vec<(u64, &str)> = r
         .problems
         .iter()
@@ -360,14 +339,14 @@ fn deleted_reordered_duplicated_and_truncated_lines_fail() {
     let mut lines = clean_lines();
     let dup = lines[3].clone();
     lines.insert(4, dup);
-    let r = verify(&[write(&d.0, "dup.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "dup.jsonl", &lines)]);
     let (line, kind, msg) = first(&r);
     assert_eq!((line, kind.as_str()), (5, "duplicate"), "{msg}");
     assert!(msg.contains("dup.jsonl:4"), "{msg}");
 
     // Truncated: the last line cut in the middle.
     let lines = clean_lines();
-    let p = write(&d.0, "trunc.jsonl", &lines);
+    let p = write(d.path(), "trunc.jsonl", &lines);
     let len = std::fs::metadata(&p).unwrap().len();
     let f = std::fs::OpenOptions::new().write(true).open(&p).unwrap();
     f.set_len(len - 40).unwrap();
@@ -378,11 +357,11 @@ fn deleted_reordered_duplicated_and_truncated_lines_fail() {
 
 #[test]
 fn a_bad_checkpoint_signature_and_a_pinned_key_mismatch_fail() {
-    let d = TempDir::new("keys");
+    let d = TempDir::new("keys").unwrap();
     let key = NodeKey::generate().unwrap();
     let evs = every_kind("node-a", &key);
     let lines: Vec<String> = evs.iter().map(line).collect();
-    let f = write(&d.0, "a.jsonl", &lines);
+    let f = write(d.path(), "a.jsonl", &lines);
     // Pinned to another key: the STARTED key mismatches and the checkpoint
     // does not verify.
     let other = NodeKey::generate().unwrap();
@@ -399,7 +378,7 @@ fn a_bad_checkpoint_signature_and_a_pinned_key_mismatch_fail() {
         .collect();
     assert_eq!(kinds, vec![(1, "key_mismatch"), (12, "bad_signature")]);
     // With the right key pinned (keys file through the binary): clean.
-    let keys = d.0.join("keys");
+    let keys = d.path().join("keys");
     std::fs::write(&keys, format!("node-a {}\n", chain::hex(&key.public_key()))).unwrap();
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["audit", "verify", "--pinned-only", "--keys"])
@@ -425,14 +404,14 @@ fn a_bad_checkpoint_signature_and_a_pinned_key_mismatch_fail() {
     );
     let mut lines = lines;
     lines[11] = line(&bad);
-    let r = verify(&[write(&d.0, "b.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "b.jsonl", &lines)]);
     let (line, kind, _) = first(&r);
     assert_eq!((line, kind.as_str()), (12, "bad_signature"));
 }
 
 #[test]
 fn declared_gaps_are_warnings() {
-    let d = TempDir::new("declared");
+    let d = TempDir::new("declared").unwrap();
     let key = NodeKey::generate().unwrap();
     let mut s = Sealer::resume("node-a", Head::EMPTY);
     let pk = key.public_key();
@@ -459,7 +438,7 @@ fn declared_gaps_are_warnings() {
     ));
     // Seqs 2 and 3 were dropped by the agent.
     let lines: Vec<String> = [0, 3, 4, 5].iter().map(|&i| line(&evs[i])).collect();
-    let r = verify(&[write(&d.0, "a.jsonl", &lines)]);
+    let r = verify(&[write(d.path(), "a.jsonl", &lines)]);
     assert!(r.is_clean(), "{:?}", r.problems);
     assert!(
         r.warnings
@@ -481,11 +460,11 @@ fn segment(path: &Path, evs: &[Sealed]) {
 
 #[test]
 fn spool_segments_verify_and_a_torn_segment_fails() {
-    let d = TempDir::new("spool");
+    let d = TempDir::new("spool").unwrap();
     let key = NodeKey::generate().unwrap();
     let evs = every_kind("node-a", &key);
-    let s1 = d.0.join("seg-1");
-    let s2 = d.0.join("seg-2");
+    let s1 = d.path().join("seg-1");
+    let s2 = d.path().join("seg-2");
     segment(&s1, &evs[..5]);
     segment(&s2, &evs[5..]);
     let r = verify(&[s1.clone(), s2.clone()]);
@@ -513,7 +492,7 @@ fn spool_segments_verify_and_a_torn_segment_fails() {
 /// see tests/ocsf/validate.py.
 #[test]
 fn records_validate_against_the_ocsf_schema() {
-    let d = TempDir::new("ocsf");
+    let d = TempDir::new("ocsf").unwrap();
     let key = NodeKey::generate().unwrap();
     let mut lines: Vec<String> = every_kind("node-a", &key).iter().map(line).collect();
     // And a collector finding.
@@ -527,7 +506,7 @@ fn records_validate_against_the_ocsf_schema() {
         ocsf::finding_record(&f, 1_800_000_000_000, "192.0.2.1".parse().ok(), Some(b"x"))
             .to_string(),
     );
-    let file = write(&d.0, "records.jsonl", &lines);
+    let file = write(d.path(), "records.jsonl", &lines);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/ocsf/validate.py");
     let out = Command::new("python3")
         .arg(&script)

@@ -1,10 +1,11 @@
 //! The collector in-process: a real tonic server on 127.0.0.1:0 driven by a
 //! tonic client with events sealed by `chain::Sealer` and a `NodeKey`.
 
+use portcullis_agent::netns::{TempDir, TmpfsMount};
 use std::{
     collections::HashMap,
     net::SocketAddr,
-    path::{Path, PathBuf},
+    path::Path,
     time::{Duration, SystemTime},
 };
 
@@ -26,29 +27,6 @@ use prost::Message as _;
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{Code, Streaming, codegen::tokio_stream::wrappers::ReceiverStream};
-
-/// A unique temporary directory, removed on drop.
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static N: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-        let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let d = std::env::temp_dir().join(format!(
-            "portcullis-collector-{name}-{}-{n}",
-            std::process::id()
-        ));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        TempDir(d)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 /// A collector serving in the background.
 struct Running {
@@ -277,15 +255,15 @@ fn verify_dir(dir: &Path) -> portcullis_agent::audit::verify_cli::Report {
 
 #[tokio::test]
 async fn handshake_batches_acks_and_ocsf_records() {
-    let dir = TempDir::new("happy");
-    let run = Running::start(dir_opts(&dir.0)).await;
+    let dir = TempDir::new("happy").unwrap();
+    let run = Running::start(dir_opts(dir.path())).await;
     let mut a = Agent::new("node-a");
     let (mut s, resume) = Stream::handshake(run.addr, &a).await;
     assert_eq!(resume, 0);
     let evs = a.chain(5);
     assert_eq!(s.batch(&evs[..2]).await.unwrap(), 2);
     assert_eq!(s.batch(&evs[2..]).await.unwrap(), 5);
-    let recs = records(&dir.0);
+    let recs = records(dir.path());
     assert_eq!(event_seqs(&recs, "node-a"), vec![1, 2, 3, 4, 5]);
     assert!(findings(&recs).is_empty());
     assert_eq!(recs[0]["class_uid"], 6002);
@@ -297,10 +275,10 @@ async fn handshake_batches_acks_and_ocsf_records() {
         assert_eq!(r, &ocsf::event_record(&e.bytes).unwrap());
     }
     // The key was trusted on first use and persisted.
-    assert!(dir.0.join("keys/node-a.pub").exists());
+    assert!(dir.path().join("keys/node-a.pub").exists());
     drop(s);
     run.stop().await;
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(dir.path());
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.nodes[0].last_checkpoint, Some(5));
     assert_eq!(report.nodes[0].unsigned, 0);
@@ -384,8 +362,8 @@ async fn send_garbage(addr: SocketAddr, bytes: Vec<u8>) -> tonic::Status {
 
 #[tokio::test]
 async fn non_agents_are_refused_and_nothing_is_written() {
-    let dir = TempDir::new("refuse");
-    let mut opts = dir_opts(&dir.0);
+    let dir = TempDir::new("refuse").unwrap();
+    let mut opts = dir_opts(dir.path());
     let pinned = Agent::new("pinned-node");
     let mut impostor = Agent::new("pinned-node");
     opts.pinned = HashMap::from([("pinned-node".to_owned(), pinned.key.public_key())]);
@@ -453,7 +431,7 @@ async fn non_agents_are_refused_and_nothing_is_written() {
     assert!(refused >= 9, "refused {refused}");
     drop(s);
     run.stop().await;
-    let recs = records(&dir.0);
+    let recs = records(dir.path());
     // No event record at all; findings for the bad proof and the key mismatch.
     assert!(recs.iter().all(|r| r["portcullis"]["record"] == "finding"));
     let mut kinds = findings(&recs);
@@ -463,8 +441,8 @@ async fn non_agents_are_refused_and_nothing_is_written() {
 
 #[tokio::test]
 async fn oversized_batch_is_refused_whole() {
-    let dir = TempDir::new("big");
-    let mut opts = dir_opts(&dir.0);
+    let dir = TempDir::new("big").unwrap();
+    let mut opts = dir_opts(dir.path());
     opts.max_batch_events = 4;
     let run = Running::start(opts).await;
     let mut a = Agent::new("node-a");
@@ -479,16 +457,16 @@ async fn oversized_batch_is_refused_whole() {
     assert_eq!(s.batch(&evs[..4]).await.unwrap(), 4);
     drop(s);
     run.stop().await;
-    assert_eq!(event_seqs(&records(&dir.0), "node-a"), vec![1, 2, 3, 4]);
+    assert_eq!(event_seqs(&records(dir.path()), "node-a"), vec![1, 2, 3, 4]);
 }
 
 #[tokio::test]
 async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
-    let dir = TempDir::new("dedupe");
+    let dir = TempDir::new("dedupe").unwrap();
     let mut a = Agent::new("node-a");
     let evs = a.chain(10);
 
-    let run = Running::start(dir_opts(&dir.0)).await;
+    let run = Running::start(dir_opts(dir.path())).await;
     let (mut s, resume) = Stream::handshake(run.addr, &a).await;
     assert_eq!(resume, 0);
     assert_eq!(s.batch(&evs[..5]).await.unwrap(), 5);
@@ -502,12 +480,12 @@ async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
     drop(s);
     run.stop().await;
     assert_eq!(
-        event_seqs(&records(&dir.0), "node-a"),
+        event_seqs(&records(dir.path()), "node-a"),
         (1..=7).collect::<Vec<_>>()
     );
 
     // A crash mid-write leaves a torn last line (never acknowledged).
-    let last = store::output_files(&dir.0).unwrap().pop().unwrap();
+    let last = store::output_files(dir.path()).unwrap().pop().unwrap();
     let good_len = std::fs::metadata(&last).unwrap().len();
     let torn = ocsf::event_record(&evs[7].bytes).unwrap().to_string();
     {
@@ -520,9 +498,9 @@ async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
     }
     // The state file is behind the output too (as after a kill): remove it
     // so heads come from scanning the records.
-    std::fs::remove_file(dir.0.join("state.json")).unwrap();
+    std::fs::remove_file(dir.path().join("state.json")).unwrap();
 
-    let run = Running::start(dir_opts(&dir.0)).await;
+    let run = Running::start(dir_opts(dir.path())).await;
     assert_eq!(
         std::fs::metadata(&last).unwrap().len(),
         good_len,
@@ -534,18 +512,18 @@ async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
     assert_eq!(s.batch(&evs[5..]).await.unwrap(), 10);
     drop(s);
     run.stop().await;
-    let recs = records(&dir.0);
+    let recs = records(dir.path());
     assert_eq!(event_seqs(&recs, "node-a"), (1..=10).collect::<Vec<_>>());
     assert!(findings(&recs).is_empty(), "{:?}", findings(&recs));
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(dir.path());
     assert!(report.is_clean(), "{:?}", report.problems);
 }
 
 #[tokio::test]
 async fn rotates_by_size_in_write_order() {
-    let dir = TempDir::new("rotate");
+    let dir = TempDir::new("rotate").unwrap();
     let run = Running::start(CollectorOptions::new(Output::Dir {
-        dir: dir.0.clone(),
+        dir: dir.path().to_path_buf(),
         rotate_bytes: 4096,
     }))
     .await;
@@ -561,7 +539,7 @@ async fn rotates_by_size_in_write_order() {
     }
     drop((sa, sb));
     run.stop().await;
-    let files = store::output_files(&dir.0).unwrap();
+    let files = store::output_files(dir.path()).unwrap();
     assert!(files.len() >= 5, "{} files", files.len());
     let names: Vec<String> = files
         .iter()
@@ -580,18 +558,18 @@ async fn rotates_by_size_in_write_order() {
     for f in &files[..files.len() - 1] {
         assert!(std::fs::metadata(f).unwrap().len() <= 4096 + 8192);
     }
-    let recs = records(&dir.0);
+    let recs = records(dir.path());
     assert_eq!(event_seqs(&recs, "node-a"), (1..=30).collect::<Vec<_>>());
     assert_eq!(event_seqs(&recs, "node-b"), (1..=30).collect::<Vec<_>>());
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(dir.path());
     assert!(report.is_clean(), "{:?}", report.problems);
     assert_eq!(report.nodes.len(), 2);
 }
 
 #[tokio::test]
 async fn chain_break_and_bad_checkpoint_write_findings() {
-    let dir = TempDir::new("findings");
-    let run = Running::start(dir_opts(&dir.0)).await;
+    let dir = TempDir::new("findings").unwrap();
+    let run = Running::start(dir_opts(dir.path())).await;
     let mut a = Agent::new("node-a");
     let (mut s, _) = Stream::handshake(run.addr, &a).await;
     let first = a.chain(3);
@@ -615,7 +593,7 @@ async fn chain_break_and_bad_checkpoint_write_findings() {
     assert_eq!(s.batch(&[broken, bad_cp]).await.unwrap(), 5);
     drop(s);
     run.stop().await;
-    let recs = records(&dir.0);
+    let recs = records(dir.path());
     assert_eq!(event_seqs(&recs, "node-a"), vec![1, 2, 3, 4, 5]);
     assert_eq!(findings(&recs), vec!["chain_break", "bad_signature"]);
     // The finding carries the offending bytes as evidence.
@@ -626,15 +604,15 @@ async fn chain_break_and_bad_checkpoint_write_findings() {
     assert!(f["portcullis"]["evidence_raw"].is_string());
     assert_eq!(f["finding_info"]["uid"], "node-a/4/chain_break");
     // audit verify sees the same problems in the output.
-    let report = verify_dir(&dir.0);
+    let report = verify_dir(dir.path());
     let kinds: Vec<&str> = report.problems.iter().map(|p| p.kind.as_str()).collect();
     assert_eq!(kinds, vec!["chain_break", "bad_signature"]);
 }
 
 #[tokio::test]
 async fn a_newer_stream_of_the_same_node_takes_over() {
-    let dir = TempDir::new("takeover");
-    let run = Running::start(dir_opts(&dir.0)).await;
+    let dir = TempDir::new("takeover").unwrap();
+    let run = Running::start(dir_opts(dir.path())).await;
     let mut a = Agent::new("node-a");
     let evs = a.chain(4);
     let (mut old, _) = Stream::handshake(run.addr, &a).await;
@@ -648,14 +626,14 @@ async fn a_newer_stream_of_the_same_node_takes_over() {
     assert_eq!(new.batch(&evs[1..]).await.unwrap(), 4);
     drop((old, new));
     run.stop().await;
-    assert_eq!(event_seqs(&records(&dir.0), "node-a"), vec![1, 2, 3, 4]);
+    assert_eq!(event_seqs(&records(dir.path()), "node-a"), vec![1, 2, 3, 4]);
 }
 
 #[test]
 fn stdout_mode_writes_json_lines_to_stdout() {
     use std::io::{BufRead as _, BufReader};
     use std::process::{Command, Stdio};
-    let state = TempDir::new("stdout");
+    let state = TempDir::new("stdout").unwrap();
     let mut child = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args([
             "collector",
@@ -664,7 +642,7 @@ fn stdout_mode_writes_json_lines_to_stdout() {
             "--stdout",
             "--state-dir",
         ])
-        .arg(&state.0)
+        .arg(state.path())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -714,8 +692,8 @@ fn stdout_mode_writes_json_lines_to_stdout() {
     for (l, e) in lines.iter().zip(&evs) {
         assert_eq!(l, &ocsf::event_record(&e.bytes).unwrap());
     }
-    assert!(state.0.join("keys/node-s.pub").exists());
-    assert!(state.0.join("state.json").exists());
+    assert!(state.path().join("keys/node-s.pub").exists());
+    assert!(state.path().join("state.json").exists());
     drop(_guard);
     let log = drain.join().unwrap();
     assert!(
@@ -724,43 +702,12 @@ fn stdout_mode_writes_json_lines_to_stdout() {
     );
 }
 
-/// A tmpfs of `size` mounted on a fresh directory; unmounted on drop, even
-/// when the test fails.
-struct SmallDisk(TempDir);
-
-impl SmallDisk {
-    fn mount(name: &str, size: &str) -> SmallDisk {
-        let dir = TempDir::new(name);
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&dir.0)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount tmpfs on {}", dir.0.display());
-        SmallDisk(dir)
-    }
-
-    fn path(&self) -> &Path {
-        &self.0.0
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(&self.0.0)
-            .status();
-    }
-}
-
 /// Disk full at the collector: the batch that does not fit is refused
 /// (nothing acknowledged that is not on disk, nothing half-written kept),
 /// and once space returns the agent's resend lands exactly once.
 #[tokio::test]
 async fn collector_disk_full_refuses_without_acking_then_recovers() {
-    let disk = SmallDisk::mount("enospc", "1m");
+    let disk = TmpfsMount::new(1 << 20).expect("mount a tmpfs (tests run as root)");
     let out = disk.path().join("out");
     std::fs::create_dir_all(&out).unwrap();
     // Ballast that leaves room for only part of the events below.

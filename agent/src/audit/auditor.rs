@@ -1277,41 +1277,11 @@ mod tests {
         task.await.unwrap();
     }
 
-    /// A tmpfs mounted for one test, unmounted on drop.
-    struct Mount(PathBuf);
-
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let ok = std::process::Command::new("umount")
-                .arg(&self.0)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.0)
-                    .status();
-            }
-        }
-    }
-
     #[tokio::test]
     async fn a_full_disk_degrades_then_the_same_events_are_written() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to mount a tmpfs");
-            return;
-        }
-        let tmp = TempDir::new("auditor-enospc").unwrap();
-        let mnt = tmp.path().join("mnt");
-        std::fs::create_dir(&mnt).unwrap();
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=64k,mode=0700", "tmpfs"])
-            .arg(&mnt)
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "mount tmpfs");
-        let _mount = Mount(mnt.clone());
+        let disk =
+            crate::netns::TmpfsMount::new(64 << 10).expect("mount a tmpfs (tests run as root)");
+        let mnt = disk.path().to_path_buf();
         let key = Arc::new(NodeKey::generate().unwrap());
         // The bound is far above the disk: the disk fills first.
         let c = cfg(&mnt.join("spool"), 1 << 30, 8192, OnFull::RefuseAdmissions);

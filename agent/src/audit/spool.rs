@@ -974,7 +974,7 @@ mod tests {
 
     use super::*;
     use crate::audit::chain::Sealer;
-    use crate::netns::TempDir;
+    use crate::netns::{TempDir, TmpfsMount};
 
     fn body(i: u64, pad: usize) -> Body {
         Body::Gap(Gap {
@@ -1395,53 +1395,10 @@ mod tests {
         );
     }
 
-    /// A tmpfs mounted for one test, unmounted on drop.
-    struct Mount(PathBuf);
-
-    impl Mount {
-        fn tmpfs(at: &Path, size: &str) -> Option<Mount> {
-            fs::create_dir(at).unwrap();
-            let st = std::process::Command::new("mount")
-                .args([
-                    "-t",
-                    "tmpfs",
-                    "-o",
-                    &format!("size={size},mode=0700"),
-                    "tmpfs",
-                ])
-                .arg(at)
-                .status()
-                .ok()?;
-            st.success().then(|| Mount(at.to_path_buf()))
-        }
-    }
-
-    impl Drop for Mount {
-        fn drop(&mut self) {
-            let ok = std::process::Command::new("umount")
-                .arg(&self.0)
-                .status()
-                .is_ok_and(|s| s.success());
-            if !ok {
-                let _ = std::process::Command::new("umount")
-                    .arg("-l")
-                    .arg(&self.0)
-                    .status();
-            }
-        }
-    }
-
     #[test]
     fn disk_full_fails_cleanly_and_appends_resume_after_space_returns() {
-        if unsafe { libc::geteuid() } != 0 {
-            eprintln!("skipped: needs root to mount a tmpfs");
-            return;
-        }
-        let tmp = TempDir::new("spool-enospc").unwrap();
-        let mnt = tmp.path().join("mnt");
-        let Some(_mount) = Mount::tmpfs(&mnt, "64k") else {
-            panic!("cannot mount a tmpfs at {}", mnt.display());
-        };
+        let disk = TmpfsMount::new(64 << 10).expect("mount a tmpfs (tests run as root)");
+        let mnt = disk.path();
         let dir = mnt.join("spool");
         let (mut spool, _) = Spool::open(&dir, 16 << 10).unwrap();
         let mut sealer = Sealer::resume("n1", Head::EMPTY);
