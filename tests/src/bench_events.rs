@@ -56,6 +56,8 @@ use portcullis_agent::{
 use portcullis_proto::v1::{AdmissionGranted, AdmissionMethod, CostLine, CostReport, event::Body};
 use tokio::{runtime::Handle, sync::watch};
 
+use crate::bench_support::number;
+
 pub const USAGE: &str =
     "usage: portcullis-bench events [--secs N] [--inflight N] [--rate N] [--portcullis PATH]
   --secs N          seconds per scenario (default 30)
@@ -88,19 +90,7 @@ fn parse(mut args: impl Iterator<Item = String>) -> Result<Opts> {
         portcullis: exe.with_file_name("portcullis"),
     };
     while let Some(flag) = args.next() {
-        let mut num = |name: &str| -> Result<u64> {
-            let v = args
-                .next()
-                .with_context(|| format!("{name} needs a value"))?;
-            let n: u64 = v
-                .replace('_', "")
-                .parse()
-                .with_context(|| format!("{name} {v:?}: not a number"))?;
-            if n == 0 {
-                bail!("{name} must be at least 1");
-            }
-            Ok(n)
-        };
+        let mut num = |name: &str| number(name, args.next(), 1..=u64::MAX);
         match flag.as_str() {
             "--secs" => o.secs = num("--secs")?,
             "--inflight" => o.inflight = num("--inflight")?,

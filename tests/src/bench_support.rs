@@ -1,9 +1,23 @@
-//! What the in-process benchmarks share: the `--n N` option and a row of
-//! sorted latencies.
+//! What the benchmarks share: numeric options, the `--n N` option and a row
+//! of sorted latencies.
 
 use std::{ops::RangeInclusive, time::Duration};
 
 use anyhow::{Context, Result, bail};
+
+/// The value of a numeric option `name` (the next argument): digits with
+/// optional `_` separators, within `range`.
+pub fn number(name: &str, value: Option<String>, range: RangeInclusive<u64>) -> Result<u64> {
+    let v = value.with_context(|| format!("{name} needs a value"))?;
+    let n: u64 = v
+        .replace('_', "")
+        .parse()
+        .with_context(|| format!("{name} {v:?}: not a number"))?;
+    if !range.contains(&n) {
+        bail!("{name} must be {} to {}", range.start(), range.end());
+    }
+    Ok(n)
+}
 
 /// Parses `[--n N] [--help]`: the calls per row, `default` when absent.
 pub fn parse_n(
@@ -16,15 +30,8 @@ pub fn parse_n(
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--n" => {
-                let v = args.next().context("--n needs a value")?;
-                let parsed: usize = v
-                    .replace('_', "")
-                    .parse()
-                    .with_context(|| format!("--n {v:?}: not a number"))?;
-                if !range.contains(&parsed) {
-                    bail!("--n must be {} to {}", range.start(), range.end());
-                }
-                n = parsed;
+                let r = *range.start() as u64..=*range.end() as u64;
+                n = number("--n", args.next(), r)? as usize;
             }
             "-h" | "--help" => {
                 println!("{usage}");

@@ -21,6 +21,7 @@ use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
 use portcullis_agent::kernel::{Maps, ServiceEntry, Unattached, clock::monotonic_ns};
 use portcullis_common::{Identity, KernelConfig, PROTO_TCP, Reason, programs};
+use portcullis_tests::bench_support::number;
 use portcullis_tests::packet::Packet;
 
 const XDP_DROP: u32 = 1;
@@ -63,19 +64,8 @@ fn parse_args() -> Result<Args> {
         singles: 2_000,
     };
     while let Some(flag) = args.next() {
-        let mut num = |name: &str| -> Result<u32> {
-            let v = args
-                .next()
-                .with_context(|| format!("{name} needs a value"))?;
-            let n: u32 = v
-                .replace('_', "")
-                .parse()
-                .with_context(|| format!("{name} {v:?}: not a number"))?;
-            if n == 0 {
-                bail!("{name} must be at least 1");
-            }
-            Ok(n)
-        };
+        let mut num =
+            |name: &str| number(name, args.next(), 1..=u64::from(u32::MAX)).map(|n| n as u32);
         match flag.as_str() {
             "--repeat" => out.repeat = num("--repeat")?,
             "--singles" => out.singles = num("--singles")?,
