@@ -1200,6 +1200,14 @@ struct RealCollector {
 
 impl RealCollector {
     async fn start(dir: &std::path::Path, addr: SocketAddr) -> RealCollector {
+        Self::start_tls(dir, addr, None).await
+    }
+
+    async fn start_tls(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        tls: Option<collector::TlsFiles>,
+    ) -> RealCollector {
         let c = collector::Collector::open(CollectorOptions::new(Output::Dir {
             dir: dir.to_owned(),
             rotate_bytes: store::DEFAULT_ROTATE_BYTES,
@@ -1219,7 +1227,7 @@ impl RealCollector {
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(async move {
-            c.serve(listener, None, async {
+            c.serve(listener, tls.as_ref(), async {
                 let _ = rx.await;
             })
             .await
@@ -1402,4 +1410,55 @@ async fn real_auditor_to_real_collector_every_seq_exactly_once_across_a_collecto
         assert_eq!((ev.seq, ev.prev_hash.as_slice()), (*seq, &prev[..]));
         prev = chain::event_hash(&v[0]);
     }
+}
+
+/// The collector's own TLS settings (`--tls-cert/--tls-key/--client-ca`):
+/// an agent with the collector's CA and a client certificate from the
+/// agents' CA delivers; one without a client certificate is refused before
+/// anything is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_collector_over_mtls() {
+    let pki = Pki::new("real-mtls");
+    let ca = Ca::new("collector ca");
+    let agents = Ca::new("agents ca");
+    let (cert, key) = ca.leaf(&["collector.test"], false);
+    let (ccert, ckey) = agents.leaf(&["node-tls"], true);
+    let tls = collector::TlsFiles {
+        cert: pki.write("collector.pem", &cert),
+        key: pki.write("collector.key", &key),
+        client_ca: Some(pki.write("agents-ca.pem", &agents.pem())),
+    };
+    let out = pki.dir.join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let server = RealCollector::start_tls(&out, "127.0.0.1:0".parse().unwrap(), Some(tls)).await;
+
+    let src = MemSource::new("node-tls");
+    src.append(50, 8);
+    let no_cert = tls_target(
+        server.addr,
+        pki.write("ca.pem", &ca.pem()),
+        Some("collector.test"),
+    );
+    let run = Running::start(&src, no_cert.clone(), fast());
+    run.wait_until("two refused attempts", |s| s.failures >= 2)
+        .await;
+    let snap = run.stop().await;
+    assert_eq!(snap.acked_seq, 0, "{snap:?}");
+    assert!(collector_output(&out, "node-tls").0.is_empty());
+
+    let mut with_cert = no_cert;
+    if let Some(t) = with_cert.tls.as_mut() {
+        t.client_cert = Some(pki.write("agent.pem", &ccert));
+        t.client_key = Some(pki.write("agent.key", &ckey));
+    }
+    let run = Running::start(&src, with_cert, fast());
+    run.wait_until("all acked", |s| s.acked_seq == 50).await;
+    run.stop().await;
+    server.stop().await;
+    let (events, findings) = collector_output(&out, "node-tls");
+    assert!(findings.is_empty(), "{findings:#?}");
+    assert_eq!(
+        events.keys().copied().collect::<Vec<_>>(),
+        (1..=50).collect::<Vec<_>>()
+    );
 }
