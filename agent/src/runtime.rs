@@ -72,6 +72,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         || PolicySet::default_set().version().to_string(),
         |p| p.policies.current().version().to_string(),
     );
+    // Spend to date: a corrupt ledger stops the agent here, before the
+    // kernel, rather than silently starting the month from zero.
+    let book = SpendBook::new();
+    let mut acct = Accountant::open(&cfg, book.clone())
+        .with_context(|| format!("accounting.ledger {}", cfg.accounting.ledger.display()))?;
+    for a in &cfg.admissions {
+        acct.know(&a.identity, "");
+    }
     // The spool is opened (and a torn tail repaired) and the STARTED event
     // is durable before enforcement changes: every later decision is
     // chained after it.
@@ -87,14 +95,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     )
     .with_context(|| format!("opening the audit spool {}", cfg.audit.spool_dir.display()))?;
     let audit_task = tokio::spawn(audit_task.run());
-    // Spend to date: a corrupt ledger stops the agent here, before the
-    // kernel, rather than silently starting the month from zero.
-    let book = SpendBook::new();
-    let mut acct = Accountant::open(&cfg, book.clone())
-        .with_context(|| format!("accounting.ledger {}", cfg.accounting.ledger.display()))?;
-    for a in &cfg.admissions {
-        acct.know(&a.identity, "");
-    }
     let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
     let export_status = ExportStatus::new();
     let exporter = cfg.audit.collector.clone().map(|target| {
@@ -106,12 +106,24 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             export_status.clone(),
         ))
     });
-    let kopts = apply::kernel_options(&cfg.kernel);
-    let kernel = Kernel::open(&kopts).context("opening the kernel programs")?;
-    let origin = kernel.origin;
-    let (mut maps, _programs) = kernel.into_parts();
-    let installed = apply::apply(&mut maps, &cfg, origin)
-        .context("writing the configuration into the kernel maps")?;
+    let opened = Kernel::open(&apply::kernel_options(&cfg.kernel))
+        .context("opening the kernel programs")
+        .and_then(|kernel| {
+            let origin = kernel.origin;
+            let (mut maps, programs) = kernel.into_parts();
+            let installed = apply::apply(&mut maps, &cfg, origin)
+                .context("writing the configuration into the kernel maps")?;
+            Ok((origin, maps, programs, installed))
+        });
+    // `_programs` lives as long as the agent runs.
+    let (origin, maps, _programs, installed) = match opened {
+        Ok(x) => x,
+        Err(e) => {
+            // The trail says why this start ended right after STARTED.
+            let _ = auditor.shutdown(&format!("start failed: {e:#}")).await;
+            return Err(e);
+        }
+    };
     if installed > 0 {
         audit_static_admissions(&auditor, &cfg);
     }

@@ -95,3 +95,56 @@ fn a_policy_naming_an_unknown_service_stops_the_agent() {
     assert!(!ok, "{err}");
     assert!(err.contains("nosuch"), "{err}");
 }
+
+/// A start that fails in the kernel (here: the interface does not exist)
+/// ends the audit trail it began: STARTED, then STOPPING saying why.
+#[test]
+fn a_start_that_fails_in_the_kernel_is_on_record() {
+    use portcullis_agent::{audit::spool::read_segment_file, netns::BpffsMount};
+    use portcullis_proto::v1::{Event, event::Body, lifecycle::Phase};
+    use prost::Message as _;
+
+    let bpffs = BpffsMount::new().expect("bpffs");
+    let dir = portcullis_agent::netns::TempDir::new("start-kernel").unwrap();
+    let d = dir.path();
+    let cfg = d.join("agent.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[agent]\nnode_key = \"{d}/node.key\"\n[audit]\nspool_dir = \"{d}/spool\"\n\
+             [accounting]\nledger = \"{d}/ledger.json\"\n[kernel]\ninterfaces = [\"pcl-absent0\"]\n\
+             pin_dir = \"{pins}\"\nbpffs = \"{fs}\"\n[[services]]\nname = \"llm\"\nport = 8000\n",
+            d = d.display(),
+            pins = bpffs.pin_dir().display(),
+            fs = bpffs.path().display(),
+        ),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["agent", "--config"])
+        .arg(&cfg)
+        .output()
+        .expect("run the agent");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("pcl-absent0"), "{err}");
+
+    let mut phases = Vec::new();
+    for entry in std::fs::read_dir(d.join("spool")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|x| x == "pcs") {
+            for bytes in read_segment_file(&path).unwrap().frames {
+                if let Some(Body::Lifecycle(l)) = Event::decode(bytes.as_slice()).unwrap().body {
+                    phases.push((l.phase, l.reason));
+                }
+            }
+        }
+    }
+    assert_eq!(phases.len(), 2, "{phases:?}");
+    assert_eq!(phases[0].0, Phase::Started as i32);
+    assert_eq!(phases[1].0, Phase::Stopping as i32);
+    assert!(
+        phases[1].1.starts_with("start failed") && phases[1].1.contains("pcl-absent0"),
+        "{phases:?}"
+    );
+}
