@@ -10,6 +10,7 @@ use portcullis_common::Reason;
 use crate::{
     admission::revocations::{self, Entry},
     apply,
+    audit::spool,
     config::{Config, identity_key},
     kernel::{Kernel, maps::bytes_addr},
 };
@@ -58,7 +59,41 @@ pub fn status(cfg: &Config) -> anyhow::Result<()> {
         );
     }
     println!("flows {}", m.flow_count());
+    let (bytes, last) = spool_state(&cfg.audit.spool_dir)?;
+    println!("audit_spool_bytes {bytes}");
+    println!("audit_last_seq {last}");
     Ok(())
+}
+
+/// Bytes held in the audit spool (events not yet acknowledged by a
+/// collector, plus the active segment) and the last sequence number
+/// written; read from the files, so it works while the agent is down.
+fn spool_state(dir: &std::path::Path) -> anyhow::Result<(u64, u64)> {
+    let entries = match std::fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok((0, 0)),
+        Err(e) => return Err(anyhow::anyhow!("audit.spool_dir {}: {e}", dir.display())),
+    };
+    let mut segments: Vec<std::path::PathBuf> = entries
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "pcs"))
+        .collect();
+    segments.sort();
+    let bytes = segments
+        .iter()
+        .filter_map(|p| std::fs::metadata(p).ok())
+        .map(|m| m.len())
+        .sum();
+    let last = match segments.last() {
+        Some(p) => spool::read_segment_file(p)
+            .with_context(|| format!("reading {}", p.display()))?
+            .frames
+            .last()
+            .and_then(|f| spool::peek_seq(f))
+            .unwrap_or(0),
+        None => 0,
+    };
+    Ok((bytes, last))
 }
 
 pub fn admit(
