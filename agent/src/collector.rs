@@ -86,7 +86,7 @@ impl Collector {
     /// stores.
     pub fn open(opts: CollectorOptions) -> anyhow::Result<Collector> {
         Ok(Collector {
-            shared: Arc::new(server::Shared::open(opts)?),
+            shared: server::Shared::open(opts)?,
         })
     }
 

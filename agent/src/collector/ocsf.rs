@@ -44,7 +44,9 @@
 use std::net::IpAddr;
 
 use base64::Engine as _;
-use portcullis_proto::v1::{AdmissionMethod, Event, event::Body, lifecycle::Phase};
+use portcullis_proto::v1::{
+    AdmissionMethod, ControlCall, DropSummary, Event, Lifecycle, event::Body, lifecycle::Phase,
+};
 use prost::Message as _;
 use serde_json::{Map, Value, json};
 
@@ -104,71 +106,75 @@ pub fn decode_raw(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
 }
 
 /// The record for one event, from its canonical bytes.
+/// The record for one event, from its canonical bytes.
 pub fn event_record(canonical: &[u8]) -> Result<Value, prost::DecodeError> {
     let ev = Event::decode(canonical)?;
     Ok(event_record_of(&ev, canonical))
 }
 
-/// The record for `ev`, whose canonical encoding is `canonical`.
+/// The record for `ev`, whose canonical encoding is `canonical`, as a JSON
+/// value: the line [`write_event_record`] writes, parsed.
 pub fn event_record_of(ev: &Event, canonical: &[u8]) -> Value {
+    let mut line = Vec::with_capacity(4096);
+    write_event_record(ev, canonical, &event_hash(canonical), &mut line);
+    // The writer emits valid JSON (escaped strings, integers only).
+    serde_json::from_slice(&line).expect("the OCSF writer emits valid JSON")
+}
+
+/// Appends the record for `ev` (canonical encoding `canonical`, whose
+/// SHA-256 is `hash`) to `out` as one JSON object, without a newline.
+///
+/// This is the mapping: [`event_record`] (what `audit verify` compares
+/// with) is this output parsed. Keys are written in a fixed order, so the
+/// same bytes always give the same line.
+pub fn write_event_record(ev: &Event, canonical: &[u8], hash: &[u8; 32], out: &mut Vec<u8>) {
     let time_ms = ev.time_unix_ns.div_euclid(1_000_000);
     let class = classify(ev);
-    let mut r = Map::new();
-    r.insert("class_uid".into(), json!(class.class_uid));
-    r.insert("class_name".into(), json!(class.class_name));
-    r.insert("category_uid".into(), json!(class.category_uid));
-    r.insert("category_name".into(), json!(class.category_name));
-    r.insert("activity_id".into(), json!(class.activity_id));
-    r.insert("activity_name".into(), json!(class.activity_name));
-    r.insert(
-        "type_uid".into(),
-        json!(class.class_uid * 100 + class.activity_id),
-    );
-    r.insert(
-        "type_name".into(),
-        json!(format!("{}: {}", class.class_name, class.activity_name)),
-    );
-    r.insert("time".into(), json!(time_ms));
-    r.insert("severity_id".into(), json!(class.severity_id));
-    r.insert("severity".into(), json!(severity_name(class.severity_id)));
-    if let Some((id, detail)) = &class.status {
-        r.insert("status_id".into(), json!(id));
-        r.insert(
-            "status".into(),
-            json!(if *id == 1 { "Success" } else { "Failure" }),
-        );
+    let j = &mut Json::new(out);
+    j.obj();
+    j.k("class_uid").u(class.class_uid);
+    j.k("class_name").s(class.class_name);
+    j.k("category_uid").u(class.category_uid);
+    j.k("category_name").s(class.category_name);
+    j.k("activity_id").u(class.activity_id);
+    j.k("activity_name").s(class.activity_name);
+    j.k("type_uid").u(class.class_uid * 100 + class.activity_id);
+    j.k("type_name")
+        .s_parts(&[class.class_name, ": ", class.activity_name]);
+    j.k("time").i(time_ms);
+    j.k("severity_id").u(class.severity_id);
+    j.k("severity").s(severity_name(class.severity_id));
+    if let Some((id, detail)) = class.status {
+        j.k("status_id").u(id);
+        j.k("status").s(if id == 1 { "Success" } else { "Failure" });
         if !detail.is_empty() {
-            r.insert("status_detail".into(), json!(detail));
+            j.k("status_detail").s(detail);
         }
     }
-    r.insert("message".into(), json!(class.message));
-    r.insert(
-        "metadata".into(),
-        json!({
-            "version": OCSF_VERSION,
-            "product": {"name": PRODUCT, "vendor_name": VENDOR},
-            "uid": format!("{}/{}", ev.node_id, ev.seq),
-            "sequence": ev.seq,
-            "log_name": EVENT_LOG_NAME,
-        }),
-    );
-    for (k, v) in class.attrs {
-        r.insert(k.into(), v);
-    }
-    r.insert(
-        "portcullis".into(),
-        json!({
-            "record": "event",
-            "mapping": MAPPING_VERSION,
-            "node_id": ev.node_id,
-            "seq": ev.seq,
-            "prev_hash": hex(&ev.prev_hash),
-            "hash": hex(&event_hash(canonical)),
-            "raw": b64(canonical),
-            "event": event_json(ev),
-        }),
-    );
-    Value::Object(r)
+    j.k("message").s(&class.message);
+    j.k("metadata").obj();
+    j.k("version").s(OCSF_VERSION);
+    j.k("product").obj();
+    j.k("name").s(PRODUCT);
+    j.k("vendor_name").s(VENDOR);
+    j.end();
+    j.k("uid").s_node_seq(&ev.node_id, ev.seq);
+    j.k("sequence").u(ev.seq);
+    j.k("log_name").s(EVENT_LOG_NAME);
+    j.end();
+    write_attrs(j, &class.attrs);
+    j.k("portcullis").obj();
+    j.k("record").s("event");
+    j.k("mapping").u(MAPPING_VERSION);
+    j.k("node_id").s(&ev.node_id);
+    j.k("seq").u(ev.seq);
+    j.k("prev_hash").hex(&ev.prev_hash);
+    j.k("hash").hex(hash);
+    j.k("raw").b64(canonical);
+    j.k("event");
+    write_event_json(j, ev);
+    j.end();
+    j.end();
 }
 
 fn severity_name(id: u64) -> &'static str {
@@ -184,7 +190,7 @@ fn severity_name(id: u64) -> &'static str {
     }
 }
 
-struct Class {
+struct Class<'a> {
     class_uid: u64,
     class_name: &'static str,
     category_uid: u64,
@@ -193,12 +199,38 @@ struct Class {
     activity_name: &'static str,
     severity_id: u64,
     /// (status_id, status_detail)
-    status: Option<(u64, String)>,
+    status: Option<(u64, &'a str)>,
     message: String,
-    attrs: Vec<(&'static str, Value)>,
+    attrs: Attrs<'a>,
 }
 
-fn custom(activity: PortcullisActivity, severity_id: u64, message: String) -> Class {
+/// The class-specific attributes of a record (after `metadata`).
+enum Attrs<'a> {
+    None,
+    /// Authentication (granted or denied admissions).
+    Auth {
+        identity: &'a str,
+        tenant: &'a str,
+        service: &'a str,
+        model_version: &'a str,
+        source: &'a str,
+        source_port: u32,
+        method: i32,
+        jti_sha256: &'a [u8],
+        /// Granted admissions: the session's expiration time.
+        expires_unix_ms: Option<i64>,
+    },
+    Drop {
+        s: &'a DropSummary,
+        total: u64,
+        start_ms: i64,
+        end_ms: i64,
+    },
+    Control(&'a ControlCall),
+    Lifecycle(&'a Lifecycle),
+}
+
+fn custom<'a>(activity: PortcullisActivity, severity_id: u64, message: String) -> Class<'a> {
     Class {
         class_uid: PORTCULLIS_CLASS_UID,
         class_name: "Portcullis Audit",
@@ -209,7 +241,7 @@ fn custom(activity: PortcullisActivity, severity_id: u64, message: String) -> Cl
         severity_id,
         status: None,
         message,
-        attrs: Vec::new(),
+        attrs: Attrs::None,
     }
 }
 
@@ -222,107 +254,181 @@ fn method_name(m: i32) -> &'static str {
     }
 }
 
-/// Authentication attributes shared by granted and denied admissions.
-#[allow(clippy::too_many_arguments)]
-fn auth_attrs(
-    identity: &str,
-    tenant: &str,
-    service: &str,
-    model_version: &str,
-    source: &str,
-    source_port: u32,
-    method: i32,
-    jti_sha256: &[u8],
-) -> Vec<(&'static str, Value)> {
-    let mut user = Map::new();
-    if identity.is_empty() {
-        // OCSF's User needs a name, uid or account.
-        user.insert("name".into(), json!("unknown"));
-        user.insert("type_id".into(), json!(0));
-        user.insert("type".into(), json!("Unknown"));
-    } else {
-        user.insert("name".into(), json!(identity));
-        user.insert("uid".into(), json!(identity));
-    }
-    if !tenant.is_empty() {
-        user.insert("org".into(), json!({"name": tenant}));
-    }
-    let mut src = Map::new();
-    if source.parse::<IpAddr>().is_ok() {
-        src.insert("ip".into(), json!(source));
-    } else if !source.is_empty() {
-        src.insert("name".into(), json!(source));
-    }
-    if source_port != 0 {
-        src.insert("port".into(), json!(source_port));
-    }
-    let mut svc = Map::new();
-    svc.insert("name".into(), json!(service));
-    if !model_version.is_empty() {
-        svc.insert("version".into(), json!(model_version));
-    }
-    let (proto_id, proto) = match AdmissionMethod::try_from(method) {
-        // A knock carries an OAuth 2.0 access token (RFC 9068).
-        Ok(AdmissionMethod::Knock) => (6, "OAUTH 2.0"),
-        _ => (99, method_name(method)),
-    };
-    let mut attrs = vec![
-        ("user", Value::Object(user)),
-        ("src_endpoint", Value::Object(src)),
-        ("dst_endpoint", json!({"svc_name": service})),
-        ("service", Value::Object(svc)),
-        ("auth_protocol_id", json!(proto_id)),
-        ("auth_protocol", json!(proto)),
-        ("is_remote", json!(true)),
-    ];
-    if !jti_sha256.is_empty() {
-        attrs.push(("session", json!({"uid": hex(jti_sha256)})));
-    }
-    attrs
+fn is_ip(s: &str) -> bool {
+    s.parse::<IpAddr>().is_ok()
 }
 
-fn classify(ev: &Event) -> Class {
+fn write_attrs(j: &mut Json<'_>, attrs: &Attrs<'_>) {
+    match *attrs {
+        Attrs::None => {}
+        Attrs::Auth {
+            identity,
+            tenant,
+            service,
+            model_version,
+            source,
+            source_port,
+            method,
+            jti_sha256,
+            expires_unix_ms,
+        } => {
+            j.k("user").obj();
+            if identity.is_empty() {
+                // OCSF's User needs a name, uid or account.
+                j.k("name").s("unknown");
+                j.k("type_id").u(0);
+                j.k("type").s("Unknown");
+            } else {
+                j.k("name").s(identity);
+                j.k("uid").s(identity);
+            }
+            if !tenant.is_empty() {
+                j.k("org").obj();
+                j.k("name").s(tenant);
+                j.end();
+            }
+            j.end();
+            j.k("src_endpoint").obj();
+            if is_ip(source) {
+                j.k("ip").s(source);
+            } else if !source.is_empty() {
+                j.k("name").s(source);
+            }
+            if source_port != 0 {
+                j.k("port").u(source_port.into());
+            }
+            j.end();
+            j.k("dst_endpoint").obj();
+            j.k("svc_name").s(service);
+            j.end();
+            j.k("service").obj();
+            j.k("name").s(service);
+            if !model_version.is_empty() {
+                j.k("version").s(model_version);
+            }
+            j.end();
+            let (proto_id, proto) = match AdmissionMethod::try_from(method) {
+                // A knock carries an OAuth 2.0 access token (RFC 9068).
+                Ok(AdmissionMethod::Knock) => (6, "OAUTH 2.0"),
+                _ => (99, method_name(method)),
+            };
+            j.k("auth_protocol_id").u(proto_id);
+            j.k("auth_protocol").s(proto);
+            j.k("is_remote").b(true);
+            if !jti_sha256.is_empty() || expires_unix_ms.is_some() {
+                j.k("session").obj();
+                if !jti_sha256.is_empty() {
+                    j.k("uid").hex(jti_sha256);
+                }
+                if let Some(t) = expires_unix_ms {
+                    j.k("expiration_time").i(t);
+                }
+                j.end();
+            }
+        }
+        Attrs::Drop {
+            s,
+            total,
+            start_ms,
+            end_ms,
+        } => {
+            j.k("start_time").i(start_ms);
+            j.k("end_time").i(end_ms);
+            j.k("count").u(total);
+            j.k("traffic").obj();
+            j.k("packets").u(total);
+            j.end();
+            if let Some(top) = s.top_sources.first()
+                && is_ip(&top.source)
+            {
+                j.k("src_endpoint").obj();
+                j.k("ip").s(&top.source);
+                j.end();
+            }
+            let mut ips = s.top_sources.iter().filter(|t| is_ip(&t.source)).peekable();
+            if ips.peek().is_some() {
+                j.k("observables").arr();
+                for t in ips {
+                    j.obj();
+                    j.k("name").s("src_endpoint.ip");
+                    j.k("type_id").u(2);
+                    j.k("type").s("IP Address");
+                    j.k("value").s(&t.source);
+                    j.end();
+                }
+                j.end_arr();
+            }
+        }
+        Attrs::Control(c) => {
+            j.k("actor").obj();
+            j.k("user").obj();
+            j.k("name").s(&c.caller);
+            if !c.role.is_empty() {
+                j.k("groups").arr();
+                j.obj();
+                j.k("name").s(&c.role);
+                j.end();
+                j.end_arr();
+            }
+            j.end();
+            j.end();
+            j.k("api").obj();
+            j.k("operation").s(&c.method);
+            j.k("service").obj();
+            j.k("name").s("portcullis.v1.Control");
+            j.end();
+            j.end();
+            j.k("src_endpoint").obj();
+            j.k("name").s(&c.caller);
+            j.end();
+        }
+        Attrs::Lifecycle(l) => {
+            j.k("app").obj();
+            j.k("name").s(PRODUCT);
+            j.k("vendor_name").s(VENDOR);
+            if !l.agent_version.is_empty() {
+                j.k("version").s(&l.agent_version);
+            }
+            j.end();
+        }
+    }
+}
+
+fn classify(ev: &Event) -> Class<'_> {
     let Some(body) = &ev.body else {
         return custom(PortcullisActivity::Other, 1, "event without a body".into());
     };
     match body {
-        Body::AdmissionGranted(g) => {
-            let mut attrs = auth_attrs(
-                &g.identity,
-                &g.tenant,
-                &g.service,
-                &g.model_version,
-                &g.source,
-                g.source_port,
-                g.method,
-                &g.jti_sha256,
-            );
-            if let Some((_, Value::Object(s))) = attrs.iter_mut().find(|(k, _)| *k == "session") {
-                s.insert("expiration_time".into(), json!(g.expires_unix_ms));
-            } else {
-                attrs.push(("session", json!({"expiration_time": g.expires_unix_ms})));
-            }
-            Class {
-                class_uid: 3002,
-                class_name: "Authentication",
-                category_uid: 3,
-                category_name: "Identity & Access Management",
-                activity_id: 1,
-                activity_name: "Logon",
-                severity_id: 1,
-                status: Some((1, String::new())),
-                message: format!(
-                    "admission granted: {} to {} ({}) from {} by {}; policies [{}]",
-                    g.identity,
-                    g.service,
-                    g.action,
-                    g.source,
-                    method_name(g.method),
-                    g.policies.join(", ")
-                ),
-                attrs,
-            }
-        }
+        Body::AdmissionGranted(g) => Class {
+            class_uid: 3002,
+            class_name: "Authentication",
+            category_uid: 3,
+            category_name: "Identity & Access Management",
+            activity_id: 1,
+            activity_name: "Logon",
+            severity_id: 1,
+            status: Some((1, "")),
+            message: format!(
+                "admission granted: {} to {} ({}) from {} by {}; policies [{}]",
+                g.identity,
+                g.service,
+                g.action,
+                g.source,
+                method_name(g.method),
+                g.policies.join(", ")
+            ),
+            attrs: Attrs::Auth {
+                identity: &g.identity,
+                tenant: &g.tenant,
+                service: &g.service,
+                model_version: &g.model_version,
+                source: &g.source,
+                source_port: g.source_port,
+                method: g.method,
+                jti_sha256: &g.jti_sha256,
+                expires_unix_ms: Some(g.expires_unix_ms),
+            },
+        },
         Body::AdmissionDenied(d) => Class {
             class_uid: 3002,
             class_name: "Authentication",
@@ -331,7 +437,7 @@ fn classify(ev: &Event) -> Class {
             activity_id: 1,
             activity_name: "Logon",
             severity_id: 2,
-            status: Some((2, d.reason.clone())),
+            status: Some((2, &d.reason)),
             message: format!(
                 "admission denied ({}): {} to {} from {} by {}{}",
                 d.reason,
@@ -349,41 +455,22 @@ fn classify(ev: &Event) -> Class {
                     format!(": {}", d.detail)
                 }
             ),
-            attrs: auth_attrs(
-                &d.identity,
-                &d.tenant,
-                &d.service,
-                &d.model_version,
-                &d.source,
-                d.source_port,
-                d.method,
-                &d.jti_sha256,
-            ),
+            attrs: Attrs::Auth {
+                identity: &d.identity,
+                tenant: &d.tenant,
+                service: &d.service,
+                model_version: &d.model_version,
+                source: &d.source,
+                source_port: d.source_port,
+                method: d.method,
+                jti_sha256: &d.jti_sha256,
+                expires_unix_ms: None,
+            },
         },
         Body::DropSummary(s) => {
             let total: u64 = s.reasons.iter().map(|r| r.packets).sum();
             let start_ms = s.interval_start_unix_ns.div_euclid(1_000_000);
             let end_ms = start_ms.saturating_add((s.interval_ns / 1_000_000) as i64);
-            let mut attrs = vec![
-                ("start_time", json!(start_ms)),
-                ("end_time", json!(end_ms)),
-                ("count", json!(total)),
-                ("traffic", json!({"packets": total})),
-            ];
-            if let Some(top) = s.top_sources.first()
-                && top.source.parse::<IpAddr>().is_ok()
-            {
-                attrs.push(("src_endpoint", json!({"ip": top.source})));
-            }
-            let obs: Vec<Value> = s
-                .top_sources
-                .iter()
-                .filter(|t| t.source.parse::<IpAddr>().is_ok())
-                .map(|t| json!({"name": "src_endpoint.ip", "type_id": 2, "type": "IP Address", "value": t.source}))
-                .collect();
-            if !obs.is_empty() {
-                attrs.push(("observables", Value::Array(obs)));
-            }
             let reasons: Vec<String> = s
                 .reasons
                 .iter()
@@ -403,7 +490,12 @@ fn classify(ev: &Event) -> Class {
                     s.interval_ns / 1_000_000,
                     reasons.join(", ")
                 ),
-                attrs,
+                attrs: Attrs::Drop {
+                    s,
+                    total,
+                    start_ms,
+                    end_ms,
+                },
             }
         }
         Body::ControlCall(c) => {
@@ -427,11 +519,6 @@ fn classify(ev: &Event) -> Class {
                 (99, "Other")
             };
             let ok = c.allowed && c.outcome == "ok";
-            let mut user = Map::new();
-            user.insert("name".into(), json!(c.caller));
-            if !c.role.is_empty() {
-                user.insert("groups".into(), json!([{"name": c.role}]));
-            }
             Class {
                 class_uid: 6003,
                 class_name: "API Activity",
@@ -440,7 +527,7 @@ fn classify(ev: &Event) -> Class {
                 activity_id,
                 activity_name,
                 severity_id: if c.allowed { 1 } else { 3 },
-                status: Some((if ok { 1 } else { 2 }, c.outcome.clone())),
+                status: Some((if ok { 1 } else { 2 }, &c.outcome)),
                 message: format!(
                     "control call {} by {} ({}): {}",
                     c.method,
@@ -448,14 +535,7 @@ fn classify(ev: &Event) -> Class {
                     if c.allowed { "allowed" } else { "refused" },
                     c.outcome
                 ),
-                attrs: vec![
-                    ("actor", json!({"user": Value::Object(user)})),
-                    (
-                        "api",
-                        json!({"operation": c.method, "service": {"name": "portcullis.v1.Control"}}),
-                    ),
-                    ("src_endpoint", json!({"name": c.caller})),
-                ],
+                attrs: Attrs::Control(c),
             }
         }
         Body::Lifecycle(l) => {
@@ -467,12 +547,6 @@ fn classify(ev: &Event) -> Class {
             } else {
                 (99, "Other")
             };
-            let mut app = Map::new();
-            app.insert("name".into(), json!(PRODUCT));
-            app.insert("vendor_name".into(), json!(VENDOR));
-            if !l.agent_version.is_empty() {
-                app.insert("version".into(), json!(l.agent_version));
-            }
             Class {
                 class_uid: 6002,
                 class_name: "Application Lifecycle",
@@ -481,7 +555,7 @@ fn classify(ev: &Event) -> Class {
                 activity_id,
                 activity_name,
                 severity_id: 1,
-                status: Some((1, String::new())),
+                status: Some((1, "")),
                 message: format!(
                     "agent {} on node {} ({}); key {}, recovered seq {}",
                     activity_name.to_lowercase(),
@@ -490,7 +564,7 @@ fn classify(ev: &Event) -> Class {
                     l.key_id,
                     l.recovered_seq
                 ),
-                attrs: vec![("app", Value::Object(app))],
+                attrs: Attrs::Lifecycle(l),
             }
         }
         Body::Checkpoint(c) => custom(
@@ -558,159 +632,381 @@ fn classify(ev: &Event) -> Class {
     }
 }
 
-/// The decoded event as JSON: the envelope and the body under its field
-/// name. Bytes are lower-case hex, enums their names.
-pub fn event_json(ev: &Event) -> Value {
-    let mut m = Map::new();
-    m.insert("seq".into(), json!(ev.seq));
-    m.insert("time_unix_ns".into(), json!(ev.time_unix_ns));
-    m.insert("node_id".into(), json!(ev.node_id));
-    m.insert("prev_hash".into(), json!(hex(&ev.prev_hash)));
-    m.insert("monotonic_ns".into(), json!(ev.monotonic_ns));
-    let (name, body) = match &ev.body {
-        None => ("body", Value::Null),
-        Some(Body::Lifecycle(l)) => (
-            "lifecycle",
-            json!({
-                "phase": Phase::try_from(l.phase).map_or_else(|_| l.phase.to_string(), |p| p.as_str_name().to_owned()),
-                "agent_version": l.agent_version,
-                "public_key": hex(&l.public_key),
-                "key_id": l.key_id,
-                "reason": l.reason,
-                "recovered_seq": l.recovered_seq,
-                "recovered_torn_bytes": l.recovered_torn_bytes,
-                "policy_version": l.policy_version,
-            }),
-        ),
-        Some(Body::AdmissionGranted(g)) => (
-            "admission_granted",
-            json!({
-                "identity": g.identity,
-                "tenant": g.tenant,
-                "service": g.service,
-                "model_version": g.model_version,
-                "source": g.source,
-                "source_port": g.source_port,
-                "method": method_enum(g.method),
-                "policies": g.policies,
-                "policy_version": g.policy_version,
-                "jti_sha256": hex(&g.jti_sha256),
-                "expires_unix_ms": g.expires_unix_ms,
-                "action": g.action,
-            }),
-        ),
-        Some(Body::AdmissionDenied(d)) => (
-            "admission_denied",
-            json!({
-                "identity": d.identity,
-                "tenant": d.tenant,
-                "service": d.service,
-                "model_version": d.model_version,
-                "source": d.source,
-                "source_port": d.source_port,
-                "method": method_enum(d.method),
-                "policies": d.policies,
-                "policy_version": d.policy_version,
-                "jti_sha256": hex(&d.jti_sha256),
-                "reason": d.reason,
-                "detail": d.detail,
-                "action": d.action,
-            }),
-        ),
-        Some(Body::Revocation(r)) => (
-            "revocation",
-            json!({
-                "target_kind": r.target_kind,
-                "target": r.target,
-                "reason": r.reason,
-                "admissions_removed": r.admissions_removed,
-                "identities": r.identities,
-            }),
-        ),
-        Some(Body::PolicyChange(p)) => (
-            "policy_change",
-            json!({
-                "old_version": p.old_version,
-                "new_version": p.new_version,
-                "policies": p.policies,
-                "accepted": p.accepted,
-                "error": p.error,
-            }),
-        ),
-        Some(Body::DropSummary(s)) => (
-            "drop_summary",
-            json!({
-                "interval_start_unix_ns": s.interval_start_unix_ns,
-                "interval_ns": s.interval_ns,
-                "reasons": s.reasons.iter().map(|r| json!({"reason": r.reason, "packets": r.packets})).collect::<Vec<_>>(),
-                "top_sources": s.top_sources.iter().map(|t| json!({"source": t.source, "sampled": t.sampled, "top_reason": t.top_reason})).collect::<Vec<_>>(),
-                "sampled": s.sampled,
-            }),
-        ),
-        Some(Body::CostReport(c)) => (
-            "cost_report",
-            json!({
-                "interval_start_unix_ns": c.interval_start_unix_ns,
-                "interval_ns": c.interval_ns,
-                "currency": c.currency,
-                "lines": c.lines.iter().map(|l| json!({
-                    "identity": l.identity,
-                    "tenant": l.tenant,
-                    "service": l.service,
-                    "connections": l.connections,
-                    "packets_in": l.packets_in,
-                    "bytes_in": l.bytes_in,
-                    "packets_out": l.packets_out,
-                    "bytes_out": l.bytes_out,
-                    "cost_micros": l.cost_micros,
-                    "identity_month_micros": l.identity_month_micros,
-                    "identity_day_micros": l.identity_day_micros,
-                    "tenant_month_micros": l.tenant_month_micros,
-                })).collect::<Vec<_>>(),
-                "month": c.month,
-                "day": c.day,
-            }),
-        ),
-        Some(Body::ControlCall(c)) => (
-            "control_call",
-            json!({
-                "caller": c.caller,
-                "role": c.role,
-                "method": c.method,
-                "request": c.request,
-                "allowed": c.allowed,
-                "outcome": c.outcome,
-            }),
-        ),
-        Some(Body::Checkpoint(c)) => (
-            "checkpoint",
-            json!({
-                "signature": hex(&c.signature),
-                "key_id": c.key_id,
-                "events_since_last": c.events_since_last,
-            }),
-        ),
-        Some(Body::Gap(g)) => (
-            "gap",
-            json!({"first_seq": g.first_seq, "last_seq": g.last_seq, "reason": g.reason}),
-        ),
-        Some(Body::SpoolPressure(s)) => (
-            "spool_pressure",
-            json!({
-                "full": s.full,
-                "bytes_used": s.bytes_used,
-                "bytes_limit": s.bytes_limit,
-                "refused_admissions": s.refused_admissions,
-                "on_full": s.on_full,
-            }),
-        ),
-    };
-    m.insert(name.into(), body);
-    Value::Object(m)
+/// Writes the decoded event as JSON: the envelope and the body under its
+/// field name. Bytes are lower-case hex, enums their names.
+fn write_event_json(j: &mut Json<'_>, ev: &Event) {
+    j.obj();
+    j.k("seq").u(ev.seq);
+    j.k("time_unix_ns").i(ev.time_unix_ns);
+    j.k("node_id").s(&ev.node_id);
+    j.k("prev_hash").hex(&ev.prev_hash);
+    j.k("monotonic_ns").u(ev.monotonic_ns);
+    match &ev.body {
+        None => {
+            j.k("body").null();
+        }
+        Some(Body::Lifecycle(l)) => {
+            j.k("lifecycle").obj();
+            j.k("phase");
+            match Phase::try_from(l.phase) {
+                Ok(p) => j.s(p.as_str_name()),
+                Err(_) => j.s(&l.phase.to_string()),
+            }
+            j.k("agent_version").s(&l.agent_version);
+            j.k("public_key").hex(&l.public_key);
+            j.k("key_id").s(&l.key_id);
+            j.k("reason").s(&l.reason);
+            j.k("recovered_seq").u(l.recovered_seq);
+            j.k("recovered_torn_bytes").u(l.recovered_torn_bytes);
+            j.k("policy_version").s(&l.policy_version);
+            j.end();
+        }
+        Some(Body::AdmissionGranted(g)) => {
+            j.k("admission_granted").obj();
+            j.k("identity").s(&g.identity);
+            j.k("tenant").s(&g.tenant);
+            j.k("service").s(&g.service);
+            j.k("model_version").s(&g.model_version);
+            j.k("source").s(&g.source);
+            j.k("source_port").u(g.source_port.into());
+            j.k("method");
+            method_enum(j, g.method);
+            j.k("policies").strs(&g.policies);
+            j.k("policy_version").s(&g.policy_version);
+            j.k("jti_sha256").hex(&g.jti_sha256);
+            j.k("expires_unix_ms").i(g.expires_unix_ms);
+            j.k("action").s(&g.action);
+            j.end();
+        }
+        Some(Body::AdmissionDenied(d)) => {
+            j.k("admission_denied").obj();
+            j.k("identity").s(&d.identity);
+            j.k("tenant").s(&d.tenant);
+            j.k("service").s(&d.service);
+            j.k("model_version").s(&d.model_version);
+            j.k("source").s(&d.source);
+            j.k("source_port").u(d.source_port.into());
+            j.k("method");
+            method_enum(j, d.method);
+            j.k("policies").strs(&d.policies);
+            j.k("policy_version").s(&d.policy_version);
+            j.k("jti_sha256").hex(&d.jti_sha256);
+            j.k("reason").s(&d.reason);
+            j.k("detail").s(&d.detail);
+            j.k("action").s(&d.action);
+            j.end();
+        }
+        Some(Body::Revocation(r)) => {
+            j.k("revocation").obj();
+            j.k("target_kind").s(&r.target_kind);
+            j.k("target").s(&r.target);
+            j.k("reason").s(&r.reason);
+            j.k("admissions_removed").u(r.admissions_removed.into());
+            j.k("identities").strs(&r.identities);
+            j.end();
+        }
+        Some(Body::PolicyChange(p)) => {
+            j.k("policy_change").obj();
+            j.k("old_version").s(&p.old_version);
+            j.k("new_version").s(&p.new_version);
+            j.k("policies").u(p.policies.into());
+            j.k("accepted").b(p.accepted);
+            j.k("error").s(&p.error);
+            j.end();
+        }
+        Some(Body::DropSummary(s)) => {
+            j.k("drop_summary").obj();
+            j.k("interval_start_unix_ns").i(s.interval_start_unix_ns);
+            j.k("interval_ns").u(s.interval_ns);
+            j.k("reasons").arr();
+            for r in &s.reasons {
+                j.obj();
+                j.k("reason").s(&r.reason);
+                j.k("packets").u(r.packets);
+                j.end();
+            }
+            j.end_arr();
+            j.k("top_sources").arr();
+            for t in &s.top_sources {
+                j.obj();
+                j.k("source").s(&t.source);
+                j.k("sampled").u(t.sampled);
+                j.k("top_reason").s(&t.top_reason);
+                j.end();
+            }
+            j.end_arr();
+            j.k("sampled").u(s.sampled);
+            j.end();
+        }
+        Some(Body::CostReport(c)) => {
+            j.k("cost_report").obj();
+            j.k("interval_start_unix_ns").i(c.interval_start_unix_ns);
+            j.k("interval_ns").u(c.interval_ns);
+            j.k("currency").s(&c.currency);
+            j.k("lines").arr();
+            for l in &c.lines {
+                j.obj();
+                j.k("identity").s(&l.identity);
+                j.k("tenant").s(&l.tenant);
+                j.k("service").s(&l.service);
+                j.k("connections").u(l.connections);
+                j.k("packets_in").u(l.packets_in);
+                j.k("bytes_in").u(l.bytes_in);
+                j.k("packets_out").u(l.packets_out);
+                j.k("bytes_out").u(l.bytes_out);
+                j.k("cost_micros").u(l.cost_micros);
+                j.k("identity_month_micros").u(l.identity_month_micros);
+                j.k("identity_day_micros").u(l.identity_day_micros);
+                j.k("tenant_month_micros").u(l.tenant_month_micros);
+                j.end();
+            }
+            j.end_arr();
+            j.k("month").s(&c.month);
+            j.k("day").s(&c.day);
+            j.end();
+        }
+        Some(Body::ControlCall(c)) => {
+            j.k("control_call").obj();
+            j.k("caller").s(&c.caller);
+            j.k("role").s(&c.role);
+            j.k("method").s(&c.method);
+            j.k("request").s(&c.request);
+            j.k("allowed").b(c.allowed);
+            j.k("outcome").s(&c.outcome);
+            j.end();
+        }
+        Some(Body::Checkpoint(c)) => {
+            j.k("checkpoint").obj();
+            j.k("signature").hex(&c.signature);
+            j.k("key_id").s(&c.key_id);
+            j.k("events_since_last").u(c.events_since_last);
+            j.end();
+        }
+        Some(Body::Gap(g)) => {
+            j.k("gap").obj();
+            j.k("first_seq").u(g.first_seq);
+            j.k("last_seq").u(g.last_seq);
+            j.k("reason").s(&g.reason);
+            j.end();
+        }
+        Some(Body::SpoolPressure(s)) => {
+            j.k("spool_pressure").obj();
+            j.k("full").b(s.full);
+            j.k("bytes_used").u(s.bytes_used);
+            j.k("bytes_limit").u(s.bytes_limit);
+            j.k("refused_admissions").u(s.refused_admissions);
+            j.k("on_full").s(&s.on_full);
+            j.end();
+        }
+    }
+    j.end();
 }
 
-fn method_enum(m: i32) -> String {
-    AdmissionMethod::try_from(m).map_or_else(|_| m.to_string(), |v| v.as_str_name().to_owned())
+/// An enum by name, or its number (as a string) when unknown.
+fn method_enum(j: &mut Json<'_>, m: i32) {
+    match AdmissionMethod::try_from(m) {
+        Ok(v) => j.s(v.as_str_name()),
+        Err(_) => j.s(&m.to_string()),
+    }
+}
+
+/// Bytes that need escaping in a JSON string (0: none; else the letter of
+/// a short escape, or `u` for `\u00XX`), as serde_json escapes them.
+static ESCAPE: [u8; 256] = {
+    let mut t = [0u8; 256];
+    let mut i = 0;
+    while i < 0x20 {
+        t[i] = b'u';
+        i += 1;
+    }
+    t[0x08] = b'b';
+    t[0x09] = b't';
+    t[0x0a] = b'n';
+    t[0x0c] = b'f';
+    t[0x0d] = b'r';
+    t[b'"' as usize] = b'"';
+    t[b'\\' as usize] = b'\\';
+    t
+};
+
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// A compact JSON writer appending to a byte buffer: `k(key)` then one
+/// value; objects and arrays nest with `obj`/`end` and `arr`/`end_arr`.
+/// Keys are trusted literals (written unescaped).
+struct Json<'a> {
+    out: &'a mut Vec<u8>,
+    /// A value was just completed at this level: the next needs a comma.
+    comma: bool,
+}
+
+impl<'a> Json<'a> {
+    fn new(out: &'a mut Vec<u8>) -> Json<'a> {
+        Json { out, comma: false }
+    }
+
+    fn sep(&mut self) {
+        if self.comma {
+            self.out.push(b',');
+        }
+    }
+
+    fn k(&mut self, key: &str) -> &mut Self {
+        self.sep();
+        self.out.push(b'"');
+        self.out.extend_from_slice(key.as_bytes());
+        self.out.extend_from_slice(b"\":");
+        self.comma = false;
+        self
+    }
+
+    fn obj(&mut self) {
+        self.sep();
+        self.out.push(b'{');
+        self.comma = false;
+    }
+
+    fn end(&mut self) {
+        self.out.push(b'}');
+        self.comma = true;
+    }
+
+    fn arr(&mut self) {
+        self.sep();
+        self.out.push(b'[');
+        self.comma = false;
+    }
+
+    fn end_arr(&mut self) {
+        self.out.push(b']');
+        self.comma = true;
+    }
+
+    fn null(&mut self) {
+        self.sep();
+        self.out.extend_from_slice(b"null");
+        self.comma = true;
+    }
+
+    fn b(&mut self, v: bool) {
+        self.sep();
+        self.out
+            .extend_from_slice(if v { b"true" } else { b"false" });
+        self.comma = true;
+    }
+
+    fn digits(&mut self, mut v: u64) {
+        let mut tmp = [0u8; 20];
+        let mut i = tmp.len();
+        loop {
+            i -= 1;
+            tmp[i] = b'0' + (v % 10) as u8;
+            v /= 10;
+            if v == 0 {
+                break;
+            }
+        }
+        self.out.extend_from_slice(&tmp[i..]);
+    }
+
+    fn u(&mut self, v: u64) {
+        self.sep();
+        self.digits(v);
+        self.comma = true;
+    }
+
+    fn i(&mut self, v: i64) {
+        self.sep();
+        if v < 0 {
+            self.out.push(b'-');
+        }
+        self.digits(v.unsigned_abs());
+        self.comma = true;
+    }
+
+    /// The inside of a string (no quotes), escaped.
+    fn escaped(&mut self, s: &str) {
+        let bytes = s.as_bytes();
+        let mut start = 0;
+        for (i, &c) in bytes.iter().enumerate() {
+            let e = ESCAPE[c as usize];
+            if e == 0 {
+                continue;
+            }
+            self.out.extend_from_slice(&bytes[start..i]);
+            if e == b'u' {
+                self.out.extend_from_slice(b"\\u00");
+                self.out.push(HEX_DIGITS[(c >> 4) as usize]);
+                self.out.push(HEX_DIGITS[(c & 0xf) as usize]);
+            } else {
+                self.out.extend_from_slice(&[b'\\', e]);
+            }
+            start = i + 1;
+        }
+        self.out.extend_from_slice(&bytes[start..]);
+    }
+
+    fn s(&mut self, s: &str) {
+        self.s_parts(&[s]);
+    }
+
+    /// One string made of `parts`.
+    fn s_parts(&mut self, parts: &[&str]) {
+        self.sep();
+        self.out.push(b'"');
+        for p in parts {
+            self.escaped(p);
+        }
+        self.out.push(b'"');
+        self.comma = true;
+    }
+
+    /// `"NODE/SEQ"`.
+    fn s_node_seq(&mut self, node: &str, seq: u64) {
+        self.sep();
+        self.out.push(b'"');
+        self.escaped(node);
+        self.out.push(b'/');
+        self.digits(seq);
+        self.out.push(b'"');
+        self.comma = true;
+    }
+
+    fn strs(&mut self, v: &[String]) {
+        self.arr();
+        for s in v {
+            self.s(s);
+        }
+        self.end_arr();
+    }
+
+    /// Lower-case hex, as a string.
+    fn hex(&mut self, bytes: &[u8]) {
+        self.sep();
+        self.out.reserve(bytes.len() * 2 + 2);
+        self.out.push(b'"');
+        for &b in bytes {
+            self.out.push(HEX_DIGITS[(b >> 4) as usize]);
+            self.out.push(HEX_DIGITS[(b & 0xf) as usize]);
+        }
+        self.out.push(b'"');
+        self.comma = true;
+    }
+
+    /// Standard base64 (padded), as a string.
+    fn b64(&mut self, bytes: &[u8]) {
+        self.sep();
+        self.out.push(b'"');
+        let at = self.out.len();
+        let n = base64::encoded_len(bytes.len(), true).expect("a batch event is far below usize");
+        self.out.resize(at + n, 0);
+        let written = base64::engine::general_purpose::STANDARD
+            .encode_slice(bytes, &mut self.out[at..])
+            .expect("sized by encoded_len");
+        self.out.truncate(at + written);
+        self.out.push(b'"');
+        self.comma = true;
+    }
 }
 
 /// A Detection Finding (2004) for something the collector noticed.
@@ -837,4 +1133,284 @@ pub fn first_difference(found: &Value, expected: &Value) -> Option<(String, Valu
         }
     }
     walk(&mut "$".to_owned(), found, expected)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use portcullis_proto::v1::{
+        AdmissionDenied, AdmissionGranted, Checkpoint, ControlCall, CostLine, CostReport,
+        DropSummary, Gap, Lifecycle, PolicyChange, ReasonCount, Revocation, SourceCount,
+        SpoolPressure,
+    };
+
+    const TRICKY: &str = "q\"uo\\te \u{1} \n\t\r\u{8}\u{c}\u{1f}\u{7f} é 雪 😀 </script>";
+
+    fn ev(seq: u64, time_unix_ns: i64, body: Body) -> Event {
+        Event {
+            seq,
+            time_unix_ns,
+            node_id: "node-1".into(),
+            prev_hash: (0..32u8).collect(),
+            monotonic_ns: 12_345,
+            body: Some(body),
+        }
+    }
+
+    /// Events of every kind, with empty, odd and extreme values.
+    pub(super) fn samples() -> Vec<Event> {
+        let mut v = Vec::new();
+        for (t, s) in [(1_800_000_000_123_456_789i64, ""), (-1_500_000, TRICKY)] {
+            let s = s.to_owned();
+            for phase in [0, 1, 2, 7] {
+                v.push(ev(
+                    1,
+                    t,
+                    Body::Lifecycle(Lifecycle {
+                        phase,
+                        agent_version: if phase == 1 {
+                            "0.1.0".into()
+                        } else {
+                            s.clone()
+                        },
+                        public_key: vec![0xab; 32],
+                        key_id: "0011223344556677".into(),
+                        reason: s.clone(),
+                        recovered_seq: u64::MAX,
+                        recovered_torn_bytes: 3,
+                        policy_version: s.clone(),
+                    }),
+                ));
+            }
+            for (i, (src, port, method, jti)) in [
+                ("10.0.0.7", 443u32, 1i32, vec![7u8; 32]),
+                ("2001:db8::1", 0, 2, vec![]),
+                ("not-an-ip", 1, 3, vec![0xff]),
+                ("", 0, 9, vec![]),
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                let who = if i == 3 {
+                    String::new()
+                } else {
+                    format!("user{i}{s}")
+                };
+                let tenant = if i % 2 == 0 { s.clone() } else { "acme".into() };
+                v.push(ev(
+                    2 + i as u64,
+                    t,
+                    Body::AdmissionGranted(AdmissionGranted {
+                        identity: who.clone(),
+                        tenant: tenant.clone(),
+                        service: format!("llm{s}"),
+                        model_version: if i == 1 { String::new() } else { "v3".into() },
+                        source: src.into(),
+                        source_port: port,
+                        method,
+                        policies: (0..i).map(|k| format!("p{k}{s}")).collect(),
+                        policy_version: "pv".into(),
+                        jti_sha256: jti.clone(),
+                        expires_unix_ms: if i == 2 { -5 } else { 1_800_000_300_000 },
+                        action: s.clone(),
+                    }),
+                ));
+                v.push(ev(
+                    20 + i as u64,
+                    t,
+                    Body::AdmissionDenied(AdmissionDenied {
+                        identity: who,
+                        tenant,
+                        service: "svc".into(),
+                        model_version: s.clone(),
+                        source: src.into(),
+                        source_port: port,
+                        method,
+                        policies: (0..i).map(|k| format!("p{k}")).collect(),
+                        policy_version: s.clone(),
+                        jti_sha256: jti,
+                        reason: if i == 0 {
+                            String::new()
+                        } else {
+                            format!("bad{s}")
+                        },
+                        detail: if i == 1 { String::new() } else { s.clone() },
+                        action: "a".into(),
+                    }),
+                ));
+            }
+            v.push(ev(
+                30,
+                t,
+                Body::Revocation(Revocation {
+                    target_kind: "jti".into(),
+                    target: s.clone(),
+                    reason: "r".into(),
+                    admissions_removed: 4_000_000_000,
+                    identities: vec![s.clone(), "x".into()],
+                }),
+            ));
+            for accepted in [true, false] {
+                v.push(ev(
+                    31,
+                    t,
+                    Body::PolicyChange(PolicyChange {
+                        old_version: s.clone(),
+                        new_version: "n".into(),
+                        policies: 3,
+                        accepted,
+                        error: s.clone(),
+                    }),
+                ));
+            }
+            for n in [0usize, 1, 3] {
+                v.push(ev(
+                    32,
+                    t,
+                    Body::DropSummary(DropSummary {
+                        interval_start_unix_ns: t,
+                        interval_ns: 10_000_000_000,
+                        reasons: (0..n)
+                            .map(|k| ReasonCount {
+                                reason: format!("r{k}{s}"),
+                                packets: k as u64 * 1000,
+                            })
+                            .collect(),
+                        top_sources: (0..n)
+                            .map(|k| SourceCount {
+                                source: if k == 1 {
+                                    "nope".into()
+                                } else {
+                                    format!("10.1.2.{k}")
+                                },
+                                sampled: k as u64,
+                                top_reason: s.clone(),
+                            })
+                            .collect(),
+                        sampled: 77,
+                    }),
+                ));
+            }
+            for n in [0usize, 2] {
+                v.push(ev(
+                    33,
+                    t,
+                    Body::CostReport(CostReport {
+                        interval_start_unix_ns: t,
+                        interval_ns: 60_000_000_000,
+                        currency: "EUR".into(),
+                        lines: (0..n)
+                            .map(|k| CostLine {
+                                identity: format!("i{k}{s}"),
+                                tenant: s.clone(),
+                                service: "svc".into(),
+                                connections: 1,
+                                packets_in: 2,
+                                bytes_in: 3,
+                                packets_out: 4,
+                                bytes_out: 5,
+                                cost_micros: 600 + k as u64,
+                                identity_month_micros: 7,
+                                identity_day_micros: 8,
+                                tenant_month_micros: u64::MAX,
+                            })
+                            .collect(),
+                        month: "2026-11".into(),
+                        day: s.clone(),
+                    }),
+                ));
+            }
+            for (m, allowed, outcome) in [
+                ("AdmitKnock", true, "ok"),
+                ("ListAdmissions", true, "ok"),
+                ("GetX", false, "denied"),
+                ("StatsY", true, "err"),
+                ("WatchZ", true, "ok"),
+                ("ValidatePolicy", true, "ok"),
+                ("UsageQ", true, "ok"),
+                ("ApplyPolicy", true, "ok"),
+                ("SetX", true, "ok"),
+                ("UpdateX", true, "ok"),
+                ("RevokeX", true, "ok"),
+                ("DeleteX", true, "ok"),
+                ("createThing", true, "ok"),
+                ("Frobnicate", true, ""),
+                ("", false, ""),
+            ] {
+                v.push(ev(
+                    34,
+                    t,
+                    Body::ControlCall(ControlCall {
+                        caller: format!("cn={s}"),
+                        role: if allowed {
+                            "admin".into()
+                        } else {
+                            String::new()
+                        },
+                        method: m.into(),
+                        request: s.clone(),
+                        allowed,
+                        outcome: outcome.into(),
+                    }),
+                ));
+            }
+            v.push(ev(
+                35,
+                t,
+                Body::Checkpoint(Checkpoint {
+                    signature: vec![0x5a; 64],
+                    key_id: s.clone(),
+                    events_since_last: 1000,
+                }),
+            ));
+            v.push(ev(
+                36,
+                t,
+                Body::Gap(Gap {
+                    first_seq: 5,
+                    last_seq: 9,
+                    reason: s.clone(),
+                }),
+            ));
+            for full in [true, false] {
+                v.push(ev(
+                    37,
+                    t,
+                    Body::SpoolPressure(SpoolPressure {
+                        full,
+                        bytes_used: 1,
+                        bytes_limit: 2,
+                        refused_admissions: 3,
+                        on_full: s.clone(),
+                    }),
+                ));
+            }
+        }
+        let mut odd = ev(u64::MAX, i64::MIN, Body::Gap(Gap::default()));
+        odd.node_id = TRICKY.into();
+        odd.prev_hash = vec![];
+        v.push(odd);
+        let mut none = ev(1, 0, Body::Gap(Gap::default()));
+        none.body = None;
+        v.push(none);
+        v
+    }
+
+    /// The writer's line is exactly serde_json's serialization of what it
+    /// parses to (escaping, numbers, key order), and parsing it gives
+    /// `event_record`.
+    #[test]
+    fn written_lines_are_canonical_json() {
+        for e in samples() {
+            let bytes = e.encode_to_vec();
+            let mut line = Vec::new();
+            write_event_record(&e, &bytes, &event_hash(&bytes), &mut line);
+            let v: Value = serde_json::from_slice(&line).unwrap();
+            assert_eq!(String::from_utf8(line).unwrap(), v.to_string(), "{e:?}");
+            assert_eq!(v, event_record(&bytes).unwrap());
+            assert_eq!(v["portcullis"]["raw"], b64(&bytes));
+            assert_eq!(v["portcullis"]["hash"], hex(&event_hash(&bytes)));
+            assert_eq!(v["portcullis"]["prev_hash"], hex(&e.prev_hash));
+        }
+    }
 }

@@ -11,6 +11,16 @@
 //! JSON lines with a detection-finding record for every chain problem,
 //! made durable, and only then acknowledged.
 //!
+//! Pipelining: a stream may have up to [`PIPELINE`] batches verified and not
+//! yet acknowledged. Verification (under the verifier lock) fixes each
+//! batch's place in one write queue; its lines are rendered outside the
+//! lock; one writer thread writes the queue in that order, joining batches
+//! that are ready into one write and fsync. So batch n+1 is decoded,
+//! verified and rendered while batch n is being written, and acks still
+//! name only persisted seqs, in order. When a batch cannot be persisted,
+//! the node's verifier goes back to its persisted head and the batches
+//! verified after it are dropped unwritten (the stream gets Unavailable).
+//!
 //! Anything else gets an error status (InvalidArgument for malformed or
 //! out-of-order messages, Unauthenticated for a bad proof, PermissionDenied
 //! for a key that is not trusted or another node's events), nothing from
@@ -23,14 +33,17 @@
 //! `Aborted`.
 
 use std::{
+    collections::{HashMap, VecDeque},
     net::IpAddr,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, Weak,
         atomic::{AtomicU64, Ordering},
+        mpsc as std_mpsc,
     },
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
+use anyhow::Context as _;
 use portcullis_proto::v1::{
     AgentMessage, CollectorMessage, Event,
     agent_message::Msg,
@@ -39,7 +52,7 @@ use portcullis_proto::v1::{
 };
 use prost::Message as _;
 use ring::rand::SecureRandom as _;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tonic::{
     Request, Response, Status, Streaming, codegen::tokio_stream::wrappers::ReceiverStream,
 };
@@ -47,7 +60,9 @@ use tonic::{
 use super::{CollectorOptions, Output, keys::TofuStore, ocsf, store::Store};
 use crate::audit::{
     chain::{self, Head},
-    verify::{ChainVerifier, Disposition, Finding, FindingKind, Severity, Trust, valid_node_id},
+    verify::{
+        ChainVerifier, Disposition, Finding, FindingKind, Severity, Trust, Verdict, valid_node_id,
+    },
 };
 
 /// The stream protocol this collector speaks (`Hello.protocol`).
@@ -74,17 +89,57 @@ impl Stats {
     }
 }
 
+/// What verifying needs (held while a batch is checked, never across I/O).
 struct Inner {
     verifier: ChainVerifier,
-    store: Store,
     tofu: TofuStore,
     /// Current stream generation per node (newest wins).
-    sessions: std::collections::HashMap<String, u64>,
+    sessions: HashMap<String, u64>,
     next_generation: u64,
+    /// Per node, bumped when the verifier is put back to the persisted
+    /// head (a batch failed to persist); batches verified before are
+    /// dropped by the writer. The same numbers as [`Persisted::epochs`].
+    epochs: HashMap<String, u64>,
 }
+
+/// What writing needs (held across the write and fsync).
+struct Persisted {
+    store: Store,
+    epochs: HashMap<String, u64>,
+}
+
+/// A verified batch on its way to the writer: its place in the write order
+/// is taken while the verifier is held; its lines follow when rendered.
+struct Job {
+    node: String,
+    epoch: u64,
+    /// The node's persisted head seq once written, or why not.
+    done: oneshot::Sender<Result<u64, Status>>,
+}
+
+/// A job and, to come, its lines.
+type Queued = (Job, oneshot::Receiver<Rendered>);
+
+/// A batch's output lines and what they add.
+struct Rendered {
+    buf: Vec<u8>,
+    head: Option<Head>,
+    written: u64,
+    findings: u64,
+    dups: u64,
+}
+
+/// Batches a stream may have verified and not yet acknowledged: while one
+/// is written and fsynced, the next is decoded, verified and rendered.
+const PIPELINE: usize = 4;
+/// Batches the writer joins into one write and fsync, when they are ready.
+const GROUP: usize = 8;
 
 pub(crate) struct Shared {
     inner: Mutex<Inner>,
+    output: Mutex<Persisted>,
+    /// To the writer thread, in verification order.
+    jobs: Mutex<std_mpsc::Sender<Queued>>,
     pub(crate) stats: Stats,
     max_batch_events: usize,
     max_message_bytes: usize,
@@ -106,7 +161,9 @@ fn line(v: &serde_json::Value, out: &mut Vec<u8>) {
 }
 
 impl Shared {
-    pub(crate) fn open(opts: CollectorOptions) -> anyhow::Result<Shared> {
+    /// Opens the output and starts the writer thread (it ends when the
+    /// returned value is dropped).
+    pub(crate) fn open(opts: CollectorOptions) -> anyhow::Result<Arc<Shared>> {
         let (store, keys_dir) = match opts.output {
             Output::Dir { dir, rotate_bytes } => {
                 let (store, rec) = Store::open_dir(&dir, rotate_bytes)
@@ -135,21 +192,33 @@ impl Shared {
         for (node, head) in store.heads() {
             verifier.resume(node, *head);
         }
-        Ok(Shared {
+        let (tx, rx) = std_mpsc::channel::<Queued>();
+        let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 verifier,
-                store,
                 tofu,
                 sessions: Default::default(),
                 next_generation: 0,
+                epochs: Default::default(),
             }),
+            output: Mutex::new(Persisted {
+                store,
+                epochs: Default::default(),
+            }),
+            jobs: Mutex::new(tx),
             stats: Stats::default(),
             max_batch_events: opts.max_batch_events,
             max_message_bytes: opts.max_message_bytes,
             handshake_timeout: Duration::from_secs(opts.handshake_timeout_secs.max(1)),
             rng: ring::rand::SystemRandom::new(),
             shutdown: tokio::sync::watch::channel(false).0,
-        })
+        });
+        let weak = Arc::downgrade(&shared);
+        std::thread::Builder::new()
+            .name("collector-writer".into())
+            .spawn(move || writer(&weak, &rx))
+            .context("starting the collector's writer thread")?;
+        Ok(shared)
     }
 
     /// Ends every open stream (UNAVAILABLE) and refuses new ones.
@@ -157,14 +226,19 @@ impl Shared {
         self.shutdown.send_replace(true);
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        // A panic while holding the lock cannot leave output half-written
-        // (append cuts back on error), so a poisoned lock is still usable.
+    fn lock(&self) -> MutexGuard<'_, Inner> {
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Lock order: [`Shared::lock`] first when both are held.
+    fn lock_output(&self) -> MutexGuard<'_, Persisted> {
+        // A panic while holding the lock cannot leave output half-written
+        // (append cuts back on error), so a poisoned lock is still usable.
+        self.output.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     pub(crate) fn save_state(&self) {
-        if let Err(e) = self.lock().store.save_state() {
+        if let Err(e) = self.lock_output().store.save_state() {
             tracing::warn!(error = %e, "could not save collector state at shutdown");
         }
     }
@@ -173,8 +247,8 @@ impl Shared {
     fn write_finding(&self, f: &Finding, peer: Option<IpAddr>, evidence: Option<&[u8]>) {
         let mut buf = Vec::new();
         line(&ocsf::finding_record(f, now_ms(), peer, evidence), &mut buf);
-        let mut inner = self.lock();
-        match inner.store.append(&buf, &[]) {
+        let mut out = self.lock_output();
+        match out.store.append(&buf, &[]) {
             Ok(()) => {
                 self.stats.findings_written.fetch_add(1, Ordering::Relaxed);
             }
@@ -279,7 +353,7 @@ impl Session {
             .map_err(|_| Status::cancelled("client went away"))
     }
 
-    /// Runs `f` on the blocking pool (file writes and fsync).
+    /// Runs `f` on the blocking pool (verifying, rendering, file I/O).
     async fn blocking<T: Send + 'static>(
         &self,
         f: impl FnOnce(&Shared) -> T + Send + 'static,
@@ -335,7 +409,7 @@ impl Session {
             .map_err(|_| Status::internal("the system random generator failed"))?;
         let node = self.node.clone();
         let resume_after = self
-            .blocking(move |s| s.lock().store.head(&node).seq)
+            .blocking(move |s| s.lock_output().store.head(&node).seq)
             .await?;
         self.send(collector_message::Msg::Welcome(
             portcullis_proto::v1::Welcome {
@@ -434,127 +508,341 @@ impl Session {
         self.shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
         tracing::info!(node = %self.node, peer = ?self.peer, resume_after, "agent stream accepted");
 
+        // Batches verified and queued for writing, oldest first; each is
+        // acknowledged once persisted, in order.
+        let mut pending: VecDeque<oneshot::Receiver<Result<u64, Status>>> = VecDeque::new();
         loop {
-            let batch = match self.next("EventBatch").await? {
-                None => return Ok(()),
-                Some(Msg::Batch(b)) => b,
-                Some(_) => {
-                    return Err(invalid(
-                        "after the handshake only EventBatch messages are accepted",
-                    ));
+            tokio::select! {
+                biased;
+                done = async { pending.front_mut().expect("guarded").await }, if !pending.is_empty() => {
+                    pending.pop_front();
+                    self.ack(done).await?;
                 }
-            };
-            if batch.events.len() > self.shared.max_batch_events {
-                return Err(invalid(format!(
-                    "a batch of {} events is over the limit of {}",
-                    batch.events.len(),
-                    self.shared.max_batch_events
-                )));
-            }
-            // The whole batch must be well-formed before anything is written.
-            for (i, bytes) in batch.events.iter().enumerate() {
-                let ev = Event::decode(bytes.as_slice())
-                    .map_err(|e| invalid(format!("batch event {i} is not an Event: {e}")))?;
-                if ev.node_id != self.node {
-                    return Err(Status::permission_denied(format!(
-                        "batch event {i} belongs to node {:?}, not {:?}",
-                        ev.node_id, self.node
-                    )));
-                }
-                if ev.seq == 0 || ev.prev_hash.len() != 32 || ev.body.is_none() {
-                    return Err(invalid(format!(
-                        "batch event {i} has an invalid envelope (seq {}, prev_hash {} bytes, body {})",
-                        ev.seq,
-                        ev.prev_hash.len(),
-                        if ev.body.is_some() {
-                            "present"
-                        } else {
-                            "missing"
+                msg = self.next("EventBatch"), if pending.len() < PIPELINE => {
+                    match self.take_batch(msg).await {
+                        Ok(Some(done)) => pending.push_back(done),
+                        Ok(None) => break,
+                        Err(status) => {
+                            // Acknowledge the batches before the refused
+                            // one (they are written), then refuse.
+                            while let Some(done) = pending.pop_front() {
+                                if self.ack(done.await).await.is_err() {
+                                    break;
+                                }
+                            }
+                            return Err(status);
                         }
-                    )));
+                    }
                 }
             }
-            let node = self.node.clone();
-            let generation = self.generation;
-            let peer = self.peer;
-            let through = self
-                .blocking(move |s| s.write_batch(&node, generation, peer, batch.events))
-                .await??;
-            self.send(collector_message::Msg::Ack(portcullis_proto::v1::Ack {
-                persisted_through: through,
-            }))
-            .await?;
         }
+        // The stream ended: acknowledge what is still being written.
+        while let Some(done) = pending.pop_front() {
+            self.ack(done.await).await?;
+        }
+        Ok(())
+    }
+
+    /// Checks and verifies the next message's batch and queues it for
+    /// writing; `None` when the stream ended.
+    async fn take_batch(
+        &self,
+        msg: Result<Option<Msg>, Status>,
+    ) -> Result<Option<oneshot::Receiver<Result<u64, Status>>>, Status> {
+        let batch = match msg? {
+            None => return Ok(None),
+            Some(Msg::Batch(b)) => b,
+            Some(_) => {
+                return Err(invalid(
+                    "after the handshake only EventBatch messages are accepted",
+                ));
+            }
+        };
+        if batch.events.len() > self.shared.max_batch_events {
+            return Err(invalid(format!(
+                "a batch of {} events is over the limit of {}",
+                batch.events.len(),
+                self.shared.max_batch_events
+            )));
+        }
+        let node = self.node.clone();
+        let generation = self.generation;
+        let peer = self.peer;
+        let done = self
+            .blocking(move |s| s.stage_batch(&node, generation, peer, batch.events))
+            .await??;
+        Ok(Some(done))
+    }
+
+    async fn ack(
+        &self,
+        done: Result<Result<u64, Status>, oneshot::error::RecvError>,
+    ) -> Result<(), Status> {
+        let through = done.map_err(|_| Status::internal("the collector's writer stopped"))??;
+        self.send(collector_message::Msg::Ack(portcullis_proto::v1::Ack {
+            persisted_through: through,
+        }))
+        .await
     }
 }
 
+/// Checks that a batch is well-formed as a whole (before any of it is
+/// verified or written).
+fn check_batch(node: &str, events: &[Vec<u8>]) -> Result<(), Status> {
+    for (i, bytes) in events.iter().enumerate() {
+        let ev = Event::decode(bytes.as_slice())
+            .map_err(|e| invalid(format!("batch event {i} is not an Event: {e}")))?;
+        if ev.node_id != node {
+            return Err(Status::permission_denied(format!(
+                "batch event {i} belongs to node {:?}, not {:?}",
+                ev.node_id, node
+            )));
+        }
+        if ev.seq == 0 || ev.prev_hash.len() != 32 || ev.body.is_none() {
+            return Err(invalid(format!(
+                "batch event {i} has an invalid envelope (seq {}, prev_hash {} bytes, body {})",
+                ev.seq,
+                ev.prev_hash.len(),
+                if ev.body.is_some() {
+                    "present"
+                } else {
+                    "missing"
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
 impl Shared {
-    /// Verifies and writes one well-formed batch; returns the node's
-    /// persisted head seq.
-    fn write_batch(
+    /// Checks, verifies and queues one batch for writing, then renders its
+    /// lines (outside the lock). The receiver gets the node's persisted head
+    /// seq once the batch is durable.
+    fn stage_batch(
         &self,
         node: &str,
         generation: u64,
         peer: Option<IpAddr>,
         events: Vec<Vec<u8>>,
-    ) -> Result<u64, Status> {
-        let mut inner = self.lock();
-        if inner.sessions.get(node) != Some(&generation) {
-            return Err(Status::aborted(
-                "a newer stream of this node took over; this one is closed",
-            ));
-        }
+    ) -> Result<oneshot::Receiver<Result<u64, Status>>, Status> {
+        check_batch(node, &events)?;
+        let (lines_tx, lines) = oneshot::channel();
+        let (done, done_rx) = oneshot::channel();
+        let verdicts: Vec<Verdict> = {
+            let mut inner = self.lock();
+            if inner.sessions.get(node) != Some(&generation) {
+                return Err(Status::aborted(
+                    "a newer stream of this node took over; this one is closed",
+                ));
+            }
+            let verdicts = events
+                .iter()
+                .map(|bytes| inner.verifier.accept_for(node, bytes))
+                .collect();
+            let epoch = inner.epochs.get(node).copied().unwrap_or(0);
+            // Queued while the verifier is held: the write order is the
+            // verification order.
+            let job = Job {
+                node: node.to_owned(),
+                epoch,
+                done,
+            };
+            let sent = self
+                .jobs
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .send((job, lines));
+            if sent.is_err() {
+                drop(inner);
+                self.rollback(&[node.to_owned()]);
+                return Err(Status::internal("the collector's writer stopped"));
+            }
+            verdicts
+        };
         let time = now_ms();
-        let mut buf = Vec::new();
-        let (mut written, mut findings, mut dups) = (0u64, 0u64, 0u64);
-        let mut head: Option<Head> = None;
-        for bytes in &events {
-            let v = inner.verifier.accept_for(node, bytes);
+        let mut r = Rendered {
+            buf: Vec::with_capacity(events.len() * 2800),
+            head: None,
+            written: 0,
+            findings: 0,
+            dups: 0,
+        };
+        for (v, bytes) in verdicts.iter().zip(&events) {
             for f in &v.findings {
                 if f.kind.severity() >= Severity::Warning {
                     tracing::warn!(finding = %f, "chain finding");
-                    line(&ocsf::finding_record(f, time, peer, Some(bytes)), &mut buf);
-                    findings += 1;
+                    line(
+                        &ocsf::finding_record(f, time, peer, Some(bytes)),
+                        &mut r.buf,
+                    );
+                    r.findings += 1;
                 }
             }
             match (v.disposition, &v.event) {
                 (Disposition::New, Some(ev)) => {
-                    line(&ocsf::event_record_of(ev, bytes), &mut buf);
-                    written += 1;
+                    ocsf::write_event_record(ev, bytes, &v.hash, &mut r.buf);
+                    r.buf.push(b'\n');
+                    r.written += 1;
                     let h = Head {
                         seq: ev.seq,
                         hash: v.hash,
                     };
-                    if head.is_none_or(|old| h.seq > old.seq) {
-                        head = Some(h);
+                    if r.head.is_none_or(|old| h.seq > old.seq) {
+                        r.head = Some(h);
                     }
                 }
-                (Disposition::Duplicate, _) => dups += 1,
+                (Disposition::Duplicate, _) => r.dups += 1,
                 _ => {}
             }
         }
-        let updates: Vec<(String, Head)> = head.map(|h| (node.to_owned(), h)).into_iter().collect();
-        if let Err(e) = inner.store.append(&buf, &updates) {
-            // Nothing of the batch is persisted: put the verifier back at
-            // the persisted head so a retry is checked afresh.
-            let persisted = inner.store.head(node);
+        // The writer waits for these lines; if they never come (a panic
+        // above), it rolls the node back.
+        let _ = lines_tx.send(r);
+        Ok(done_rx)
+    }
+
+    /// Puts each node's verifier back at its persisted head after batches
+    /// verified for it could not be persisted, and drops the batches still
+    /// queued for it (they were verified after the lost ones).
+    fn rollback(&self, nodes: &[String]) {
+        let mut inner = self.lock();
+        let mut out = self.lock_output();
+        for node in nodes {
+            let persisted = out.store.head(node);
             let key = inner.verifier.node(node).and_then(|s| s.key);
             inner.verifier.reset(node, persisted);
             if let Some(k) = key {
                 inner.verifier.set_key(node, k);
             }
-            tracing::error!(error = %e, node, "could not persist a batch");
-            return Err(Status::unavailable(format!(
-                "the collector could not persist the batch: {e}"
-            )));
+            let epoch = out.epochs.get(node).copied().unwrap_or(0) + 1;
+            out.epochs.insert(node.clone(), epoch);
+            inner.epochs.insert(node.clone(), epoch);
         }
-        self.stats
-            .events_written
-            .fetch_add(written, Ordering::Relaxed);
-        self.stats
-            .findings_written
-            .fetch_add(findings, Ordering::Relaxed);
-        self.stats.duplicates.fetch_add(dups, Ordering::Relaxed);
-        Ok(inner.store.head(node).seq)
+    }
+
+    /// Writes a group of batches (in order) with one write and fsync;
+    /// tells each job the outcome.
+    fn persist(&self, group: Vec<(Job, Option<Rendered>)>) {
+        const RESEND: &str = "an earlier batch of this node was not persisted; resend from the last acknowledged event";
+        // Nodes whose verifier is ahead of what will be persisted.
+        let mut lost: Vec<String> = Vec::new();
+        let mut data = Vec::new();
+        let mut heads: Vec<(String, Head)> = Vec::new();
+        let mut batches: Vec<(Job, Rendered)> = Vec::new();
+        let mut out = self.lock_output();
+        for (job, rendered) in group {
+            let current = out.epochs.get(&job.node).copied().unwrap_or(0) == job.epoch
+                && !lost.contains(&job.node);
+            match rendered {
+                Some(mut r) if current => {
+                    if data.is_empty() {
+                        data = std::mem::take(&mut r.buf);
+                    } else {
+                        data.extend_from_slice(&r.buf);
+                        r.buf = Vec::new();
+                    }
+                    if let Some(h) = r.head {
+                        match heads.iter_mut().find(|(n, _)| *n == job.node) {
+                            Some((_, old)) => {
+                                if h.seq > old.seq {
+                                    *old = h;
+                                }
+                            }
+                            None => heads.push((job.node.clone(), h)),
+                        }
+                    }
+                    batches.push((job, r));
+                }
+                Some(_) => {
+                    let _ = job.done.send(Err(Status::unavailable(RESEND)));
+                }
+                None => {
+                    // Verified but never rendered (a panic): the verifier
+                    // is ahead; this and later batches of the node go.
+                    if current {
+                        lost.push(job.node.clone());
+                    }
+                    let _ = job.done.send(Err(Status::internal(
+                        "the collector failed to render a batch",
+                    )));
+                }
+            }
+        }
+        match out.store.append(&data, &heads) {
+            Ok(()) => {
+                // Counted before any ack goes out.
+                for (_, r) in &batches {
+                    let st = &self.stats;
+                    st.events_written.fetch_add(r.written, Ordering::Relaxed);
+                    st.findings_written.fetch_add(r.findings, Ordering::Relaxed);
+                    st.duplicates.fetch_add(r.dups, Ordering::Relaxed);
+                }
+                for (job, _) in batches {
+                    let _ = job.done.send(Ok(out.store.head(&job.node).seq));
+                }
+                drop(out);
+            }
+            Err(e) => {
+                drop(out);
+                // Nothing of the group is persisted: put the verifiers back
+                // at the persisted heads so a retry is checked afresh.
+                for (job, _) in &batches {
+                    if !lost.contains(&job.node) {
+                        lost.push(job.node.clone());
+                    }
+                }
+                tracing::error!(error = %e, nodes = ?lost, "could not persist a batch");
+                for (job, _) in batches {
+                    let _ = job.done.send(Err(Status::unavailable(format!(
+                        "the collector could not persist the batch: {e}"
+                    ))));
+                }
+            }
+        }
+        if !lost.is_empty() {
+            self.rollback(&lost);
+        }
+    }
+}
+
+/// The writer thread: takes verified batches in order, joins those whose
+/// lines are ready, writes and fsyncs them, and reports back. Ends when the
+/// collector is dropped.
+fn writer(shared: &Weak<Shared>, jobs: &std_mpsc::Receiver<Queued>) {
+    let mut next: Option<Queued> = None;
+    loop {
+        let (job, lines) = match next.take() {
+            Some(q) => q,
+            None => match jobs.recv() {
+                Ok(q) => q,
+                Err(_) => return,
+            },
+        };
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let mut group = vec![(job, lines.blocking_recv().ok())];
+        while group.len() < GROUP {
+            let Ok((job, mut lines)) = jobs.try_recv() else {
+                break;
+            };
+            match lines.try_recv() {
+                Ok(r) => group.push((job, Some(r))),
+                Err(oneshot::error::TryRecvError::Closed) => group.push((job, None)),
+                Err(oneshot::error::TryRecvError::Empty) => {
+                    next = Some((job, lines));
+                    break;
+                }
+            }
+        }
+        let nodes: Vec<String> = group.iter().map(|(j, _)| j.node.clone()).collect();
+        let persisted =
+            std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| shared.persist(group)));
+        if persisted.is_err() {
+            // The jobs' senders are gone (their streams fail); whatever
+            // was verified for these nodes is not known to be persisted.
+            tracing::error!(nodes = ?nodes, "the collector's writer panicked on a batch");
+            shared.rollback(&nodes);
+        }
     }
 }
