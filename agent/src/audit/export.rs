@@ -658,6 +658,12 @@ async fn session<S: EventSource>(
             if inflight.is_empty() {
                 last_progress = Instant::now();
             }
+            tracing::debug!(
+                first = sent + 1,
+                last,
+                events = batch.len(),
+                "audit batch sent"
+            );
             if send(agent_message::Msg::Batch(EventBatch { events: batch })).is_err() {
                 return Err(why_closed(&mut inbound).await);
             }
@@ -686,6 +692,7 @@ async fn session<S: EventSource>(
                                 "ack for seq {n}, but only events through {sent} were sent"
                             )));
                         }
+                        tracing::debug!(persisted_through = n, "audit batch acknowledged");
                         if n > acked {
                             acked = n;
                             source.acknowledged(n);

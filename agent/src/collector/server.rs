@@ -568,9 +568,11 @@ impl Session {
         let node = self.node.clone();
         let generation = self.generation;
         let peer = self.peer;
+        tracing::debug!(node = %self.node, events = batch.events.len(), "batch received");
         let done = self
             .blocking(move |s| s.stage_batch(&node, generation, peer, batch.events))
             .await??;
+        tracing::debug!(node = %self.node, "batch staged");
         Ok(Some(done))
     }
 
@@ -579,6 +581,7 @@ impl Session {
         done: Result<Result<u64, Status>, oneshot::error::RecvError>,
     ) -> Result<(), Status> {
         let through = done.map_err(|_| Status::internal("the collector's writer stopped"))??;
+        tracing::debug!(node = %self.node, persisted_through = through, "batch persisted; acknowledging");
         self.send(collector_message::Msg::Ack(portcullis_proto::v1::Ack {
             persisted_through: through,
         }))
