@@ -755,3 +755,63 @@ async fn collector_disk_full_refuses_without_acking_then_recovers() {
     );
     assert!(verify_dir(&out).is_clean());
 }
+
+/// The same with batches in flight: the disk fills while several batches
+/// are verified and queued. The ones written are acknowledged in order, the
+/// rest are dropped unwritten (the node's verifier goes back to what is on
+/// disk), and a resend after space returns is accepted and written once.
+#[tokio::test]
+async fn collector_disk_full_with_batches_in_flight_loses_and_repeats_nothing() {
+    let disk = TmpfsMount::new(1 << 20).expect("mount a tmpfs (tests run as root)");
+    let out = disk.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let ballast = disk.path().join("ballast");
+    std::fs::write(&ballast, vec![0u8; 900 * 1024]).unwrap();
+
+    let mut a = Agent::new("node-pipe");
+    let evs = a.chain(300);
+    let run = Running::start(dir_opts(&out)).await;
+    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    // Everything at once: the collector has several batches in flight.
+    for chunk in evs.chunks(10) {
+        s.send(Msg::Batch(EventBatch {
+            events: chunk.iter().map(|e| e.bytes.clone()).collect(),
+        }))
+        .await;
+    }
+    let mut acked = 0;
+    let status = loop {
+        match s.recv().await {
+            Ok(collector_message::Msg::Ack(ack)) => {
+                assert!(ack.persisted_through >= acked, "acks never go back");
+                acked = ack.persisted_through;
+            }
+            Ok(other) => panic!("expected Ack, got {other:?}"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(acked < 300, "acked {acked}");
+    assert_eq!(
+        event_seqs(&records(&out), "node-pipe"),
+        (1..=acked).collect::<Vec<_>>(),
+        "exactly what was acknowledged is on disk"
+    );
+
+    std::fs::remove_file(&ballast).unwrap();
+    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    assert_eq!(resume, acked);
+    let from = usize::try_from(acked).unwrap();
+    for chunk in evs[from..].chunks(10) {
+        s.batch(chunk).await.expect("written once space is back");
+    }
+    drop(s);
+    run.stop().await;
+    let recs = records(&out);
+    assert_eq!(
+        event_seqs(&recs, "node-pipe"),
+        (1..=300).collect::<Vec<_>>()
+    );
+    assert!(findings(&recs).is_empty(), "{:?}", findings(&recs));
+    assert!(verify_dir(&out).is_clean());
+}
