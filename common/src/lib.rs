@@ -12,7 +12,10 @@
 /// 2: usage counters per (identity, service) (`PCL_USAGE`, `PCL_USAGE_COLS`),
 /// a usage column in `PortEntry`, `ServiceRef` values in `PCL_SERVICES`, and
 /// the column in `Flow`.
-pub const LAYOUT_VERSION: u32 = 2;
+/// 3: `bad_flags` and `flow_quota` reasons, `Identity::max_flows`, the
+/// per-identity flow counters (`PCL_FLOW_CNT`) and identity names
+/// (`PCL_IDENT_NAME`).
+pub const LAYOUT_VERSION: u32 = 3;
 
 /// Address family tags used in keys (addresses are always 16 bytes; IPv4 is
 /// stored IPv4-mapped, `::ffff:a.b.c.d`, RFC 4291 §2.5.5.2).
@@ -39,9 +42,11 @@ pub mod maps {
     pub const EVENTS: &str = "PCL_EVENTS";
     pub const EVENT_BUDGET: &str = "PCL_EVT_BUDGET";
     pub const META: &str = "PCL_META";
+    pub const FLOW_COUNT: &str = "PCL_FLOW_CNT";
+    pub const IDENTITY_NAMES: &str = "PCL_IDENT_NAME";
 
     /// Every map, in the order the agent pins and adopts them.
-    pub const ALL: [&str; 15] = [
+    pub const ALL: [&str; 17] = [
         PORTS,
         SERVICES,
         ADMISSIONS,
@@ -57,6 +62,8 @@ pub mod maps {
         EVENTS,
         EVENT_BUDGET,
         META,
+        FLOW_COUNT,
+        IDENTITY_NAMES,
     ];
 }
 
@@ -136,10 +143,17 @@ pub enum Reason {
     KnockPassed = 12,
     /// Flow-table insert failed (map full even for LRU; should not happen).
     FlowInsert = 13,
+    /// TCP without a flow whose flags cannot open or continue a
+    /// connection: SYN with RST/FIN/ACK, RST, FIN or no flags at all, Xmas.
+    /// Only a clean SYN opens a flow (RFC 9293 §3.5); a segment with ACK
+    /// (and no SYN/RST) may re-create an evicted one.
+    BadFlags = 14,
+    /// The identity already has `Identity::max_flows` live flows.
+    FlowQuota = 15,
 }
 
 impl Reason {
-    pub const COUNT: u32 = 14;
+    pub const COUNT: u32 = 16;
     pub const ALL: [Reason; Self::COUNT as usize] = [
         Reason::Passed,
         Reason::NoAdmission,
@@ -155,6 +169,8 @@ impl Reason {
         Reason::EgressCap,
         Reason::KnockPassed,
         Reason::FlowInsert,
+        Reason::BadFlags,
+        Reason::FlowQuota,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -173,6 +189,8 @@ impl Reason {
             Reason::EgressCap => "egress_cap",
             Reason::KnockPassed => "knock_passed",
             Reason::FlowInsert => "flow_insert",
+            Reason::BadFlags => "bad_flags",
+            Reason::FlowQuota => "flow_quota",
         }
     }
 
@@ -280,6 +298,10 @@ pub struct Identity {
     pub in_burst_ns: u64,
     pub out_byte_cost: u64,
     pub out_burst_ns: u64,
+    /// Most flows this identity may have at once (0: unlimited); counted
+    /// in `PCL_FLOW_CNT[slot]`.
+    pub max_flows: u32,
+    pub _pad: u32,
 }
 
 pub const BYTE_COST_SHIFT: u32 = 16;
@@ -293,6 +315,31 @@ pub struct RateState {
     pub conn_tat: u64,
     pub in_tat: u64,
     pub out_tat: u64,
+}
+
+/// `PCL_IDENT_NAME[slot]`: the identity's name as people read it (see
+/// the agent's `identity` module), so `agent status` and `revoke` can name
+/// slots without the agent running. Written by the agent; the kernel never
+/// reads it. Names longer than `IDENTITY_NAME_BYTES` are cut (the key in
+/// `Identity::key` still tells them apart).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct IdentityName {
+    pub len: u32,
+    pub _pad: u32,
+    pub bytes: [u8; IDENTITY_NAME_BYTES],
+}
+
+pub const IDENTITY_NAME_BYTES: usize = 120;
+
+impl Default for IdentityName {
+    fn default() -> Self {
+        IdentityName {
+            len: 0,
+            _pad: 0,
+            bytes: [0; IDENTITY_NAME_BYTES],
+        }
+    }
 }
 
 /// `PCL_FLOWS` key: a 5-tuple as seen on ingress (client → service).
@@ -429,6 +476,7 @@ mod user {
     unsafe impl aya::Pod for EventBudget {}
     unsafe impl aya::Pod for Meta {}
     unsafe impl aya::Pod for DropEvent {}
+    unsafe impl aya::Pod for IdentityName {}
 }
 
 #[cfg(test)]
@@ -443,7 +491,8 @@ mod tests {
         assert_eq!(size_of::<ServiceKey>(), 20);
         assert_eq!(size_of::<AdmissionKey>(), 24);
         assert_eq!(size_of::<Admission>(), 24);
-        assert_eq!(size_of::<Identity>(), 64);
+        assert_eq!(size_of::<Identity>(), 72);
+        assert_eq!(size_of::<IdentityName>(), 128);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 32);
         assert_eq!(size_of::<ServiceRef>(), 8);

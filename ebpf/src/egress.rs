@@ -17,7 +17,7 @@ const TC_ACT_SHOT: i32 = 2;
 
 #[inline(always)]
 pub fn decide(ctx: &TcContext) -> i32 {
-    let Parsed::L4(pkt) = parse(ctx.data(), ctx.data_end()) else {
+    let Parsed::L4(pkt) = parse::<false>(ctx.data(), ctx.data_end()) else {
         return TC_ACT_UNSPEC;
     };
     let Some(port) = PORTS.get(pkt.sport as u32) else {

@@ -11,9 +11,9 @@ use portcullis_common::{
 };
 
 use crate::{
-    ADMISSIONS, CONFIG, FLOWS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES, SERVICES, USAGE,
-    count, events,
-    parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_SYN, parse},
+    ADMISSIONS, CONFIG, FLOW_COUNT, FLOWS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES,
+    SERVICES, USAGE, count, events,
+    parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, parse},
     ratelimit::{byte_cost, conform},
 };
 
@@ -25,7 +25,7 @@ const FLOW_RECHECK_NS: u64 = 1_000_000_000;
 #[inline(always)]
 pub fn decide(ctx: &XdpContext) -> u32 {
     let (data, end) = (ctx.data(), ctx.data_end());
-    let pkt = match parse(data, end) {
+    let pkt = match parse::<true>(data, end) {
         Parsed::Pass => return xdp_action::XDP_PASS,
         Parsed::Bad(reason) => return drop(reason, None, 0),
         Parsed::L4(s) => s,
@@ -102,10 +102,12 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
         proto: pkt.proto,
         _pad: [0; 3],
     };
-    // A bare SYN always opens (or retransmits) a connection, so it goes
-    // straight to the admission: a SYN flood costs one lookup per packet.
-    let syn =
-        pkt.proto == PROTO_TCP && (pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK)) == TCP_FLAG_SYN;
+    // A clean SYN (no ACK, RST or FIN: RFC 9293 §3.5) always opens (or
+    // retransmits) a connection, so it goes straight to the admission: a
+    // SYN flood costs one lookup per packet.
+    let tcp = pkt.proto == PROTO_TCP;
+    let flags = pkt.tcp_flags & (TCP_FLAG_SYN | TCP_FLAG_ACK | TCP_FLAG_RST | TCP_FLAG_FIN);
+    let syn = tcp && flags == TCP_FLAG_SYN;
     let mut revalidating = false;
     if !syn && let Some(flow) = FLOWS.get_ptr_mut(&key) {
         match flow_verdict(unsafe { &*flow }, now) {
@@ -118,6 +120,17 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
             }
             FlowVerdict::Stale => revalidating = true,
         }
+    }
+    // Without a flow, only a clean SYN opens one, and only a segment that
+    // acknowledges (ACK, no SYN or RST) may re-create one the LRU evicted.
+    // SYN+RST, SYN+FIN, SYN+ACK, RST, FIN, null and Xmas segments never
+    // create state.
+    if tcp
+        && !syn
+        && !revalidating
+        && (flags & TCP_FLAG_ACK == 0 || flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0)
+    {
+        return drop(Reason::BadFlags, Some(pkt), service);
     }
     // No flow, a SYN, or a flow whose cached expiry passed: the admission
     // decides.
@@ -183,6 +196,20 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
     // non-SYN without a flow (evicted from the LRU, or a table from before
     // an upgrade) re-creates its flow without counting a new connection.
     let new_conn = syn || (pkt.proto == PROTO_UDP && !revalidating);
+    // The identity's flow quota. At the limit a SYN may still be the
+    // retransmission of a flow it already has; only then is it looked up.
+    let flow_count = FLOW_COUNT.get_ptr_mut(adm.identity);
+    let mut exists = false;
+    if !revalidating
+        && ident.max_flows != 0
+        && let Some(c) = flow_count
+        && unsafe { *c } >= ident.max_flows
+    {
+        exists = syn && unsafe { FLOWS.get(&key) }.is_some();
+        if !exists {
+            return drop_for(adm.identity, Reason::FlowQuota, pkt, svc);
+        }
+    }
     if new_conn {
         let Some(rate) = RATES.get_ptr_mut(adm.identity) else {
             return drop(Reason::Revoked, Some(pkt), service);
@@ -217,6 +244,15 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
     };
     if FLOWS.insert(&key, &flow, 0).is_err() {
         return drop_for(adm.identity, Reason::FlowInsert, pkt, svc);
+    }
+    // Counted once created. A retransmitted SYN below the limit is counted
+    // again (finding out would cost a lookup on every SYN); the agent's
+    // recount corrects it within seconds, so the count errs high.
+    if !revalidating
+        && !exists
+        && let Some(c) = flow_count
+    {
+        unsafe { *c += 1 };
     }
     if one_use {
         let _ = ADMISSIONS.remove(&akey);

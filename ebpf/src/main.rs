@@ -17,9 +17,9 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     Admission, AdmissionKey, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
-    EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityStats, KernelConfig,
-    MAX_IDENTITIES, MAX_SERVICES, MAX_USAGE_SERVICES, Meta, PORT_TABLE_SIZE, PortEntry, RateState,
-    Reason, ServiceKey, ServiceRef, USAGE_ROWS,
+    EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityName, IdentityStats,
+    KernelConfig, MAX_IDENTITIES, MAX_SERVICES, MAX_USAGE_SERVICES, Meta, PORT_TABLE_SIZE,
+    PortEntry, RateState, Reason, ServiceKey, ServiceRef, USAGE_ROWS,
 };
 
 /// Destination port → services on it (one array lookup decides the
@@ -47,6 +47,17 @@ static RATES: Array<RateState> = Array::with_max_entries(MAX_IDENTITIES, 0);
 /// admission.
 #[map(name = "PCL_FLOWS")]
 static FLOWS: LruHashMap<FlowKey, Flow> = LruHashMap::with_max_entries(DEFAULT_MAX_FLOWS, 0);
+
+/// Flows per identity slot, checked against `Identity::max_flows` when a
+/// flow is created. The kernel counts up; the agent recounts the live flows
+/// every few seconds (LRU evictions and closed connections are invisible
+/// here), so the count errs high between recounts: the safe side.
+#[map(name = "PCL_FLOW_CNT")]
+static FLOW_COUNT: Array<u32> = Array::with_max_entries(MAX_IDENTITIES, 0);
+
+/// Identity names for people (status, revoke); the kernel never reads it.
+#[map(name = "PCL_IDENT_NAME")]
+static IDENTITY_NAMES: Array<IdentityName> = Array::with_max_entries(MAX_IDENTITIES, 0);
 
 /// Counters per (identity slot, service column): `usage_row`.
 #[map(name = "PCL_USAGE")]

@@ -34,8 +34,12 @@ const NH_SHIM6: u8 = 140;
 /// verifier's range tracking simple.
 const MAX_L4_OFFSET: usize = 512;
 
+pub const TCP_FLAG_FIN: u8 = 0x01;
 pub const TCP_FLAG_SYN: u8 = 0x02;
+pub const TCP_FLAG_RST: u8 = 0x04;
 pub const TCP_FLAG_ACK: u8 = 0x10;
+
+const UDP_HDR_LEN: usize = 8;
 
 /// What the ingress decision needs to know about a TCP/UDP packet.
 #[derive(Clone, Copy)]
@@ -77,8 +81,12 @@ fn be16(b: [u8; 2]) -> u16 {
     u16::from_be_bytes(b)
 }
 
+/// Ingress (XDP) parses strictly: every length field must agree with the
+/// frame, since the frame is all there is. Egress (TC) sees the stack's own
+/// packets, which may be GSO super-packets whose headers describe more
+/// bytes than the linear buffer holds, so it trusts only the buffer end.
 #[inline(always)]
-pub fn parse(data: usize, end: usize) -> Parsed {
+pub fn parse<const STRICT: bool>(data: usize, end: usize) -> Parsed {
     let Some(eth) = ptr_at::<EthHdr>(data, end, 0) else {
         return Parsed::Pass; // runt frame: not IP as far as we can tell
     };
@@ -96,23 +104,38 @@ pub fn parse(data: usize, end: usize) -> Parsed {
         off += VlanHdr::LEN;
     }
     match ether_type {
-        ETH_P_IPV4 => parse_v4(data, end, off),
-        ETH_P_IPV6 => parse_v6(data, end, off),
+        ETH_P_IPV4 => parse_v4::<STRICT>(data, end, off),
+        ETH_P_IPV6 => parse_v6::<STRICT>(data, end, off),
         _ => Parsed::Pass,
     }
 }
 
-/// IPv4 (RFC 791 §3.1): IHL ≥ 5 words, total length covers the header.
+/// Bytes of the frame from `off` to its end.
 #[inline(always)]
-fn parse_v4(data: usize, end: usize, off: usize) -> Parsed {
+fn avail(data: usize, end: usize, off: usize) -> usize {
+    end.saturating_sub(data.saturating_add(off))
+}
+
+/// IPv4 (RFC 791 §3.1): IHL ≥ 5 words, total length covers the header
+/// and, strictly, lies within the frame (trailing Ethernet padding is
+/// allowed: a frame may be longer than its packet, never shorter).
+#[inline(always)]
+fn parse_v4<const STRICT: bool>(data: usize, end: usize, off: usize) -> Parsed {
     let Some(ip) = ptr_at::<Ipv4Hdr>(data, end, off) else {
         return Parsed::Bad(Reason::Malformed);
     };
     let ip = unsafe { &*ip };
     let ihl = (ip.vihl & 0x0f) as usize * 4;
-    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || (be16(ip.tot_len) as usize) < ihl {
+    let tot_len = be16(ip.tot_len) as usize;
+    if ip.vihl >> 4 != 4 || ihl < Ipv4Hdr::LEN || tot_len < ihl {
         return Parsed::Bad(Reason::Malformed);
     }
+    if STRICT && tot_len > avail(data, end, off) {
+        return Parsed::Bad(Reason::Malformed);
+    }
+    // Where the packet ends (relative to `data`): headers past it are not
+    // part of this packet, whatever the frame holds beyond.
+    let limit = off + tot_len;
     let proto = ip.proto;
     if proto != PROTO_TCP && proto != PROTO_UDP {
         return Parsed::Pass;
@@ -142,13 +165,16 @@ fn parse_v4(data: usize, end: usize, off: usize) -> Parsed {
     s.dst[10] = 0xff;
     s.dst[11] = 0xff;
     s.dst[12..16].copy_from_slice(&ip.dst_addr);
-    parse_l4(data, end, off + ihl, s)
+    parse_l4::<STRICT>(data, end, off + ihl, limit, s)
 }
 
 /// IPv6 (RFC 8200 §3-4): walk at most `MAX_IPV6_EXT_HEADERS` extension
-/// headers to the upper-layer header.
+/// headers to the upper-layer header. Strictly, the payload length
+/// (§3) lies within the frame and every extension header within the
+/// payload. A payload length of 0 (a jumbogram, RFC 2675, which Ethernet
+/// cannot carry) leaves no room for an upper-layer header.
 #[inline(always)]
-fn parse_v6(data: usize, end: usize, off: usize) -> Parsed {
+fn parse_v6<const STRICT: bool>(data: usize, end: usize, off: usize) -> Parsed {
     let Some(ip) = ptr_at::<Ipv6Hdr>(data, end, off) else {
         return Parsed::Bad(Reason::Malformed);
     };
@@ -156,6 +182,11 @@ fn parse_v6(data: usize, end: usize, off: usize) -> Parsed {
     if ip.vcf[0] >> 4 != 6 {
         return Parsed::Bad(Reason::Malformed);
     }
+    let payload_len = be16(ip.payload_len) as usize;
+    if STRICT && Ipv6Hdr::LEN + payload_len > avail(data, end, off) {
+        return Parsed::Bad(Reason::Malformed);
+    }
+    let limit = off + Ipv6Hdr::LEN + payload_len;
     let mut s = Summary {
         src: ip.src_addr,
         dst: ip.dst_addr,
@@ -173,7 +204,7 @@ fn parse_v6(data: usize, end: usize, off: usize) -> Parsed {
         match next {
             PROTO_TCP | PROTO_UDP => {
                 s.proto = next;
-                return parse_l4(data, end, off, s);
+                return parse_l4::<STRICT>(data, end, off, limit, s);
             }
             NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_MOBILITY | NH_HIP | NH_SHIM6 => {
                 let Some(h) = ptr_at::<[u8; 2]>(data, end, off) else {
@@ -212,13 +243,18 @@ fn parse_v6(data: usize, end: usize, off: usize) -> Parsed {
             NH_ESP | NH_NO_NEXT => return Parsed::Pass,
             _ => return Parsed::Pass, // ICMPv6 and other upper layers
         }
+        // A header whose length runs past the packet is malformed, not a
+        // long chain: checked before the chain bound.
+        if off > end.saturating_sub(data) || (STRICT && off > limit) {
+            return Parsed::Bad(Reason::Malformed);
+        }
         if off > MAX_L4_OFFSET {
             return Parsed::Bad(Reason::ExtChain);
         }
     }
     if next == PROTO_TCP || next == PROTO_UDP {
         s.proto = next;
-        return parse_l4(data, end, off, s);
+        return parse_l4::<STRICT>(data, end, off, limit, s);
     }
     match next {
         NH_HOP_BY_HOP | NH_ROUTING | NH_DEST_OPTS | NH_MOBILITY | NH_HIP | NH_SHIM6 | NH_AH
@@ -227,8 +263,18 @@ fn parse_v6(data: usize, end: usize, off: usize) -> Parsed {
     }
 }
 
+/// TCP or UDP at `off`; the IP packet ends at `limit` (both relative to
+/// `data`). A first fragment may legitimately end early: too short for its
+/// ports it is a `fragment` drop, and its length fields describe the whole
+/// datagram, so they are not held against this piece.
 #[inline(always)]
-fn parse_l4(data: usize, end: usize, off: usize, mut s: Summary) -> Parsed {
+fn parse_l4<const STRICT: bool>(
+    data: usize,
+    end: usize,
+    off: usize,
+    limit: usize,
+    mut s: Summary,
+) -> Parsed {
     if off > MAX_L4_OFFSET {
         return Parsed::Bad(Reason::Malformed);
     }
@@ -237,14 +283,23 @@ fn parse_l4(data: usize, end: usize, off: usize, mut s: Summary) -> Parsed {
     } else {
         Reason::Malformed
     };
+    let whole = STRICT && !s.first_fragment;
     if s.proto == PROTO_TCP {
         let Some(tcp) = ptr_at::<TcpHdr>(data, end, off) else {
             return Parsed::Bad(short);
         };
         let tcp = unsafe { &*tcp };
-        // RFC 9293 §3.1: data offset ≥ 5 words.
+        // RFC 9293 §3.1: data offset ≥ 5 words, and the header it
+        // describes (options included) lies within the segment.
         let raw = unsafe { *(tcp as *const TcpHdr as *const [u8; 14]) };
-        if (raw[12] >> 4) < 5 {
+        let doff = (raw[12] >> 4) as usize * 4;
+        if doff < TcpHdr::LEN {
+            return Parsed::Bad(Reason::Malformed);
+        }
+        if STRICT && off + TcpHdr::LEN > limit {
+            return Parsed::Bad(short);
+        }
+        if whole && off + doff > limit {
             return Parsed::Bad(Reason::Malformed);
         }
         s.sport = be16(tcp.source);
@@ -256,6 +311,15 @@ fn parse_l4(data: usize, end: usize, off: usize, mut s: Summary) -> Parsed {
             return Parsed::Bad(short);
         };
         let udp = unsafe { &*udp };
+        // RFC 768: the length counts the 8-byte header and the data, so it
+        // is at least 8 and, strictly, within the IP payload.
+        let ulen = be16(udp.len) as usize;
+        if STRICT && off + UDP_HDR_LEN > limit {
+            return Parsed::Bad(short);
+        }
+        if whole && (ulen < UDP_HDR_LEN || off + ulen > limit) {
+            return Parsed::Bad(Reason::Malformed);
+        }
         s.sport = be16(udp.src);
         s.dport = be16(udp.dst);
     }

@@ -209,6 +209,8 @@ pub struct Packet {
     payload: Vec<u8>,
     truncate: Option<Cut>,
     pokes: Vec<(Base, usize, u8)>,
+    /// Bytes after the IP packet (Ethernet padding), outside every length.
+    trailer: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -222,6 +224,9 @@ enum Base {
 struct Cut {
     base: Base,
     at: usize,
+    /// The IP length field is rewritten to end where the cut is: a short
+    /// but self-consistent packet rather than a damaged frame.
+    consistent: bool,
 }
 
 impl Packet {
@@ -236,6 +241,7 @@ impl Packet {
             payload: Vec::new(),
             truncate: None,
             pokes: Vec::new(),
+            trailer: 0,
         }
     }
 
@@ -566,6 +572,7 @@ impl Packet {
         self.truncate = Some(Cut {
             base: Base::Frame,
             at: n,
+            consistent: false,
         });
         self
     }
@@ -575,6 +582,7 @@ impl Packet {
         self.truncate = Some(Cut {
             base: Base::L3,
             at: n,
+            consistent: false,
         });
         self
     }
@@ -585,7 +593,28 @@ impl Packet {
         self.truncate = Some(Cut {
             base: Base::L4,
             at: n,
+            consistent: false,
         });
+        self
+    }
+
+    /// Ends the IP packet `n` bytes into the upper-layer header: the frame
+    /// is cut there *and* the IPv4 total length (with its checksum) or the
+    /// IPv6 payload length says so. A short but consistent packet, where
+    /// [`Packet::truncate_l4`] leaves lengths that promise more.
+    pub fn cut_l4(mut self, n: usize) -> Packet {
+        self.truncate = Some(Cut {
+            base: Base::L4,
+            at: n,
+            consistent: true,
+        });
+        self
+    }
+
+    /// Appends `n` bytes after the IP packet that no length field counts
+    /// (what Ethernet padding of a short frame looks like).
+    pub fn trailer(mut self, n: usize) -> Packet {
+        self.trailer = n;
         self
     }
 
@@ -635,9 +664,34 @@ impl Packet {
             frame[i] = byte;
         }
         if let Some(cut) = self.truncate {
-            frame.truncate(at(cut.base, cut.at));
+            let end = at(cut.base, cut.at);
+            frame.truncate(end);
+            if cut.consistent {
+                self.rewrite_ip_length(&mut frame, &layout, end);
+            }
         }
+        frame.resize(frame.len() + self.trailer, 0);
         (frame, layout)
+    }
+
+    /// Makes the IP length field end the packet at `end` (a frame offset).
+    fn rewrite_ip_length(&self, frame: &mut [u8], layout: &Layout, end: usize) {
+        let l3 = layout.l3;
+        match &self.l3 {
+            L3::V4(_) => {
+                let tot = (end - l3) as u16;
+                frame[l3 + 2..l3 + 4].copy_from_slice(&tot.to_be_bytes());
+                frame[l3 + 10..l3 + 12].copy_from_slice(&[0, 0]);
+                let ihl = usize::from(frame[l3] & 0x0f) * 4;
+                let sum = checksum(&[&frame[l3..l3 + ihl]]);
+                frame[l3 + 10..l3 + 12].copy_from_slice(&sum.to_be_bytes());
+            }
+            L3::V6(_) => {
+                let len = (end - l3 - 40) as u16;
+                frame[l3 + 4..l3 + 6].copy_from_slice(&len.to_be_bytes());
+            }
+            L3::Other(..) => {}
+        }
     }
 
     fn encode(&self) -> (Vec<u8>, Layout) {

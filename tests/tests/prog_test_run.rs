@@ -157,7 +157,7 @@ impl Fx {
         pin_to_current_cpu();
         let mut k = Unattached::load().expect("load the eBPF object (root needed)");
         k.maps.sync_services(&default_services(), 0).unwrap();
-        let (slot, _epoch) = k.maps.upsert_identity(ident).unwrap();
+        let (slot, _epoch) = k.maps.upsert_identity(ident, "test").unwrap();
         Fx { k, slot }
     }
 
@@ -510,18 +510,181 @@ fn syn_from_unknown_source_is_dropped() {
 #[test]
 fn non_syn_from_unknown_source_is_dropped() {
     let fx = Fx::new();
+    // Segments that could continue a connection need an admission...
     for (name, flags) in [
         ("ACK", TCP_ACK),
-        ("SYN-ACK", TCP_SYN | TCP_ACK),
         ("PSH-ACK", TCP_PSH | TCP_ACK),
-        ("RST", TCP_RST),
-        ("FIN", TCP_FIN | TCP_ACK),
-        ("no flags", 0),
+        ("FIN-ACK", TCP_FIN | TCP_ACK),
     ] {
         let p = Packet::tcp4(STRANGER4, SERVER4, 40000, TCP_PORT).flags(flags);
         fx.expect(name, &p, Outcome::Drop(Reason::NoAdmission));
     }
+    // ... the rest can neither open nor continue one: dropped before any
+    // admission lookup.
+    for (name, flags) in [
+        ("SYN-ACK", TCP_SYN | TCP_ACK),
+        ("RST", TCP_RST),
+        ("no flags", 0),
+    ] {
+        let p = Packet::tcp4(STRANGER4, SERVER4, 40000, TCP_PORT).flags(flags);
+        fx.expect(name, &p, Outcome::Drop(Reason::BadFlags));
+    }
     assert_eq!(fx.flows(), 0);
+}
+
+const TCP_URG: u8 = 0x20;
+const TCP_ECE: u8 = 0x40;
+const TCP_CWR: u8 = 0x80;
+
+/// Only a clean SYN opens a flow (RFC 9293 §3.5), and only an
+/// acknowledging segment may re-create an evicted one; whatever else an
+/// admitted source sends without a flow leaves no state behind.
+#[test]
+fn only_a_clean_syn_opens_a_flow() {
+    let mut fx = Fx::new();
+    fx.admit(ip4(CLIENT4), TCP_SVC, 0);
+    fx.admit(client6(), TCP_SVC, 0);
+    let bad = [
+        ("SYN+RST", TCP_SYN | TCP_RST),
+        ("SYN+FIN", TCP_SYN | TCP_FIN),
+        ("SYN+ACK", TCP_SYN | TCP_ACK),
+        ("SYN+FIN+ACK", TCP_SYN | TCP_FIN | TCP_ACK),
+        ("RST", TCP_RST),
+        ("RST+ACK", TCP_RST | TCP_ACK),
+        ("FIN", TCP_FIN),
+        ("null", 0),
+        ("Xmas (FIN+PSH+URG)", TCP_FIN | TCP_PSH | TCP_URG),
+        ("all flags", 0xff),
+        ("PSH only", TCP_PSH),
+    ];
+    for (i, (name, flags)) in bad.iter().enumerate() {
+        let port = 41000 + i as u16;
+        let p4 = Packet::tcp4(CLIENT4, SERVER4, port, TCP_PORT).flags(*flags);
+        fx.expect(&format!("v4 {name}"), &p4, Outcome::Drop(Reason::BadFlags));
+        let p6 = Packet::tcp6(client6(), server6(), port, TCP_PORT).flags(*flags);
+        fx.expect(&format!("v6 {name}"), &p6, Outcome::Drop(Reason::BadFlags));
+    }
+    assert_eq!(fx.flows(), 0, "no bad-flag segment created a flow");
+    // A clean SYN, ECN-setup flags allowed, opens one.
+    let syn = syn4(CLIENT4, 42000).flags(TCP_SYN | TCP_ECE | TCP_CWR);
+    fx.expect("ECN-setup SYN", &syn, Outcome::Passed);
+    assert_eq!(fx.flows(), 1);
+    // Inside an existing flow, every flag combination is the endpoints'
+    // business: unaffected.
+    for (name, flags) in bad.iter().filter(|(_, f)| f & TCP_SYN == 0) {
+        let p = Packet::tcp4(CLIENT4, SERVER4, 42000, TCP_PORT).flags(*flags);
+        fx.expect(&format!("in-flow {name}"), &p, Outcome::Passed);
+    }
+    // An acknowledging segment without a flow (the LRU evicted it)
+    // re-creates it from the admission.
+    fx.expect("evicted flow's ACK", &ack4(CLIENT4, 43000), Outcome::Passed);
+    fx.expect(
+        "evicted flow's FIN+ACK",
+        &Packet::tcp4(CLIENT4, SERVER4, 43001, TCP_PORT).flags(TCP_FIN | TCP_ACK),
+        Outcome::Passed,
+    );
+    assert_eq!(fx.flows(), 3);
+}
+
+/// Below the limit a retransmitted SYN is counted again (looking it up
+/// would cost every SYN a lookup): the count errs high, and the agent's
+/// recount puts it right; idle flows leave the count and the table.
+#[test]
+fn flow_counts_err_high_and_the_recount_corrects_them() {
+    let mut ident = unlimited();
+    ident.max_flows = 10;
+    let mut fx = Fx::with_identity(ident);
+    fx.admit(ip4(CLIENT4), TCP_SVC, 0);
+    let count = |fx: &Fx| fx.k.maps.flow_counts().unwrap()[fx.slot as usize];
+    fx.expect("SYN", &syn4(CLIENT4, 40001), Outcome::Passed);
+    fx.expect("retransmitted SYN", &syn4(CLIENT4, 40001), Outcome::Passed);
+    assert_eq!((fx.flows(), count(&fx)), (1, 2));
+    let census = fx.k.maps.recount_flows(monotonic_ns()).unwrap();
+    assert_eq!((census.live, census.removed), (1, 0));
+    assert_eq!(count(&fx), 1);
+    // Thirty seconds without a packet: idle, removed, uncounted.
+    let later = monotonic_ns() + 40 * SEC;
+    let census = fx.k.maps.recount_flows(later).unwrap();
+    assert_eq!((census.live, census.removed), (0, 1));
+    assert_eq!((fx.flows(), count(&fx)), (0, 0));
+    // Its next segment re-creates the flow from the admission.
+    fx.expect(
+        "the idle connection's next ACK",
+        &ack4(CLIENT4, 40001),
+        Outcome::Passed,
+    );
+    assert_eq!((fx.flows(), count(&fx)), (1, 1));
+}
+
+/// `Identity::max_flows`: the kernel counts flows per identity and refuses
+/// new ones at the limit; a retransmitted SYN of a flow it has, packets of
+/// existing flows and other identities are unaffected.
+#[test]
+fn flow_quota_per_identity() {
+    let mut ident = unlimited();
+    ident.max_flows = 2;
+    let mut fx = Fx::with_identity(ident);
+    fx.admit(ip4(CLIENT4), TCP_SVC, 0);
+    fx.admit(ip4(CLIENT4), UDP_SVC, 0);
+    let count = |fx: &Fx| fx.k.maps.flow_counts().unwrap()[fx.slot as usize];
+    fx.expect("first flow", &syn4(CLIENT4, 40001), Outcome::Passed);
+    fx.expect("second flow", &syn4(CLIENT4, 40002), Outcome::Passed);
+    assert_eq!(count(&fx), 2);
+    fx.expect(
+        "third flow",
+        &syn4(CLIENT4, 40003),
+        Outcome::Drop(Reason::FlowQuota),
+    );
+    fx.expect(
+        "third flow, UDP",
+        &Packet::udp4(CLIENT4, SERVER4, 5000, UDP_PORT),
+        Outcome::Drop(Reason::FlowQuota),
+    );
+    fx.expect(
+        "third flow, re-created by an ACK",
+        &ack4(CLIENT4, 40004),
+        Outcome::Drop(Reason::FlowQuota),
+    );
+    fx.expect(
+        "retransmitted SYN of the second flow",
+        &syn4(CLIENT4, 40002),
+        Outcome::Passed,
+    );
+    fx.expect("second flow's data", &ack4(CLIENT4, 40002), Outcome::Passed);
+    assert_eq!(count(&fx), 2, "a retransmission is not a new flow");
+    assert_eq!(fx.flows(), 2);
+    assert_eq!(fx.k.maps.identity_stats(fx.slot).unwrap().dropped, 3);
+    // Another identity has its own quota.
+    let mut other = unlimited();
+    other.key = 0xbeef;
+    other.max_flows = 1;
+    let (slot2, _) = fx.k.maps.upsert_identity(other, "other").unwrap();
+    fx.k.maps
+        .admit(
+            slot2,
+            client6().into(),
+            TCP_SVC,
+            0,
+            monotonic_ns() + 60 * SEC,
+        )
+        .unwrap();
+    let syn6 = |port| Packet::tcp6(client6(), server6(), port, TCP_PORT).syn();
+    fx.expect("other identity", &syn6(40001), Outcome::Passed);
+    fx.expect(
+        "other identity over its quota",
+        &syn6(40002),
+        Outcome::Drop(Reason::FlowQuota),
+    );
+    fx.expect(
+        "other identity's retransmitted SYN at its limit",
+        &syn6(40001),
+        Outcome::Passed,
+    );
+    // The agent's recount (flows the LRU evicted or that ended) frees room.
+    fx.k.maps.remove_flows_of(fx.slot).unwrap();
+    fx.k.maps.recount_flows(monotonic_ns()).unwrap();
+    assert_eq!(count(&fx), 0);
+    fx.expect("room again", &syn4(CLIENT4, 40003), Outcome::Passed);
 }
 
 #[test]
@@ -748,7 +911,7 @@ fn revoke_identity_cuts_flows_and_admissions() {
         Outcome::Drop(Reason::Revoked),
     );
     // Re-admitting the identity gives it a new epoch and works again.
-    let (slot2, epoch) = fx.k.maps.upsert_identity(unlimited()).unwrap();
+    let (slot2, epoch) = fx.k.maps.upsert_identity(unlimited(), "test").unwrap();
     // Revocation bumped the epoch to 1, re-use of a revoked slot to 2.
     assert_eq!((slot2, epoch), (slot, 2));
     fx.admit(ip4(CLIENT4), TCP_SVC, 0);
@@ -1125,7 +1288,23 @@ fn malformed_tcp_and_udp_headers() {
             .data_offset(2),
         bad,
     );
+    // The same cuts with IP lengths that agree: the header itself is short.
+    for n in [2, 4, 13, 19] {
+        fx.expect(
+            &format!("TCP packet ends {n} bytes in"),
+            &syn().cut_l4(n),
+            bad,
+        );
+    }
+    fx.expect(
+        "v6 TCP packet ends 10 bytes in",
+        &Packet::tcp6(stranger6(), server6(), 1, TCP_PORT)
+            .syn()
+            .cut_l4(10),
+        bad,
+    );
     let udp = || Packet::udp4(STRANGER4, SERVER4, 5000, UDP_PORT);
+    fx.expect("UDP packet ends 5 bytes in", &udp().cut_l4(5), bad);
     fx.expect("UDP cut at 4 bytes", &udp().truncate_l4(4), bad);
     fx.expect("UDP cut at 7 bytes", &udp().truncate_l4(7), bad);
     fx.expect("UDP cut at 1 byte", &udp().truncate_l4(1), bad);
@@ -1134,18 +1313,169 @@ fn malformed_tcp_and_udp_headers() {
         &Packet::udp6(stranger6(), server6(), 5000, UDP_PORT).truncate_l4(6),
         bad,
     );
-    // A data offset past the segment's end still leaves ports and flags
-    // readable: judged on them (the stack rejects the segment itself).
+    // RFC 9293 §3.1: the data offset describes the header; one that runs
+    // past the segment is malformed, even with ports and flags readable.
     fx.expect(
-        "TCP data offset 15",
+        "TCP data offset 15, 20-byte header",
         &syn().data_offset(15),
+        bad,
+    );
+    fx.expect(
+        "TCP data offset 6, 20-byte header",
+        &syn().data_offset(6),
+        bad,
+    );
+    fx.expect(
+        "v6 TCP data offset 15",
+        &Packet::tcp6(stranger6(), server6(), 1, TCP_PORT)
+            .syn()
+            .data_offset(15),
+        bad,
+    );
+    fx.expect(
+        "TCP data offset 6 with its options",
+        &syn().tcp_options(&[1, 1, 1, 1]),
         Outcome::Drop(Reason::NoAdmission),
     );
-    // A full header followed by nothing is fine (UDP length is not checked).
     fx.expect(
-        "UDP bad length field",
-        &udp().udp_len(3),
+        "TCP options past the IPv4 total length",
+        &syn()
+            .tcp_options(&[1; 8])
+            .payload(&[0; 4])
+            .total_len(20 + 24),
+        bad,
+    );
+    // RFC 768: length ≥ 8 and within the IP payload.
+    fx.expect("UDP length 3", &udp().udp_len(3), bad);
+    fx.expect("UDP length 0", &udp().udp_len(0), bad);
+    fx.expect(
+        "UDP length past the IP payload",
+        &udp().payload(&[0; 10]).udp_len(19),
+        bad,
+    );
+    fx.expect(
+        "v6 UDP length past the payload",
+        &Packet::udp6(stranger6(), server6(), 5000, UDP_PORT)
+            .payload(&[0; 10])
+            .udp_len(40),
+        bad,
+    );
+    fx.expect(
+        "UDP length shorter than the IP payload",
+        &udp().payload(&[0; 10]).udp_len(12),
         Outcome::Drop(Reason::NoAdmission),
+    );
+    fx.expect(
+        "UDP length exact",
+        &udp().payload(&[0; 10]),
+        Outcome::Drop(Reason::NoAdmission),
+    );
+    // Like every malformed header, whatever the port: the stack would
+    // discard it too (RFC 768, RFC 9293), so nothing valid is lost.
+    fx.expect(
+        "UDP length 3 to an open port",
+        &Packet::udp4(STRANGER4, SERVER4, 5000, OPEN_PORT).udp_len(3),
+        bad,
+    );
+    fx.expect(
+        "TCP data offset 15 to an open port",
+        &Packet::tcp4(STRANGER4, SERVER4, 1, OPEN_PORT)
+            .ack()
+            .data_offset(15),
+        bad,
+    );
+}
+
+/// IP length fields must agree with the frame (strict parsing): a length
+/// that promises more than the frame holds, or less than the headers need,
+/// is malformed. Trailing bytes no length counts (Ethernet padding) are
+/// fine.
+#[test]
+fn ip_lengths_must_fit_the_frame() {
+    let fx = Fx::new();
+    let bad = Outcome::Drop(Reason::Malformed);
+    let nope = Outcome::Drop(Reason::NoAdmission);
+    let syn = || syn4(STRANGER4, 40000);
+    let syn6 = || Packet::tcp6(stranger6(), server6(), 40000, TCP_PORT).syn();
+    // IPv4 total length (RFC 791 §3.1).
+    fx.expect("total length one past the frame", &syn().total_len(41), bad);
+    fx.expect("total length 65535", &syn().total_len(65535), bad);
+    fx.expect("total length 0", &syn().total_len(0), bad);
+    fx.expect(
+        "total length = IHL (no room for TCP)",
+        &syn().total_len(20),
+        bad,
+    );
+    fx.expect(
+        "total length ends inside the TCP header",
+        &syn().total_len(30),
+        bad,
+    );
+    fx.expect(
+        "frame cut after the IP header, lengths unchanged",
+        &syn().truncate_l4(0),
+        bad,
+    );
+    fx.expect(
+        "payload cut, lengths unchanged",
+        &syn().payload(&[1; 100]).truncate_l4(60),
+        bad,
+    );
+    fx.expect("Ethernet padding after the packet", &syn().trailer(6), nope);
+    fx.expect(
+        "UDP with Ethernet padding",
+        &Packet::udp4(STRANGER4, SERVER4, 5000, UDP_PORT).trailer(18),
+        nope,
+    );
+    // IPv6 payload length (RFC 8200 §3).
+    fx.expect(
+        "payload length one past the frame",
+        &syn6().payload_len(21),
+        bad,
+    );
+    fx.expect("payload length 65535", &syn6().payload_len(65535), bad);
+    fx.expect(
+        "payload length 0 (jumbogram) with TCP",
+        &syn6().payload_len(0),
+        bad,
+    );
+    fx.expect(
+        "payload length ends inside the TCP header",
+        &syn6().payload_len(12),
+        bad,
+    );
+    fx.expect("v6 Ethernet padding", &syn6().trailer(10), nope);
+    // Extension headers within the payload (RFC 8200 §4).
+    fx.expect(
+        "hop-by-hop header longer than the frame",
+        &syn6()
+            .ext(Ext::HopByHop { len: 30 })
+            .truncate_l3(40 + 16)
+            .payload_len(16),
+        bad,
+    );
+    fx.expect(
+        "destination options past the payload length",
+        &syn6().ext(Ext::DestOpts { len: 1 }).payload_len(8),
+        bad,
+    );
+    fx.expect(
+        "routing header cut short, lengths agreeing",
+        &Packet::tcp6(stranger6(), server6(), 40000, TCP_PORT)
+            .syn()
+            .ext(Ext::Routing { len: 4 })
+            .truncate_l3(40 + 8)
+            .payload_len(8),
+        bad,
+    );
+    // Unprotected ports: a length beyond the frame leaves the ports
+    // unreadable as far as anyone can trust, so it is malformed there too.
+    fx.expect(
+        "total length past the frame, open port",
+        &Packet::tcp4(STRANGER4, SERVER4, 1, OPEN_PORT)
+            .syn()
+            .total_len(200),
+        bad,
     );
 }
 
@@ -1344,22 +1674,37 @@ fn ipv4_fragments() {
     // fragment): dropped whatever port its first bytes name.
     fx.expect(
         "tiny first fragment",
-        &syn4(STRANGER4, 40000).fragment(0, true).truncate_l4(8),
+        &syn4(STRANGER4, 40000).fragment(0, true).cut_l4(8),
         frag,
     );
     fx.expect(
         "tiny first fragment to an open port",
         &Packet::tcp4(STRANGER4, SERVER4, 1, OPEN_PORT)
             .fragment(0, true)
-            .truncate_l4(8),
+            .cut_l4(8),
         frag,
     );
     fx.expect(
         "tiny UDP first fragment",
         &Packet::udp4(STRANGER4, SERVER4, 1, UDP_PORT)
             .fragment(0, true)
-            .truncate_l4(4),
+            .cut_l4(4),
         frag,
+    );
+    // A first fragment's UDP length describes the whole datagram: not
+    // held against the fragment.
+    fx.expect(
+        "UDP first fragment with the datagram's length",
+        &Packet::udp4(STRANGER4, SERVER4, 1, UDP_PORT)
+            .payload(&[0; 64])
+            .udp_len(2000)
+            .fragment(0, true),
+        frag,
+    );
+    fx.expect(
+        "first fragment whose total length promises more than the frame",
+        &syn4(STRANGER4, 40000).fragment(0, true).truncate_l4(8),
+        Outcome::Drop(Reason::Malformed),
     );
     // Even an admitted source may not fragment towards the service.
     fx.admit(ip4(CLIENT4), TCP_SVC, 0);
@@ -1416,7 +1761,7 @@ fn ipv6_fragments() {
     );
     fx.expect(
         "tiny first fragment",
-        &syn(stranger6(), TCP_PORT).ext(fh(0, true)).truncate_l4(6),
+        &syn(stranger6(), TCP_PORT).ext(fh(0, true)).cut_l4(6),
         frag,
     );
     fx.expect(
@@ -1858,10 +2203,13 @@ fn usage_is_counted_per_identity_and_service() {
     fx.admit(ip4(CLIENT4), 3, 0);
     let (b, _) =
         fx.k.maps
-            .upsert_identity(Identity {
-                key: 0xb0b,
-                ..Identity::default()
-            })
+            .upsert_identity(
+                Identity {
+                    key: 0xb0b,
+                    ..Identity::default()
+                },
+                "b",
+            )
             .unwrap();
     fx.k.maps
         .admit(b, client6().into(), TCP_SVC, 0, monotonic_ns() + 60 * SEC)
@@ -2000,10 +2348,13 @@ fn reused_slots_and_columns_start_from_zero() {
     fx.k.maps.reclaim_idle(monotonic_ns()).unwrap();
     let (again, _) =
         fx.k.maps
-            .upsert_identity(Identity {
-                key: 0xca201,
-                ..Identity::default()
-            })
+            .upsert_identity(
+                Identity {
+                    key: 0xca201,
+                    ..Identity::default()
+                },
+                "carol",
+            )
             .unwrap();
     assert_eq!(again, a, "the freed slot is reused");
     assert!(usage(&fx).is_empty(), "{:?}", usage(&fx));

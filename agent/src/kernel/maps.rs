@@ -10,10 +10,10 @@ use std::{
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use portcullis_common::{
     ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, DropEvent, EventBudget, Flow, FlowKey,
-    IDENTITY_FREE, IDENTITY_LIVE, IDENTITY_REVOKED, Identity, IdentityStats, KernelConfig,
-    MAX_IDENTITIES, MAX_USAGE_SERVICES, Meta, PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR,
-    PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry, RateState, Reason, ServiceKey, ServiceRef,
-    maps as names, usage_row,
+    IDENTITY_FREE, IDENTITY_LIVE, IDENTITY_NAME_BYTES, IDENTITY_REVOKED, Identity, IdentityName,
+    IdentityStats, KernelConfig, MAX_IDENTITIES, MAX_USAGE_SERVICES, Meta, PORT_KNOCK,
+    PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry, RateState, Reason,
+    ServiceKey, ServiceRef, maps as names, usage_row,
 };
 
 use super::KernelError;
@@ -32,6 +32,9 @@ pub struct Maps {
     pub events: RingBuf<MapData>,
     pub event_budget: PerCpuArray<MapData, EventBudget>,
     pub meta: Array<MapData, Meta>,
+    pub flow_count: Array<MapData, u32>,
+    pub identity_names: Array<MapData, IdentityName>,
+    pub knock_sources: HashMap<MapData, [u8; 16], u64>,
     /// Identity key → slot, built on first use.
     slots: Option<std::collections::HashMap<u64, u32>>,
 }
@@ -54,6 +57,43 @@ pub struct Usage {
     pub identity_key: u64,
     pub service: u32,
     pub stats: IdentityStats,
+}
+
+/// A flow that has not been re-validated (no packet) for this long is idle:
+/// it no longer counts against its identity's flow quota and the agent
+/// removes it. Its connection, if it still lives, re-creates it from the
+/// admission with its next acknowledging segment.
+pub const FLOW_IDLE_NS: u64 = 30 * 1_000_000_000;
+
+/// How full one kernel table is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct TableFill {
+    /// The map (`PCL_ADMIT`, ...).
+    pub map: &'static str,
+    pub entries: u32,
+    pub capacity: u32,
+    /// The config key that sizes it (what to raise when it fills).
+    pub knob: &'static str,
+}
+
+impl TableFill {
+    /// Fill ratio in percent, rounded down.
+    pub fn percent(&self) -> u32 {
+        (u64::from(self.entries) * 100)
+            .checked_div(u64::from(self.capacity))
+            .map_or(0, |p| p as u32)
+    }
+}
+
+/// What a pass over the flow table found.
+#[derive(Clone, Debug, Default)]
+pub struct FlowCensus {
+    /// Live flows per identity slot.
+    pub per_slot: std::collections::HashMap<u32, u32>,
+    /// Live flows left in the table.
+    pub live: u32,
+    /// Idle flows removed.
+    pub removed: u32,
 }
 
 /// IPv4 as IPv4-mapped IPv6 (the kernel's key format), IPv6 as is.
@@ -114,6 +154,9 @@ impl Maps {
             events: typed!(names::EVENTS),
             event_budget: typed!(names::EVENT_BUDGET),
             meta: typed!(names::META),
+            flow_count: typed!(names::FLOW_COUNT),
+            identity_names: typed!(names::IDENTITY_NAMES),
+            knock_sources: typed!(names::KNOCK_SRC),
             slots: None,
         })
     }
@@ -353,10 +396,34 @@ impl Maps {
         Ok(self.slots.get_or_insert_default())
     }
 
-    /// Writes (or refreshes the limits of) a live identity; slot 0 is never
-    /// used so that a zeroed value can never look like a valid reference.
-    /// Returns the slot and its current epoch.
-    pub fn upsert_identity(&mut self, mut ident: Identity) -> Result<(u32, u32), KernelError> {
+    /// The name written with a slot's identity (see [`Maps::upsert_identity`]).
+    pub fn identity_name(&self, slot: u32) -> Result<String, KernelError> {
+        let n = self
+            .identity_names
+            .get(&slot, 0)
+            .map_err(|e| KernelError::map(names::IDENTITY_NAMES, e))?;
+        let len = (n.len as usize).min(IDENTITY_NAME_BYTES);
+        Ok(String::from_utf8_lossy(&n.bytes[..len]).into_owned())
+    }
+
+    /// Every slot in use: slot, its identity and its name.
+    pub fn live_identities(&mut self) -> Result<Vec<(u32, Identity, String)>, KernelError> {
+        let mut slots: Vec<u32> = self.index()?.values().copied().collect();
+        slots.sort_unstable();
+        slots
+            .into_iter()
+            .map(|slot| Ok((slot, self.identity(slot)?, self.identity_name(slot)?)))
+            .collect()
+    }
+
+    /// Writes (or refreshes the limits of) a live identity named `name`;
+    /// slot 0 is never used so that a zeroed value can never look like a
+    /// valid reference. Returns the slot and its current epoch.
+    pub fn upsert_identity(
+        &mut self,
+        mut ident: Identity,
+        name: &str,
+    ) -> Result<(u32, u32), KernelError> {
         let slot = match self.find_identity(ident.key)? {
             Some(s) => s,
             None => self.free_slot()?,
@@ -381,12 +448,32 @@ impl Maps {
             for col in 0..MAX_USAGE_SERVICES {
                 self.zero_usage_row(usage_row(slot, col))?;
             }
+            self.flow_count
+                .set(slot, 0, 0)
+                .map_err(|e| KernelError::map(names::FLOW_COUNT, e))?;
+        }
+        if cur.state == IDENTITY_FREE || cur.key != ident.key {
+            self.write_identity_name(slot, name)?;
         }
         self.identities
             .set(slot, ident, 0)
             .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
         self.index()?.insert(ident.key, slot);
         Ok((slot, ident.epoch))
+    }
+
+    fn write_identity_name(&mut self, slot: u32, name: &str) -> Result<(), KernelError> {
+        let mut n = IdentityName::default();
+        // Cut on a character boundary so the stored text stays UTF-8.
+        let mut len = name.len().min(IDENTITY_NAME_BYTES);
+        while !name.is_char_boundary(len) {
+            len -= 1;
+        }
+        n.bytes[..len].copy_from_slice(&name.as_bytes()[..len]);
+        n.len = len as u32;
+        self.identity_names
+            .set(slot, n, 0)
+            .map_err(|e| KernelError::map(names::IDENTITY_NAMES, e))
     }
 
     /// A free slot: one the index does not know, confirmed free in the
@@ -466,9 +553,16 @@ impl Maps {
             flags: if src_port != 0 { ADMIT_ONE_USE } else { 0 },
             _pad: 0,
         };
-        self.admissions
-            .insert(key, value, 0)
-            .map_err(|e| KernelError::map(names::ADMISSIONS, e))
+        self.admissions.insert(key, value, 0).map_err(|e| {
+            if is_full(&e) {
+                KernelError::TableFull {
+                    map: names::ADMISSIONS,
+                    knob: "kernel.max_admissions",
+                }
+            } else {
+                KernelError::map(names::ADMISSIONS, e)
+            }
+        })
     }
 
     /// Revokes an identity: its epoch changes, so every flow and admission
@@ -497,6 +591,24 @@ impl Maps {
         Ok(removed)
     }
 
+    /// Removes one admission (`src_port` 0: the one for every port) and the
+    /// flows it admitted from that source to that service.
+    pub fn revoke_admission(
+        &mut self,
+        source: IpAddr,
+        service: u32,
+        src_port: u16,
+    ) -> Result<usize, KernelError> {
+        let addr = addr_bytes(source);
+        let removed = self.remove_admissions(|k, _| {
+            k.addr == addr && k.service == service && k.src_port == src_port
+        })?;
+        self.remove_flows(|k, f| {
+            k.src == addr && f.service == service && (src_port == 0 || k.sport == src_port)
+        })?;
+        Ok(removed)
+    }
+
     /// Deletes admissions whose kernel-time expiry has passed (the kernel
     /// already ignores them; this returns the space).
     pub fn reap_expired(&mut self, now_ns: u64) -> Result<usize, KernelError> {
@@ -520,11 +632,125 @@ impl Maps {
         remove_where(&mut self.admissions, pred)
     }
 
+    /// Removes the flows `pred` selects and takes them off their
+    /// identities' flow counts.
     fn remove_flows(
         &mut self,
         pred: impl Fn(&FlowKey, &Flow) -> bool,
     ) -> Result<usize, KernelError> {
-        remove_where(&mut self.flows, pred)
+        let doomed: Vec<(FlowKey, u32)> = self
+            .flows
+            .iter()
+            .filter_map(Result::ok)
+            .filter(|(k, f)| pred(k, f))
+            .map(|(k, f)| (k, f.identity))
+            .collect();
+        let mut per_slot = std::collections::HashMap::<u32, u32>::new();
+        for (k, slot) in &doomed {
+            if self.flows.remove(k).is_ok() {
+                *per_slot.entry(*slot).or_default() += 1;
+            }
+        }
+        for (slot, n) in per_slot {
+            let cur = self.flow_count.get(&slot, 0).unwrap_or(0);
+            let _ = self.flow_count.set(slot, cur.saturating_sub(n), 0);
+        }
+        Ok(doomed.len())
+    }
+
+    /// Removes every flow of identity `slot`.
+    pub fn remove_flows_of(&mut self, slot: u32) -> Result<usize, KernelError> {
+        self.remove_flows(|_, f| f.identity == slot)
+    }
+
+    /// Flow counts per identity slot, as the kernel holds them.
+    pub fn flow_counts(&self) -> Result<Vec<u32>, KernelError> {
+        (0..MAX_IDENTITIES)
+            .map(|slot| {
+                self.flow_count
+                    .get(&slot, 0)
+                    .map_err(|e| KernelError::map(names::FLOW_COUNT, e))
+            })
+            .collect()
+    }
+
+    /// One pass over the flow table: removes idle flows (see
+    /// [`FLOW_IDLE_NS`]) and sets each identity's flow count to its live
+    /// flows. Flows the kernel created during the pass are kept in the
+    /// count (read before and after, the difference added), so the count
+    /// errs high, never low, while connections are being opened.
+    pub fn recount_flows(&mut self, now_ns: u64) -> Result<FlowCensus, KernelError> {
+        let before = self.flow_counts()?;
+        let mut census = FlowCensus::default();
+        let mut idle = Vec::new();
+        for (k, f) in self.flows.iter().filter_map(Result::ok) {
+            if f.expires_ns.saturating_add(FLOW_IDLE_NS) < now_ns {
+                idle.push(k);
+            } else {
+                census.live += 1;
+                *census.per_slot.entry(f.identity).or_default() += 1;
+            }
+        }
+        for k in &idle {
+            if self.flows.remove(k).is_ok() {
+                census.removed += 1;
+            }
+        }
+        for slot in 1..MAX_IDENTITIES {
+            let after = self
+                .flow_count
+                .get(&slot, 0)
+                .map_err(|e| KernelError::map(names::FLOW_COUNT, e))?;
+            let counted = census.per_slot.get(&slot).copied().unwrap_or(0);
+            let want = counted.saturating_add(after.saturating_sub(before[slot as usize]));
+            if want != after {
+                self.flow_count
+                    .set(slot, want, 0)
+                    .map_err(|e| KernelError::map(names::FLOW_COUNT, e))?;
+            }
+        }
+        Ok(census)
+    }
+
+    /// How full each bounded table is. Counting walks the hash maps' keys
+    /// (one syscall per entry): for status and the periodic summary, not
+    /// for every packet. `flows`: the live flows a recent
+    /// [`Maps::recount_flows`] found, to spare the largest walk.
+    pub fn occupancy(&mut self, flows: Option<u32>) -> Result<Vec<TableFill>, KernelError> {
+        use aya::maps::IterableMap;
+        let cap = |m: &MapData, name: &str| -> Result<u32, KernelError> {
+            Ok(m.info()
+                .map_err(|e| KernelError::map(name, e))?
+                .max_entries())
+        };
+        let identities = self.index()?.len() as u32;
+        Ok(vec![
+            TableFill {
+                map: names::ADMISSIONS,
+                entries: self.admissions.keys().filter_map(Result::ok).count() as u32,
+                capacity: cap(self.admissions.map(), names::ADMISSIONS)?,
+                knob: "kernel.max_admissions",
+            },
+            TableFill {
+                map: names::FLOWS,
+                entries: flows.unwrap_or_else(|| self.flow_count() as u32),
+                capacity: cap(self.flows.map(), names::FLOWS)?,
+                knob: "kernel.max_flows",
+            },
+            TableFill {
+                map: names::IDENTITIES,
+                entries: identities,
+                // Slot 0 is never used.
+                capacity: MAX_IDENTITIES - 1,
+                knob: "(fixed: revoke identities or wait for them to expire)",
+            },
+            TableFill {
+                map: names::KNOCK_SRC,
+                entries: self.knock_sources.keys().filter_map(Result::ok).count() as u32,
+                capacity: cap(self.knock_sources.map(), names::KNOCK_SRC)?,
+                knob: "kernel.max_knock_sources",
+            },
+        ])
     }
 
     /// Drop (and pass) counters summed over CPUs, indexed by `Reason`.
@@ -604,15 +830,13 @@ impl Maps {
     /// zero; pinned maps that were adopted keep theirs.
     pub fn usage_instance(&self) -> Result<String, KernelError> {
         use aya::maps::IterableMap;
-        let id = self
-            .usage
-            .map()
-            .info()
-            .map_err(|e| KernelError::map(names::USAGE, e))?
-            .id();
-        let boot =
-            std::fs::read_to_string(BOOT_ID).map_err(|e| KernelError::io(Path::new(BOOT_ID), e))?;
-        Ok(format!("{}/{id}", boot.trim()))
+        instance_of(self.usage.map(), names::USAGE)
+    }
+
+    /// The same for the drop counters (`PCL_DROPS`).
+    pub fn drops_instance(&self) -> Result<String, KernelError> {
+        use aya::maps::IterableMap;
+        instance_of(self.drops.map(), names::DROPS)
     }
 
     /// Drains the sampled drop events the kernel has written so far.
@@ -638,6 +862,24 @@ impl Maps {
 }
 
 const BOOT_ID: &str = "/proc/sys/kernel/random/boot_id";
+
+/// `<boot id>/<map id>`: names one map for as long as it exists.
+fn instance_of(map: &MapData, name: &str) -> Result<String, KernelError> {
+    let id = map.info().map_err(|e| KernelError::map(name, e))?.id();
+    let boot =
+        std::fs::read_to_string(BOOT_ID).map_err(|e| KernelError::io(Path::new(BOOT_ID), e))?;
+    Ok(format!("{}/{id}", boot.trim()))
+}
+
+/// A hash map refuses a new key when it is full with E2BIG (ENOMEM or
+/// ENOSPC when the kernel cannot allocate the element).
+fn is_full(e: &aya::maps::MapError) -> bool {
+    matches!(
+        e,
+        aya::maps::MapError::SyscallError(s)
+            if matches!(s.io_error.raw_os_error(), Some(libc::E2BIG | libc::ENOSPC | libc::ENOMEM))
+    )
+}
 
 fn add_stats(s: &mut IdentityStats, c: &IdentityStats) {
     s.connections = s.connections.wrapping_add(c.connections);

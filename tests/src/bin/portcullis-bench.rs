@@ -143,12 +143,15 @@ fn run(args: &Args) -> Result<()> {
         events_per_sec: 100,
         ..KernelConfig::default()
     })?;
-    let (slot, _) = k.maps.upsert_identity(Identity {
-        key: 1,
-        conn_cost_ns: 1,
-        conn_burst_ns: 1_000_000_000,
-        ..Identity::default()
-    })?;
+    let (slot, _) = k.maps.upsert_identity(
+        Identity {
+            key: 1,
+            conn_cost_ns: 1,
+            conn_burst_ns: 1_000_000_000,
+            ..Identity::default()
+        },
+        "bench",
+    )?;
     let hour = monotonic_ns() + 3600 * 1_000_000_000;
     k.maps.admit(slot, IpAddr::from(CLIENT), SERVICE, 0, hour)?;
     for b in 0..=255u8 {
