@@ -882,19 +882,36 @@ pub fn connect_bound(
     addr: SocketAddr,
     timeout: Duration,
 ) -> io::Result<TcpStream> {
-    ns.run(|| -> io::Result<TcpStream> {
-        let fd = start_connect(Some(src), addr)?;
-        if !wait_fd(fd.as_raw_fd(), libc::POLLOUT, timeout)? {
-            return Err(io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!("connect {src} -> {addr}: no answer within {timeout:?}"),
-            ));
-        }
-        socket_error(&fd)?;
-        let stream = TcpStream::from(fd);
-        stream.set_nonblocking(false)?;
-        Ok(stream)
-    })?
+    ns.run(|| connect_bound_here(src, addr, timeout))?
+}
+
+/// [`connect_bound`] in whatever namespace the calling thread is in (a
+/// thread that entered one with [`enter_path`]).
+pub fn connect_bound_here(
+    src: SocketAddr,
+    addr: SocketAddr,
+    timeout: Duration,
+) -> io::Result<TcpStream> {
+    let fd = start_connect(Some(src), addr)?;
+    if !wait_fd(fd.as_raw_fd(), libc::POLLOUT, timeout)? {
+        return Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("connect {src} -> {addr}: no answer within {timeout:?}"),
+        ));
+    }
+    socket_error(&fd)?;
+    let stream = TcpStream::from(fd);
+    stream.set_nonblocking(false)?;
+    Ok(stream)
+}
+
+/// Moves the calling thread into the network namespace at `path` for the
+/// rest of its life (for a long-running thread that cannot borrow the
+/// [`Netns`]).
+pub fn enter_path(path: &Path) -> io::Result<()> {
+    let handle = File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("open {}: {e}", path.display())))?;
+    enter(&handle)
 }
 
 /// Writes `payload` and reads the same bytes back within `timeout`.

@@ -96,23 +96,16 @@ fn a_policy_naming_an_unknown_service_stops_the_agent() {
     assert!(err.contains("nosuch"), "{err}");
 }
 
-/// A start that fails in the kernel (here: the interface does not exist)
-/// ends the audit trail it began: STARTED, then STOPPING saying why.
-#[test]
-fn a_start_that_fails_in_the_kernel_is_on_record() {
-    use portcullis_agent::{audit::spool::read_segment_file, netns::BpffsMount};
-    use portcullis_proto::v1::{Event, event::Body, lifecycle::Phase};
-    use prost::Message as _;
-
-    let bpffs = BpffsMount::new().expect("bpffs");
-    let dir = portcullis_agent::netns::TempDir::new("start-kernel").unwrap();
-    let d = dir.path();
+fn kernel_failure_config(
+    d: &std::path::Path,
+    bpffs: &portcullis_agent::netns::BpffsMount,
+) -> std::path::PathBuf {
     let cfg = d.join("agent.toml");
     std::fs::write(
         &cfg,
         format!(
-            "[agent]\nnode_key = \"{d}/node.key\"\n[audit]\nspool_dir = \"{d}/spool\"\n\
-             [accounting]\nledger = \"{d}/ledger.json\"\n[kernel]\ninterfaces = [\"pcl-absent0\"]\n\
+            "[agent]\nnode_key = \"{d}/state/node.key\"\n[audit]\nspool_dir = \"{d}/state/spool\"\n\
+             [accounting]\nledger = \"{d}/ledger/ledger.json\"\n[kernel]\ninterfaces = [\"pcl-absent0\"]\n\
              pin_dir = \"{pins}\"\nbpffs = \"{fs}\"\n[[services]]\nname = \"llm\"\nport = 8000\n",
             d = d.display(),
             pins = bpffs.pin_dir().display(),
@@ -120,31 +113,111 @@ fn a_start_that_fails_in_the_kernel_is_on_record() {
         ),
     )
     .unwrap();
+    cfg
+}
+
+fn run_agent(cfg: &std::path::Path) -> (bool, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["agent", "--config"])
-        .arg(&cfg)
+        .arg(cfg)
         .output()
         .expect("run the agent");
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("pcl-absent0"), "{err}");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
 
+fn lifecycle_phases(spool: &std::path::Path) -> Vec<(i32, String)> {
+    use portcullis_agent::audit::spool::read_segment_file;
+    use portcullis_proto::v1::{Event, event::Body};
+    use prost::Message as _;
+    let mut paths: Vec<_> = std::fs::read_dir(spool)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "pcs"))
+        .collect();
+    paths.sort();
     let mut phases = Vec::new();
-    for entry in std::fs::read_dir(d.join("spool")).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_some_and(|x| x == "pcs") {
-            for bytes in read_segment_file(&path).unwrap().frames {
-                if let Some(Body::Lifecycle(l)) = Event::decode(bytes.as_slice()).unwrap().body {
-                    phases.push((l.phase, l.reason));
-                }
+    for path in paths {
+        for bytes in read_segment_file(&path).unwrap().frames {
+            if let Some(Body::Lifecycle(l)) = Event::decode(bytes.as_slice()).unwrap().body {
+                phases.push((l.phase, l.reason));
             }
         }
     }
-    assert_eq!(phases.len(), 2, "{phases:?}");
-    assert_eq!(phases[0].0, Phase::Started as i32);
-    assert_eq!(phases[1].0, Phase::Stopping as i32);
+    phases
+}
+
+/// A start that fails in the kernel (here: the interface does not exist)
+/// on a new node leaves nothing behind: no node key, no spool, no ledger,
+/// not even their directories.
+#[test]
+fn a_failed_first_start_leaves_no_files() {
+    let bpffs = portcullis_agent::netns::BpffsMount::new().expect("bpffs");
+    let dir = portcullis_agent::netns::TempDir::new("start-clean").unwrap();
+    let d = dir.path();
+    let cfg = kernel_failure_config(d, &bpffs);
+    let (ok, err) = run_agent(&cfg);
+    assert!(!ok, "{err}");
+    assert!(err.contains("pcl-absent0"), "{err}");
+    let mut left: Vec<String> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    left.sort();
+    assert_eq!(left, ["agent.toml"], "{err}");
+}
+
+/// A start that fails in the kernel on a node with an audit trail ends the
+/// trail's record of it: STARTED, then STOPPING saying why; the node key
+/// and the trail stay.
+#[test]
+fn a_start_that_fails_in_the_kernel_is_on_record() {
+    use portcullis_agent::{
+        audit::auditor::{Auditor, StartInfo},
+        config::Config,
+        nodekey::NodeKey,
+    };
+    use portcullis_proto::v1::lifecycle::Phase;
+    use std::sync::Arc;
+
+    let bpffs = portcullis_agent::netns::BpffsMount::new().expect("bpffs");
+    let dir = portcullis_agent::netns::TempDir::new("start-kernel").unwrap();
+    let d = dir.path();
+    let cfg_path = kernel_failure_config(d, &bpffs);
+    // An earlier run's trail.
+    let cfg = Config::load(&cfg_path).unwrap();
+    let key = Arc::new(NodeKey::load_or_create(&cfg.agent.node_key).unwrap());
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let (auditor, task) = Auditor::open(
+            &cfg.audit,
+            &cfg.agent.node_id,
+            key,
+            StartInfo {
+                reason: "earlier run".into(),
+                ..StartInfo::default()
+            },
+        )
+        .unwrap();
+        let task = tokio::spawn(task.run());
+        auditor.shutdown("SIGTERM").await.unwrap();
+        task.await.unwrap();
+    });
+    let (ok, err) = run_agent(&cfg_path);
+    assert!(!ok, "{err}");
+    assert!(err.contains("pcl-absent0"), "{err}");
+    assert!(cfg.agent.node_key.exists(), "the node key existed: kept");
+    let phases = lifecycle_phases(&cfg.audit.spool_dir);
+    assert_eq!(phases.len(), 4, "{phases:?}");
+    assert_eq!(phases[2].0, Phase::Started as i32);
+    assert_eq!(phases[3].0, Phase::Stopping as i32);
     assert!(
-        phases[1].1.starts_with("start failed") && phases[1].1.contains("pcl-absent0"),
+        phases[3].1.starts_with("start failed") && phases[3].1.contains("pcl-absent0"),
         "{phases:?}"
     );
 }

@@ -4,6 +4,7 @@
 
 pub mod bpffs;
 pub mod clock;
+pub mod links;
 pub mod maps;
 pub mod object;
 
@@ -23,6 +24,8 @@ use aya::{
 };
 use portcullis_common::{LAYOUT_VERSION, maps as names, programs};
 
+pub use bpffs::Durability;
+pub use links::{LinkTrouble, LinkWatch};
 pub use maps::{Maps, ServiceEntry};
 
 #[derive(Debug, thiserror::Error)]
@@ -57,6 +60,15 @@ pub enum KernelError {
     IdentitiesExhausted(u32),
     #[error("identity slot {0} is not live")]
     IdentityNotLive(u32),
+    #[error(
+        "kernel.pin_dir {pin_dir} is on a bpf filesystem that exists only in this process's mount namespace (not mounted in PID 1's namespace, no mount propagation): its pins, and with them enforcement, would vanish when the agent exits. Run the agent in the host's mount namespace (`nsenter --net=/run/netns/NAME portcullis agent ...` instead of `ip netns exec NAME ...`, or as a systemd service); in a container, mount the host's /sys/fs/bpf (`--mount type=bind,source=/sys/fs/bpf,target=/sys/fs/bpf,bind-propagation=rshared`, or the DaemonSet's hostPath with mountPropagation: Bidirectional); or set kernel.ephemeral_pins = true for tests and demos, where enforcement may end with the agent"
+    )]
+    EphemeralPins { pin_dir: PathBuf },
+    #[error("the kernel table {map} is full; raise {knob} (or revoke admissions)")]
+    TableFull {
+        map: &'static str,
+        knob: &'static str,
+    },
 }
 
 impl KernelError {
@@ -110,6 +122,46 @@ pub struct Options {
     pub max_flows: u32,
     pub max_admissions: u32,
     pub max_knock_sources: u32,
+    /// Accept pins that die with the agent's mount namespace.
+    pub ephemeral_pins: bool,
+}
+
+/// Where the pins will live, as [`prepare_pins`] found it.
+#[derive(Clone, Debug)]
+pub struct PinsReady {
+    pub durability: Durability,
+    /// The agent mounted the bpffs itself (at `Options::bpffs`).
+    pub mounted: bool,
+}
+
+/// Makes sure the pin directory is on a bpffs (mounting one if needed) and
+/// that its pins will outlive the agent; refuses otherwise, unless
+/// `ephemeral_pins`. Touches no program or map: call it before anything
+/// else, so a refused start changes nothing (a bpffs it mounted for the
+/// refused start is unmounted again).
+pub fn prepare_pins(opts: &Options) -> Result<PinsReady, KernelError> {
+    let mounted = bpffs::ensure(&opts.pin_dir, &opts.bpffs)?;
+    let durability = match bpffs::durability(&opts.pin_dir) {
+        Ok(d) => d,
+        Err(e) => {
+            if mounted {
+                bpffs::unmount(&opts.bpffs);
+            }
+            return Err(KernelError::io(&opts.pin_dir, e));
+        }
+    };
+    if !durability.outlives_agent() && !opts.ephemeral_pins {
+        if mounted {
+            bpffs::unmount(&opts.bpffs);
+        }
+        return Err(KernelError::EphemeralPins {
+            pin_dir: opts.pin_dir.clone(),
+        });
+    }
+    Ok(PinsReady {
+        durability,
+        mounted,
+    })
 }
 
 /// How the running state came to be.
@@ -126,6 +178,8 @@ pub enum Origin {
 pub struct Kernel {
     pub maps: Maps,
     pub origin: Origin,
+    /// The agent's own hold on the pinned links.
+    pub links: LinkWatch,
     // Kept so the programs' fds outlive the load; links hold them anyway.
     _ebpf: Option<Ebpf>,
 }
@@ -139,10 +193,17 @@ impl Kernel {
     /// (reusing pinned maps) and attaches, replacing pinned links atomically.
     pub fn open(opts: &Options) -> Result<Kernel, KernelError> {
         bpffs::ensure(&opts.pin_dir, &opts.bpffs)?;
-        if let Some(k) = Self::try_adopt(opts)? {
-            return Ok(k);
-        }
-        Self::load_and_attach(opts)
+        let mut k = match Self::try_adopt(opts)? {
+            Some(k) => k,
+            None => Self::load_and_attach(opts)?,
+        };
+        let names: Vec<String> = Self::wanted_links(opts)
+            .iter()
+            .map(|(kind, i)| format!("{kind}-{i}"))
+            .collect();
+        k.links = LinkWatch::open(&opts.pin_dir, &names)
+            .map_err(|e| KernelError::io(&opts.pin_dir.join("links"), e))?;
+        Ok(k)
     }
 
     fn wanted_links(opts: &Options) -> Vec<(&'static str, &str)> {
@@ -184,6 +245,7 @@ impl Kernel {
         Ok(Some(Kernel {
             maps,
             origin: Origin::Adopted,
+            links: LinkWatch::default(),
             _ebpf: None,
         }))
     }
@@ -195,11 +257,7 @@ impl Kernel {
             .iter()
             .map(|n| (*n, maps::pin_path(&opts.pin_dir, n)))
             .collect();
-        let mut loader = EbpfLoader::new();
-        loader
-            .map_max_entries(names::FLOWS, opts.max_flows)
-            .map_max_entries(names::ADMISSIONS, opts.max_admissions)
-            .map_max_entries(names::KNOCK_SRC, opts.max_knock_sources);
+        let mut loader = sized_loader(opts);
         for (name, path) in &pin_paths {
             loader.map_pin_path(name, path.as_path());
         }
@@ -243,6 +301,7 @@ impl Kernel {
         Ok(Kernel {
             maps,
             origin,
+            links: LinkWatch::default(),
             _ebpf: Some(ebpf),
         })
     }
@@ -286,9 +345,10 @@ impl Kernel {
         Ok(removed)
     }
 
-    /// The maps, and the loaded object (if any) to keep alive alongside.
-    pub fn into_parts(self) -> (Maps, Option<Ebpf>) {
-        (self.maps, self._ebpf)
+    /// The maps, the link watch, and the loaded object (if any) to keep
+    /// alive alongside.
+    pub fn into_parts(self) -> (Maps, LinkWatch, Option<Ebpf>) {
+        (self.maps, self.links, self._ebpf)
     }
 
     /// Opens pinned maps without touching programs (status, break-glass
@@ -307,9 +367,25 @@ pub struct Unattached {
 
 impl Unattached {
     pub fn load() -> Result<Unattached, KernelError> {
-        let mut ebpf = EbpfLoader::new()
+        Self::load_with(EbpfLoader::new())
+    }
+
+    /// Like [`Unattached::load`] with the table sizes of `opts`, as the
+    /// agent's loader applies them.
+    pub fn load_sized(opts: &Options) -> Result<Unattached, KernelError> {
+        Self::load_with(sized_loader(opts))
+    }
+
+    fn load_with(mut loader: EbpfLoader<'_>) -> Result<Unattached, KernelError> {
+        let mut ebpf = loader
             .load(object::OBJECT)
             .map_err(|e| KernelError::program("object", format!("{e:#}")))?;
+        Self::finish(&mut ebpf)?;
+        let maps = Maps::from_ebpf(&mut ebpf)?;
+        Ok(Unattached { ebpf, maps })
+    }
+
+    fn finish(ebpf: &mut Ebpf) -> Result<(), KernelError> {
         for name in [programs::INGRESS, programs::BASELINE_DROP] {
             let p: &mut Xdp = ebpf
                 .program_mut(name)
@@ -326,8 +402,7 @@ impl Unattached {
             .map_err(|e| KernelError::program(programs::EGRESS, e))?;
         tc.load()
             .map_err(|e| KernelError::program(programs::EGRESS, verifier(e)))?;
-        let maps = Maps::from_ebpf(&mut ebpf)?;
-        Ok(Unattached { ebpf, maps })
+        Ok(())
     }
 
     pub fn xdp(&self, name: &str) -> &Xdp {
@@ -345,6 +420,16 @@ impl Unattached {
             .expect("program loaded by Unattached::load");
         p.try_into().expect("program is TC")
     }
+}
+
+/// A loader with the configured table sizes.
+fn sized_loader(opts: &Options) -> EbpfLoader<'static> {
+    let mut loader = EbpfLoader::new();
+    loader
+        .map_max_entries(names::FLOWS, opts.max_flows)
+        .map_max_entries(names::ADMISSIONS, opts.max_admissions)
+        .map_max_entries(names::KNOCK_SRC, opts.max_knock_sources);
+    loader
 }
 
 /// Verifier rejections carry the log in the alternate Display form.
