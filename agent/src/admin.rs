@@ -11,11 +11,22 @@ use crate::{
     admission::revocations::{self, Entry},
     apply,
     audit::spool,
-    config::{Config, identity_key},
-    kernel::{Kernel, maps::bytes_addr},
+    config::Config,
+    identity::IdentityName,
+    kernel::{Kernel, Maps, bpffs, maps::bytes_addr},
 };
 
-fn maps(cfg: &Config) -> anyhow::Result<crate::kernel::Maps> {
+/// The pinned maps need root (CAP_BPF and CAP_SYS_ADMIN, and the bpf
+/// filesystem is root's): say so rather than "no pinned state".
+pub fn require_root(what: &str) -> anyhow::Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("permission denied (run as root): {what} reads and writes the kernel's pinned maps");
+    }
+    Ok(())
+}
+
+fn maps(cfg: &Config) -> anyhow::Result<Maps> {
     Kernel::open_pinned_maps(&cfg.kernel.pin_dir).with_context(|| {
         format!(
             "no pinned portcullis state under {} (is the agent loaded with this config?)",
@@ -39,26 +50,69 @@ fn service_id(cfg: &Config, name: &str) -> anyhow::Result<u32> {
 }
 
 pub fn status(cfg: &Config) -> anyhow::Result<()> {
-    let m = maps(cfg)?;
+    let mut m = maps(cfg)?;
     let counts = m.reason_counts()?;
     for r in Reason::ALL {
         println!("{} {}", r.name(), counts[r as usize]);
     }
+    let durability = bpffs::durability(&cfg.kernel.pin_dir)
+        .map_or_else(|e| format!("unknown ({e})"), |d| d.describe());
+    println!("pins {durability}");
+    let flows = m.flow_count() as u32;
+    for t in m.occupancy(Some(flows))? {
+        println!(
+            "table {} {}/{} {}% raise={}",
+            t.map,
+            t.entries,
+            t.capacity,
+            t.percent(),
+            t.knob
+        );
+    }
+    let identities = m.live_identities()?;
+    let flow_counts = m.flow_counts()?;
+    println!("identities {}", identities.len());
+    for (slot, id, name) in &identities {
+        println!(
+            "  identity={} slot={} state={} flows={} max_flows={}",
+            name,
+            slot,
+            match id.state {
+                portcullis_common::IDENTITY_LIVE => "live",
+                portcullis_common::IDENTITY_REVOKED => "revoked",
+                _ => "free",
+            },
+            flow_counts.get(*slot as usize).copied().unwrap_or(0),
+            id.max_flows
+        );
+    }
+    let name_of = |slot: u32| {
+        identities
+            .iter()
+            .find(|(s, _, _)| *s == slot)
+            .map_or_else(|| format!("#{slot}"), |(_, _, n)| n.clone())
+    };
+    let service_of = |id: u32| {
+        cfg.services
+            .iter()
+            .find(|s| s.id == id)
+            .map_or_else(|| format!("#{id}"), |s| s.name.clone())
+    };
     let admissions = m.admissions();
     println!("admissions {}", admissions.len());
     let now = crate::kernel::clock::monotonic_ns();
     for (k, v) in admissions {
         let left = v.expires_ns.saturating_sub(now) / 1_000_000_000;
         println!(
-            "  source={} service={} source_port={} identity_slot={} expires_in_secs={}",
+            "  source={} service={} source_port={} identity={} expires_in_secs={}",
             bytes_addr(k.addr),
-            k.service,
+            service_of(k.service),
             k.src_port,
-            v.identity,
+            name_of(v.identity),
             left
         );
     }
-    println!("flows {}", m.flow_count());
+    println!("flows {flows}");
     let (bytes, last) = spool_state(&cfg.audit.spool_dir)?;
     println!("audit_spool_bytes {bytes}");
     println!("audit_last_seq {last}");
@@ -114,16 +168,58 @@ pub fn admit(
     Ok(())
 }
 
+/// Revokes one kernel identity, named as `agent status` shows it
+/// (`alice`, `acme/alice`). A name that matches no identity but is the
+/// subject of tenant-qualified ones says which.
 pub fn revoke_identity(cfg: &Config, identity: &str) -> anyhow::Result<()> {
-    let mut m = maps(cfg)?;
-    let Some(slot) = m.find_identity(identity_key(identity))? else {
+    let Some(name) = IdentityName::parse(identity) else {
         bail!(
-            "--identity {identity}: the kernel holds no such identity (never admitted, or already reclaimed)"
+            "--identity {identity:?}: not an identity name; use the name `agent status` shows (`alice`, or `acme/alice` for subject alice of tenant acme; a `/` or `%` inside a part is written %2F, %25)"
         );
     };
-    let n = m.revoke_identity(slot)?;
-    println!("revoked identity {identity} (slot {slot}); removed {n} admissions");
-    Ok(())
+    let mut m = maps(cfg)?;
+    if let Some(slot) = m.find_identity(name.key())? {
+        let n = m.revoke_identity(slot)?;
+        println!("revoked identity {name} (slot {slot}); removed {n} admissions");
+        return Ok(());
+    }
+    let similar: Vec<String> = m
+        .live_identities()?
+        .into_iter()
+        .map(|(_, _, n)| n)
+        .filter(|n| IdentityName::parse(n).is_some_and(|p| p.subject == identity))
+        .collect();
+    match similar.first() {
+        None => bail!(
+            "--identity {identity}: the kernel holds no such identity (never admitted, or already reclaimed); `agent status` lists the identities it holds"
+        ),
+        Some(first) => {
+            let example = IdentityName::parse(first).expect("listed names parse");
+            bail!(
+                "--identity {identity}: no identity has exactly this name, but {} of subject {identity:?} in a tenant do: {}; revoke one with --identity {first}, or every token of one with --tenant {} --subject {}",
+                similar.len(),
+                similar.join(", "),
+                example.tenant.as_deref().unwrap_or(""),
+                example.subject
+            )
+        }
+    }
+}
+
+/// Revokes in the kernel every identity `matches` selects; returns the
+/// names revoked.
+fn revoke_matching(
+    m: &mut Maps,
+    matches: impl Fn(&IdentityName) -> bool,
+) -> anyhow::Result<Vec<(String, usize)>> {
+    let mut done = Vec::new();
+    for (slot, _, name) in m.live_identities()? {
+        if IdentityName::parse(&name).is_some_and(|n| matches(&n)) {
+            let n = m.revoke_identity(slot)?;
+            done.push((name, n));
+        }
+    }
+    Ok(done)
 }
 
 pub fn revoke_source(cfg: &Config, source: IpAddr, service: &str) -> anyhow::Result<()> {
@@ -153,12 +249,16 @@ pub fn revoke_token(cfg: &Config, entry: Entry) -> anyhow::Result<()> {
         "recorded {entry:?} in {}; the running agent applies it within a second",
         path.display()
     );
-    if let Entry::Subject(subject) = &entry
-        && let Ok(mut m) = Kernel::open_pinned_maps(&cfg.kernel.pin_dir)
-        && let Some(slot) = m.find_identity(identity_key(subject))?
-    {
-        let n = m.revoke_identity(slot)?;
-        println!("revoked kernel identity {subject} (slot {slot}); removed {n} admissions");
+    if let Ok(mut m) = Kernel::open_pinned_maps(&cfg.kernel.pin_dir) {
+        let revoked = match &entry {
+            // A subject in every tenant, and the bare one.
+            Entry::Subject(subject) => revoke_matching(&mut m, |n| n.subject == *subject)?,
+            Entry::Identity(id) => revoke_matching(&mut m, |n| n == id)?,
+            Entry::Jti(_) => Vec::new(),
+        };
+        for (name, n) in revoked {
+            println!("revoked kernel identity {name}; removed {n} admissions");
+        }
     }
     Ok(())
 }

@@ -24,6 +24,7 @@ pub fn kernel_options(k: &KernelSection) -> kernel::Options {
         max_flows: k.max_flows,
         max_admissions: k.max_admissions,
         max_knock_sources: k.max_knock_sources,
+        ephemeral_pins: k.ephemeral_pins,
     }
 }
 
@@ -49,17 +50,19 @@ pub fn identity_value(name: &str, limits: &Limits) -> Identity {
         in_burst_ns: g.in_burst_ns,
         out_byte_cost: g.out_byte_cost,
         out_burst_ns: g.out_burst_ns,
+        max_flows: limits.max_flows,
         ..Identity::default()
     }
 }
 
-/// Writes (or refreshes) an identity with its configured limits.
+/// Writes (or refreshes) an identity with its configured limits. `name` is
+/// an identity name as [`crate::identity::IdentityName::display`] makes it.
 pub fn upsert_identity(
     maps: &mut Maps,
     cfg: &Config,
     name: &str,
 ) -> Result<(u32, u32), KernelError> {
-    maps.upsert_identity(identity_value(name, &cfg.identity_limits(name)))
+    maps.upsert_identity(identity_value(name, &cfg.identity_limits(name)), name)
 }
 
 /// Services, node knobs and identity limits always; static admissions only

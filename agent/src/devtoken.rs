@@ -63,6 +63,9 @@ pub struct KeygenOutput {
     pub kid: String,
 }
 
+/// The `client_id` of development tokens unless one is given.
+pub const DEV_CLIENT_ID: &str = "portcullis-dev";
+
 /// What [`mint`] puts in a token.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MintClaims {
@@ -74,6 +77,8 @@ pub struct MintClaims {
     pub subject: String,
     /// `tenant`, if any.
     pub tenant: Option<String>,
+    /// `client_id` (RFC 9068 §2.2, required); `None`: `portcullis-dev`.
+    pub client_id: Option<String>,
     /// `roles` (omitted when empty).
     pub roles: Vec<String>,
     /// Scopes, joined with spaces into `scope` (omitted when empty), e.g.
@@ -178,6 +183,14 @@ pub fn mint_at(key_file: &Path, claims: MintClaims, now: SystemTime) -> Result<S
     payload.insert("nbf".into(), iat.into());
     payload.insert("exp".into(), exp.into());
     payload.insert("jti".into(), jwk::b64url_encode(&jti).into());
+    payload.insert(
+        "client_id".into(),
+        claims
+            .client_id
+            .clone()
+            .unwrap_or_else(|| DEV_CLIENT_ID.to_owned())
+            .into(),
+    );
     if !claims.scopes.is_empty() {
         payload.insert("scope".into(), claims.scopes.join(" ").into());
     }
@@ -340,6 +353,7 @@ mod tests {
             audience: "portcullis".into(),
             subject: "alice".into(),
             tenant: Some("acme".into()),
+            client_id: None,
             roles: vec!["analyst".into()],
             scopes: vec!["model:llm:invoke".into(), "openid".into()],
             ttl: Duration::from_secs(300),

@@ -3,7 +3,9 @@
 use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
-use portcullis_agent::{admin, admission::revocations::Entry, config::Config, runtime};
+use portcullis_agent::{
+    admin, admission::revocations::Entry, config::Config, identity::IdentityName, runtime,
+};
 
 #[derive(Parser)]
 #[command(
@@ -80,6 +82,9 @@ enum TokenAction {
         subject: String,
         #[arg(long)]
         tenant: Option<String>,
+        /// `client_id` (RFC 9068 §2.2); default portcullis-dev.
+        #[arg(long)]
+        client_id: Option<String>,
         /// Repeatable, e.g. --role analyst.
         #[arg(long = "role")]
         roles: Vec<String>,
@@ -143,11 +148,13 @@ enum AgentAction {
         source_port: u16,
     },
     /// Revoke an identity, a source's admissions to a service, a token
-    /// (--jti) or every token of a subject (--subject).
+    /// (--jti), every token of a subject (--subject) or of a subject in one
+    /// tenant (--tenant with --subject).
     #[command(group = clap::ArgGroup::new("what").required(true))]
     Revoke {
         #[command(flatten)]
         c: ConfigArg,
+        /// An identity as `agent status` shows it: `alice`, `acme/alice`.
         #[arg(long, group = "what")]
         identity: Option<String>,
         #[arg(long, requires = "service", group = "what")]
@@ -160,6 +167,9 @@ enum AgentAction {
         /// Every token of this subject (recorded in tokens.revocations_file).
         #[arg(long, group = "what")]
         subject: Option<String>,
+        /// With --subject: only the subject's tokens of this tenant.
+        #[arg(long, requires = "subject")]
+        tenant: Option<String>,
     },
     /// Remove all pinned programs and maps (stops enforcement).
     Detach(ConfigArg),
@@ -171,12 +181,32 @@ fn load(path: &std::path::Path) -> anyhow::Result<Config> {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if writes_to_a_pipe_and_exits(&cli.command) {
+        // Rust ignores SIGPIPE, so `portcullis agent status | head -1`
+        // would panic on the closed pipe; a one-shot command should end
+        // quietly instead, as other Unix tools do. Daemons (agent,
+        // collector) and the demo (whose guards must run) keep ignoring it.
+        // SAFETY: restoring a default disposition before any thread starts.
+        unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portcullis: error: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+fn writes_to_a_pipe_and_exits(c: &Command) -> bool {
+    match c {
+        Command::Agent(AgentCmd { action: None, run }) => run.print_example_config,
+        Command::Agent(_)
+        | Command::Knock(_)
+        | Command::Policy { .. }
+        | Command::Audit { .. }
+        | Command::Token { .. } => true,
+        Command::Demo | Command::Collector(_) => false,
     }
 }
 
@@ -218,6 +248,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                     audience,
                     subject,
                     tenant,
+                    client_id,
                     roles,
                     scopes,
                     ttl_secs,
@@ -229,6 +260,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 audience,
                 subject,
                 tenant,
+                client_id,
                 roles,
                 scopes,
                 ttl: Duration::from_secs(ttl_secs),
@@ -262,6 +294,12 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             action: Some(a), ..
         }) => {
             portcullis_agent::logging::init_plain();
+            admin::require_root(match &a {
+                AgentAction::Status(_) => "agent status",
+                AgentAction::Admit { .. } => "agent admit",
+                AgentAction::Revoke { .. } => "agent revoke",
+                AgentAction::Detach(_) => "agent detach",
+            })?;
             match a {
                 AgentAction::Status(c) => admin::status(&load(&c.config)?),
                 AgentAction::Admit {
@@ -296,8 +334,15 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 AgentAction::Revoke {
                     c,
                     subject: Some(sub),
+                    tenant,
                     ..
-                } => admin::revoke_token(&load(&c.config)?, Entry::Subject(sub)),
+                } => admin::revoke_token(
+                    &load(&c.config)?,
+                    match tenant {
+                        Some(t) => Entry::Identity(IdentityName::new(Some(&t), &sub)),
+                        None => Entry::Subject(sub),
+                    },
+                ),
                 AgentAction::Revoke { .. } => anyhow::bail!(
                     "give one of --identity NAME, --source IP with --service NAME, --jti ID or --subject NAME"
                 ),

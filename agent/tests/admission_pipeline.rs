@@ -12,7 +12,7 @@ use std::{
 use portcullis_agent::{
     accounting::{Accountant, SpendBook},
     admission::{
-        admitter::{Admitter, identity_name},
+        admitter::Admitter,
         jwk::JwksFile,
         knock::{KnockOptions, build_knock},
         revocations::{Change, Revocations},
@@ -20,6 +20,7 @@ use portcullis_agent::{
     },
     config::{Config, identity_key},
     devtoken::{self, MintClaims},
+    identity::IdentityName,
     kernel::{Unattached, maps::addr_bytes},
     nodekey::NodeKey,
     policy::{PolicySet, PolicyStore},
@@ -93,13 +94,19 @@ fn default_policies() -> Arc<PolicyStore> {
 }
 
 fn token(f: &Fixture, subject: &str, scope: &str) -> String {
+    mint_as(&f.key, subject, Some("acme"), scope)
+}
+
+/// A token of the development issuer `key` for `subject` in `tenant`.
+fn mint_as(key: &std::path::Path, subject: &str, tenant: Option<&str>, scope: &str) -> String {
     devtoken::mint(
-        &f.key,
+        key,
         MintClaims {
             issuer: "https://dev".into(),
             audience: "pc".into(),
             subject: subject.into(),
-            tenant: Some("acme".into()),
+            tenant: tenant.map(Into::into),
+            client_id: None,
             roles: vec![],
             scopes: vec![scope.into()],
             ttl: Duration::from_secs(300),
@@ -147,7 +154,7 @@ fn valid_knock_admits_and_replies_replay_and_scope_are_refused() {
         .maps
         .lock()
         .unwrap()
-        .find_identity(identity_key(&identity_name(Some("acme"), "alice")))
+        .find_identity(IdentityName::new(Some("acme"), "alice").key())
         .unwrap();
     assert_eq!(slot, Some(g.slot));
 
@@ -305,7 +312,8 @@ fn exhausted_identity_slots_are_a_clean_refusal() {
                 key: identity_key(&format!("filler-{i}")),
                 ..Default::default()
             };
-            maps.upsert_identity(ident).expect("a free slot");
+            maps.upsert_identity(ident, &format!("filler-{i}"))
+                .expect("a free slot");
         }
     }
     let tok = token(&f, "grace", "model:llm:invoke");
@@ -356,7 +364,7 @@ fn policy_decides_on_spend_and_forecast_from_the_accountant() {
         .handle(&datagram(&tok, "llm", 1), peer(1), SystemTime::now())
         .expect("nothing spent yet");
     // Two connections of alice's (as the kernel would count them).
-    let name = identity_name(Some("acme"), "alice");
+    let name = IdentityName::new(Some("acme"), "alice").display();
     let usage = portcullis_agent::kernel::maps::Usage {
         slot: g.slot,
         identity_key: identity_key(&name),
@@ -383,4 +391,174 @@ fn policy_decides_on_spend_and_forecast_from_the_accountant() {
     assert_eq!(report.lines[0].identity, name);
     assert_eq!(report.lines[0].tenant, "acme");
     let _ = std::fs::remove_file(&ledger);
+}
+
+fn spoofed(i: u32) -> SocketAddr {
+    SocketAddr::new(IpAddr::from((0x0a40_0000u32 + i).to_be_bytes()), 40000)
+}
+
+/// One identity knocking from many (spoofed) sources with one valid token
+/// takes at most `max_sources_per_identity` admissions to a service; the
+/// rest are refused as `identity_quota`, other identities are unaffected,
+/// and what the agent tracks per admission is freed by a revocation.
+#[test]
+fn one_identity_cannot_fill_the_admissions_table() {
+    let config = CONFIG.replace(
+        "name = \"llm\"\nport = 8000\n",
+        "name = \"llm\"\nport = 8000\nmax_sources_per_identity = 8\n",
+    );
+    let f = fixture_with("quota", &config, default_policies(), None);
+    let tok = token(&f, "mallory", "model:llm:invoke");
+    let now = SystemTime::now();
+    let mut granted = 0;
+    let mut refused = 0;
+    for i in 0..200u32 {
+        let mut nonce = [0u8; 16];
+        nonce[..4].copy_from_slice(&i.to_be_bytes());
+        let opts = KnockOptions::new("127.0.0.1:62201".parse().unwrap(), tok.clone(), "llm");
+        let d = build_knock(&opts, nonce, now).unwrap();
+        match f.admitter.handle(&d, spoofed(i), now) {
+            Ok(_) => granted += 1,
+            Err(e) => {
+                assert_eq!(e.reason(), "identity_quota", "{e}");
+                assert!(e.to_string().contains("max_sources_per_identity"), "{e}");
+                refused += 1;
+            }
+        }
+    }
+    assert_eq!((granted, refused), (8, 192));
+    assert_eq!(f.maps.lock().unwrap().admissions().len(), 8);
+    assert_eq!(f.admitter.tracked_admissions(), 8);
+    // A re-knock from a source it holds extends, it does not count twice.
+    let again = build_knock(
+        &KnockOptions::new("127.0.0.1:62201".parse().unwrap(), tok.clone(), "llm"),
+        [0xee; 16],
+        now,
+    )
+    .unwrap();
+    f.admitter
+        .handle(&again, spoofed(3), now)
+        .expect("re-knock");
+    // Another identity, and the same identity for another service, are
+    // unaffected.
+    let other = token(&f, "alice", "model:llm:invoke");
+    f.admitter
+        .handle(&datagram(&other, "llm", 7), peer(7), now)
+        .expect("alice is not mallory");
+    let trainer = token(&f, "mallory", "model:trainer:retrain");
+    f.admitter
+        .handle(&datagram(&trainer, "trainer", 8), peer(8), now)
+        .expect("another service has its own quota");
+    // Revoking the subject frees its admissions, kernel and agent side.
+    let change = Change {
+        added: Revocations {
+            subjects: ["mallory".to_string()].into(),
+            ..Revocations::default()
+        },
+        ..Change::default()
+    };
+    let done = f.admitter.apply_revocations(&change, now).unwrap();
+    assert_eq!(done.admissions, 9);
+    assert_eq!(f.admitter.tracked_admissions(), 1, "alice's only");
+    assert_eq!(f.maps.lock().unwrap().admissions().len(), 1);
+}
+
+/// A full kernel table is an explicit refusal naming the map and the knob,
+/// not an opaque kernel error; and expired admissions are forgotten.
+#[test]
+fn a_full_table_is_a_table_full_refusal() {
+    let config = CONFIG.replace("[kernel]\n", "[kernel]\nmax_admissions = 16\n");
+    let dir = std::env::temp_dir().join(format!("pcl-pipe-tablefull-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let out = devtoken::keygen(&dir).expect("keygen");
+    let _guard = TempDir(dir);
+    let cfg = Arc::new(Config::from_toml_str(&config).expect("config"));
+    let jwks = Arc::new(JwksFile::load(&out.jwks_path, false).expect("jwks"));
+    let verifier = Arc::new(Verifier::new(TokenPolicy::new("https://dev", "pc"), jwks));
+    // The same sizes the agent's loader applies.
+    let kernel = Unattached::load_sized(&portcullis_agent::apply::kernel_options(&cfg.kernel))
+        .expect("load eBPF (root?)");
+    let maps = Arc::new(Mutex::new(kernel.maps));
+    let node = Arc::new(NodeKey::generate().unwrap());
+    let admitter = Admitter::new(cfg, verifier, maps.clone(), node, default_policies());
+    let now = SystemTime::now();
+    let mut reasons = Vec::new();
+    for i in 0..20u8 {
+        let tok = mint_as(
+            &out.key_path,
+            &format!("user{i}"),
+            Some("acme"),
+            "model:llm:invoke",
+        );
+        if let Err(e) = admitter.handle(&datagram(&tok, "llm", i), peer(i), now) {
+            reasons.push((e.reason(), e.to_string()));
+        }
+    }
+    assert_eq!(reasons.len(), 4, "{reasons:?}");
+    for (reason, text) in &reasons {
+        assert_eq!(*reason, "table_full");
+        assert!(
+            text.contains("PCL_ADMIT") && text.contains("kernel.max_admissions"),
+            "{text}"
+        );
+    }
+    // Expired admissions leave the agent's tracking on the next upkeep.
+    assert_eq!(admitter.tracked_admissions(), 16);
+    admitter.purge(now + Duration::from_secs(4000));
+    assert_eq!(admitter.tracked_admissions(), 0);
+}
+
+/// `id:` revocations and the kernel's names: a tenant-less subject that
+/// looks like `tenant/subject` is another identity, and a subject
+/// revocation reaches the tenant-qualified identities too.
+#[test]
+fn identities_are_unambiguous_and_revocable_by_name() {
+    let f = fixture("names");
+    let now = SystemTime::now();
+    let knock = |subject: &str, tenant: &str, i: u8| {
+        let tok = mint_as(&f.key, subject, Some(tenant), "model:llm:invoke");
+        f.admitter.handle(&datagram(&tok, "llm", i), peer(i), now)
+    };
+    // Tenants and subjects that contain the separator.
+    let a = knock("alice", "acme", 1).unwrap();
+    let b = knock("alice", "acme/x", 2).unwrap();
+    let c = knock("x/alice", "acme", 3).unwrap();
+    assert_ne!(a.slot, b.slot);
+    assert_ne!(b.slot, c.slot);
+    let names: Vec<String> = f
+        .maps
+        .lock()
+        .unwrap()
+        .live_identities()
+        .unwrap()
+        .into_iter()
+        .map(|(_, _, n)| n)
+        .collect();
+    assert!(names.contains(&"acme/alice".to_string()), "{names:?}");
+    assert!(names.contains(&"acme%2Fx/alice".to_string()), "{names:?}");
+    assert!(names.contains(&"acme/x%2Falice".to_string()), "{names:?}");
+    // One identity by name: only acme/alice.
+    let change = Change {
+        added: Revocations {
+            identities: [IdentityName::new(Some("acme"), "alice")].into(),
+            ..Revocations::default()
+        },
+        ..Change::default()
+    };
+    let done = f.admitter.apply_revocations(&change, now).unwrap();
+    assert_eq!((done.named, done.identities, done.admissions), (1, 1, 1));
+    assert!(!admitted(&f, 1, service_id("llm")) && admitted(&f, 2, service_id("llm")));
+    let e = knock("alice", "acme", 4).unwrap_err();
+    assert_eq!(e.reason(), "identity_revoked");
+    // The subject everywhere: acme%2Fx/alice too, not acme/x%2Falice.
+    let change = Change {
+        added: Revocations {
+            subjects: ["alice".to_string()].into(),
+            ..Revocations::default()
+        },
+        ..Change::default()
+    };
+    let done = f.admitter.apply_revocations(&change, now).unwrap();
+    assert_eq!(done.admissions, 1);
+    assert!(!admitted(&f, 2, service_id("llm")) && admitted(&f, 3, service_id("llm")));
 }

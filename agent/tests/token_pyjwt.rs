@@ -116,7 +116,7 @@ print(json.dumps({
         "wrong_aud": [mint("ed", aud="someone-else"), "audience_mismatch"],
         "wrong_iss": [mint("ed", iss="https://evil.example.test"), "issuer_mismatch"],
         "no_jti": [mint("ed", jti=None), "missing_jti"],
-        "empty_sub": [mint("hs", sub=""), "claim_invalid"],
+        "empty_sub": [mint("hs", sub=""), "claim_invalid_sub"],
         "bad_scope": [mint("hs", scope="model:*:*"), "scope_invalid"],
     },
 }))
@@ -363,8 +363,13 @@ fn tampered_pyjwt_tokens_are_refused() {
 #[test]
 fn hs256_needs_a_configured_secret() {
     let fx = fixture();
-    // A JWKS with an oct key is refused unless HS256 is enabled.
-    assert_eq!(load(&fx["jwks"], false).unwrap_err(), "jwk_hs256_disabled");
+    // A JWKS with an oct key loads without it unless HS256 is enabled, and
+    // a token naming it says the key was refused.
+    let refusing = verifier(&fx["jwks"], false);
+    let hs = fx["valid"]["hs"].as_str().unwrap();
+    assert_eq!(reason(&refusing, hs), "key_refused");
+    let err = refusing.verify(hs, SystemTime::now()).unwrap_err();
+    assert!(err.to_string().contains("allow_hs256 = false"), "{err}");
     // Without one, HS256 tokens have nothing to verify against, and the
     // confusion attack still fails on the RSA key's one algorithm.
     let verifier = verifier(&fx["jwks_without_oct"], false);
@@ -382,14 +387,17 @@ fn hs256_needs_a_configured_secret() {
 #[test]
 fn weak_rsa_key_is_refused() {
     let fx = fixture();
-    assert_eq!(
-        load(&fx["weak_jwks"], false).unwrap_err(),
-        "jwk_rsa_key_too_small"
-    );
+    // The weak key is refused; the set's other key is used.
+    let file = load(&fx["weak_jwks"], false).unwrap();
+    let set = file.current();
+    assert_eq!(set.len(), 1);
+    assert_eq!(set.skipped()[0].reason.reason(), "jwk_rsa_key_too_small");
     let weak = &fx["weak_jwks"]["keys"][1];
     let err = Jwk::from_json(weak.to_string().as_bytes()).unwrap_err();
     assert_eq!(err.reason(), "jwk_rsa_key_too_small");
-    assert!(KeySet::from_jwks(fx["weak_jwks"].to_string().as_bytes(), false).is_err());
+    // Alone, it leaves nothing to verify with.
+    let alone = serde_json::json!({"keys": [weak]});
+    assert!(KeySet::from_jwks(alone.to_string().as_bytes(), false).is_err());
 }
 
 #[test]
@@ -401,6 +409,7 @@ fn devtoken_mints_what_pyjwt_accepts() {
         audience: AUD.into(),
         subject: "bob".into(),
         tenant: Some("globex".into()),
+        client_id: None,
         roles: vec!["admin".into()],
         scopes: vec!["model:*:read".into()],
         ttl: Duration::from_secs(120),

@@ -350,6 +350,7 @@ fn mint() -> Result<Tokens> {
             audience: AUDIENCE.into(),
             subject: "bench".into(),
             tenant: Some("acme".into()),
+            client_id: None,
             roles: vec!["app".into()],
             scopes: vec![format!("model:{SERVICE}:invoke")],
             ttl: Duration::from_secs(1800),

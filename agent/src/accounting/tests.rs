@@ -8,8 +8,8 @@ use portcullis_common::IdentityStats;
 
 use super::{period::days_from_civil, *};
 use crate::{
-    admission::admitter::identity_name,
     config::{Config, identity_key, service_id},
+    identity::IdentityName,
     kernel::maps::Usage,
 };
 
@@ -527,7 +527,7 @@ fn spend_book_names_identities_and_feeds_policy() {
     let book = SpendBook::new();
     let mut a = Accountant::open(&cfg, book.clone()).unwrap();
     // What the admitter asks while deciding a knock of dave@globex.
-    let name = identity_name(Some("globex"), "dave");
+    let name = IdentityName::new(Some("globex"), "dave").display();
     assert_eq!(book.spend(&name, Some("globex")), (0, 0));
     a.tick(at(0), INST, &[row(3, &name, embed(), 0, 0, 0)])
         .unwrap();

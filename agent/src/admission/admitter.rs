@@ -5,7 +5,7 @@
 //! audit; the sender never learns which (silence on failure).
 
 use std::{
-    collections::{BTreeSet, HashMap},
+    collections::HashMap,
     net::{IpAddr, SocketAddr},
     sync::{Arc, Mutex, atomic::AtomicU64, atomic::Ordering},
     time::{Duration, Instant, SystemTime},
@@ -19,7 +19,8 @@ use crate::{
         token::{Claims, TokenError, Verifier},
     },
     apply,
-    config::{Action, Config, ModelAttrs, identity_key},
+    config::{Action, Config, ModelAttrs},
+    identity::IdentityName,
     kernel::{KernelError, Maps, clock},
     nodekey::NodeKey,
     policy::{Decision, Method, PolicyStore, Principal, Request as PolicyRequest, Resource},
@@ -49,6 +50,22 @@ pub enum Refusal {
     },
     #[error("all identity slots are in use")]
     SlotsExhausted,
+    /// The identity already holds `limit` live admissions to the service
+    /// (`max_sources_per_identity`): one identity cannot fill the table.
+    #[error(
+        "identity {identity} already holds {limit} live admissions to {service} (services.max_sources_per_identity); revoke some or wait for them to expire"
+    )]
+    IdentityQuota {
+        identity: String,
+        service: String,
+        limit: u32,
+    },
+    /// A kernel table is full.
+    #[error("the kernel table {map} is full; raise {knob}")]
+    TableFull {
+        map: &'static str,
+        knob: &'static str,
+    },
     #[error("kernel write failed: {0}")]
     Kernel(KernelError),
     /// The audit spool is full (`audit.on_full = "refuse_admissions"`): no
@@ -69,6 +86,8 @@ impl Refusal {
             Refusal::Scope { .. } => "scope",
             Refusal::Policy { .. } => "policy",
             Refusal::SlotsExhausted => "identity_slots_exhausted",
+            Refusal::IdentityQuota { .. } => "identity_quota",
+            Refusal::TableFull { .. } => "table_full",
             Refusal::Kernel(_) => "kernel_error",
             Refusal::AuditFull => "audit_spool_full",
             Refusal::AuditFailed(_) => "audit_write_failed",
@@ -80,6 +99,7 @@ impl From<KernelError> for Refusal {
     fn from(e: KernelError) -> Self {
         match e {
             KernelError::IdentitiesExhausted(_) => Refusal::SlotsExhausted,
+            KernelError::TableFull { map, knob } => Refusal::TableFull { map, knob },
             other => Refusal::Kernel(other),
         }
     }
@@ -91,7 +111,7 @@ impl From<KernelError> for Refusal {
 #[derive(Debug, Clone)]
 pub struct Decided {
     claims: Arc<Claims>,
-    identity: String,
+    identity: IdentityName,
     service: String,
     svc_id: u32,
     action: &'static str,
@@ -122,6 +142,7 @@ impl Decided {
             jti_sha256: self.claims.jti_hash().to_vec(),
             expires_unix_ms: clock::unix_ms(self.expires),
             action: self.action.to_string(),
+            identity_name: self.identity.display(),
         }
     }
 }
@@ -177,6 +198,7 @@ impl Denied {
             reason: self.refusal.reason().to_string(),
             detail: self.refusal.to_string(),
             action: a.action.to_string(),
+            identity_name: IdentityName::new(a.tenant.as_deref(), &a.subject).display(),
         })
     }
 }
@@ -205,6 +227,7 @@ struct ServiceInfo {
     id: u32,
     action: Action,
     model: ModelAttrs,
+    max_sources: u32,
 }
 
 /// Refusals counted by reason since start.
@@ -246,50 +269,90 @@ pub struct Admitter {
     pub counters: Counters,
 }
 
-/// What knocks admitted, so a revocation can find the admissions of a token
-/// or the identities of a subject. Entries go when their token expires.
+/// The kernel key of one admission: source, service id, source port (0:
+/// any port).
+type AdmissionRef = (IpAddr, u32, u16);
+
+/// Every live knock-granted admission with what it was decided on: a
+/// revocation finds the admissions of a token or a subject here, a new
+/// policy set decides them again, and the per-identity quota counts them.
+/// An entry lives exactly as long as its admission: it goes when the
+/// admission expires ([`Admitter::purge`]) or is revoked, so this state is
+/// bounded by the admissions table, and by each identity's quota.
 #[derive(Default)]
 struct Grants {
-    by_jti: HashMap<String, (SystemTime, Vec<(IpAddr, u32)>)>,
-    by_subject: HashMap<String, (SystemTime, BTreeSet<String>)>,
-    /// Each live admission with what it was decided on, so a new policy
-    /// set can decide it again.
-    live: HashMap<(IpAddr, u32), LiveGrant>,
+    live: HashMap<AdmissionRef, LiveGrant>,
+    /// Live admissions per (identity, service id): the quota's count.
+    per_identity: HashMap<(IdentityName, u32), u32>,
 }
 
 struct LiveGrant {
     claims: Arc<Claims>,
+    identity: IdentityName,
     service: String,
     method: Method,
+    expires: SystemTime,
 }
 
 impl Grants {
-    fn record(
-        &mut self,
-        claims: &crate::admission::token::Claims,
-        identity: &str,
-        source: IpAddr,
-        service: u32,
-    ) {
-        let e = self
-            .by_jti
-            .entry(claims.jti.clone())
-            .or_insert_with(|| (claims.expires_at, Vec::new()));
-        if !e.1.contains(&(source, service)) {
-            e.1.push((source, service));
+    fn insert(&mut self, at: AdmissionRef, grant: LiveGrant) {
+        let key = (grant.identity.clone(), at.1);
+        if let Some(old) = self.live.insert(at, grant) {
+            self.uncount(&old.identity, at.1);
         }
-        let s = self
-            .by_subject
-            .entry(claims.subject.clone())
-            .or_insert_with(|| (claims.expires_at, BTreeSet::new()));
-        s.0 = s.0.max(claims.expires_at);
-        s.1.insert(identity.to_string());
+        *self.per_identity.entry(key).or_default() += 1;
+    }
+
+    fn remove(&mut self, at: &AdmissionRef) -> Option<LiveGrant> {
+        let g = self.live.remove(at)?;
+        self.uncount(&g.identity, at.1);
+        Some(g)
+    }
+
+    fn uncount(&mut self, identity: &IdentityName, service: u32) {
+        let key = (identity.clone(), service);
+        if let Some(n) = self.per_identity.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_identity.remove(&key);
+            }
+        }
+    }
+
+    /// Live admissions `identity` holds to `service`, not counting `at`
+    /// itself (a re-knock from the same source extends, it does not add).
+    fn held(&self, identity: &IdentityName, service: u32, at: &AdmissionRef) -> u32 {
+        let n = self
+            .per_identity
+            .get(&(identity.clone(), service))
+            .copied()
+            .unwrap_or(0);
+        match self.live.get(at) {
+            Some(g) if &g.identity == identity => n.saturating_sub(1),
+            _ => n,
+        }
+    }
+
+    /// Removes the entries `pred` selects and returns their keys.
+    fn take(&mut self, pred: impl Fn(&AdmissionRef, &LiveGrant) -> bool) -> Vec<AdmissionRef> {
+        let doomed: Vec<AdmissionRef> = self
+            .live
+            .iter()
+            .filter(|(k, g)| pred(k, g))
+            .map(|(k, _)| *k)
+            .collect();
+        for k in &doomed {
+            self.remove(k);
+        }
+        doomed
     }
 
     fn purge(&mut self, now: SystemTime) {
-        self.by_jti.retain(|_, (exp, _)| *exp > now);
-        self.by_subject.retain(|_, (exp, _)| *exp > now);
-        self.live.retain(|_, g| g.claims.expires_at > now);
+        self.take(|_, g| g.expires <= now || g.claims.expires_at <= now);
+    }
+
+    fn len(&self) -> usize {
+        self.live.len()
     }
 }
 
@@ -297,6 +360,8 @@ impl Grants {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Revoked {
     pub subjects: usize,
+    /// `id:` entries: one identity in one tenant.
+    pub named: usize,
     pub jtis: usize,
     pub identities: usize,
     pub admissions: usize,
@@ -326,6 +391,7 @@ impl Admitter {
                         id: s.id,
                         action: s.action,
                         model: s.model.clone(),
+                        max_sources: s.max_sources_per_identity,
                     },
                 )
             })
@@ -455,6 +521,14 @@ impl Admitter {
             };
             return Err(deny(refusal, attempt));
         }
+        // One identity may not fill the admissions table: checked before
+        // the policy (cheap first), and again under the lock at commit.
+        let identity = IdentityName::new(claims.tenant.as_deref(), &claims.subject);
+        if let Err(refusal) =
+            self.check_quota(&identity, &k.service, svc, (source, svc.id, k.source_port))
+        {
+            return Err(deny(refusal, attempt));
+        }
         // A claimed address (client behind NAT) is only honoured with a
         // proof of possession, which verify_pop demanded above.
         // Policy decides within what the token's scope allows: it can
@@ -476,7 +550,7 @@ impl Admitter {
         }
         let ttl = expires.duration_since(now).unwrap_or(Duration::ZERO);
         Ok(Decided {
-            identity: identity_name(claims.tenant.as_deref(), &claims.subject),
+            identity,
             claims,
             service: k.service,
             svc_id: svc.id,
@@ -506,12 +580,33 @@ impl Admitter {
         }
     }
 
+    /// Refuses when `identity` already holds its quota of live admissions
+    /// to the service (not counting the one at `at`, which a re-knock
+    /// extends).
+    fn check_quota(
+        &self,
+        identity: &IdentityName,
+        service: &str,
+        svc: &ServiceInfo,
+        at: AdmissionRef,
+    ) -> Result<(), Refusal> {
+        let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        quota(&grants, identity, service, svc, &at)
+    }
+
     fn write_admission(&self, d: &Decided) -> Result<u32, Refusal> {
         let remaining = d
             .expires
             .duration_since(SystemTime::now())
             .unwrap_or(Duration::ZERO)
             .min(d.ttl);
+        let at = (d.source, d.svc_id, d.source_port);
+        // The grants lock is held over the kernel write, so concurrent
+        // knocks of one identity cannot overshoot its quota together.
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(svc) = self.services.get(&d.service) {
+            quota(&grants, &d.identity, &d.service, svc, &at)?;
+        }
         let slot = {
             let mut maps = self.maps.lock().map_err(|_| {
                 Refusal::Kernel(KernelError::Map {
@@ -519,8 +614,9 @@ impl Admitter {
                     detail: "kernel state lock poisoned".into(),
                 })
             })?;
+            let name = d.identity.display();
             let limits = self.cfg.identity_limits(&d.claims.subject);
-            let (slot, _) = maps.upsert_identity(apply::identity_value(&d.identity, &limits))?;
+            let (slot, _) = maps.upsert_identity(apply::identity_value(&name, &limits), &name)?;
             maps.admit(
                 slot,
                 d.source,
@@ -530,18 +626,23 @@ impl Admitter {
             )?;
             slot
         };
-        if let Ok(mut g) = self.grants.lock() {
-            g.record(&d.claims, &d.identity, d.source, d.svc_id);
-            g.live.insert(
-                (d.source, d.svc_id),
-                LiveGrant {
-                    claims: d.claims.clone(),
-                    service: d.service.clone(),
-                    method: Method::Knock,
-                },
-            );
-        }
+        grants.insert(
+            at,
+            LiveGrant {
+                claims: d.claims.clone(),
+                identity: d.identity.clone(),
+                service: d.service.clone(),
+                method: Method::Knock,
+                expires: d.expires,
+            },
+        );
         Ok(slot)
+    }
+
+    /// Live knock-granted admissions the agent tracks (each freed when its
+    /// admission expires or is revoked).
+    pub fn tracked_admissions(&self) -> usize {
+        self.grants.lock().unwrap_or_else(|p| p.into_inner()).len()
     }
 
     fn granted(&self, d: Decided, slot: u32) -> Granted {
@@ -572,7 +673,7 @@ impl Admitter {
     ) -> Decision {
         let (spend_month, forecast_month) = match &self.spend {
             Some(book) => book.spend(
-                &identity_name(claims.tenant.as_deref(), &claims.subject),
+                &IdentityName::new(claims.tenant.as_deref(), &claims.subject).display(),
                 claims.tenant.as_deref(),
             ),
             None => (0, 0),
@@ -608,20 +709,20 @@ impl Admitter {
     /// not policy-governed.
     pub fn reevaluate(&self, now: SystemTime) -> Result<usize, KernelError> {
         let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
-        let denied: Vec<(IpAddr, u32)> = grants
+        let denied: Vec<AdmissionRef> = grants
             .live
             .iter()
             .filter(|(_, g)| g.claims.expires_at > now)
-            .filter_map(|(&(source, id), g)| {
+            .filter_map(|(&at, g)| {
                 let svc = self.services.get(&g.service)?;
-                let d = self.decide(&g.claims, &g.service, svc, source, g.method, now);
-                (!d.allow).then_some((source, id))
+                let d = self.decide(&g.claims, &g.service, svc, at.0, g.method, now);
+                (!d.allow).then_some(at)
             })
             .collect();
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
-        for (source, id) in &denied {
-            maps.revoke_source(*source, *id)?;
-            grants.live.remove(&(*source, *id));
+        for at in &denied {
+            maps.revoke_admission(at.0, at.1, at.2)?;
+            grants.remove(at);
         }
         Ok(denied.len())
     }
@@ -640,8 +741,8 @@ impl Admitter {
         knock::reply_to(&self.node, &g.nonce, &g.service, g.expires, g.request_len)
     }
 
-    /// Periodic upkeep: forget nonces, cache entries and grants past their
-    /// time.
+    /// Periodic upkeep: forget nonces, cache entries and admissions past
+    /// their time.
     pub fn purge(&self, now: SystemTime) {
         self.verifier.purge(now);
         self.nonces.purge(Instant::now());
@@ -666,16 +767,14 @@ impl Admitter {
                 .tokens
                 .as_ref()
                 .map_or(Duration::from_secs(86_400), |t| t.max_lifetime + t.leeway);
-        let grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
+        let mut grants = self.grants.lock().unwrap_or_else(|p| p.into_inner());
         let mut maps = self.maps.lock().unwrap_or_else(|p| p.into_inner());
         for jti in &change.added.jtis {
             self.verifier.revoke_jti(jti, remember);
             done.jtis += 1;
             let mut removed = 0;
-            if let Some((_, admitted)) = grants.by_jti.get(jti) {
-                for (source, service) in admitted {
-                    removed += maps.revoke_source(*source, *service)?;
-                }
+            for at in grants.take(|_, g| &g.claims.jti == jti) {
+                removed += maps.revoke_admission(at.0, at.1, at.2)?;
             }
             done.admissions += removed;
             // The audit trail never carries a jti, only its hash.
@@ -687,50 +786,81 @@ impl Admitter {
                 identities: Vec::new(),
             });
         }
-        for subject in &change.added.subjects {
-            self.verifier.revoke_subject(subject);
-            done.subjects += 1;
-            let mut names: BTreeSet<String> = grants
-                .by_subject
-                .get(subject)
-                .map(|(_, n)| n.clone())
-                .unwrap_or_default();
-            // Also an identity admitted before this agent started, or
-            // statically, under the bare subject.
-            names.insert(subject.clone());
+        // A subject in every tenant; an identity in its own. The kernel's
+        // names find identities admitted before this agent started, or
+        // statically, too.
+        let targets = change
+            .added
+            .subjects
+            .iter()
+            .map(|s| ("subject", s.clone(), None))
+            .chain(
+                change
+                    .added
+                    .identities
+                    .iter()
+                    .map(|n| ("identity", n.display(), Some(n))),
+            );
+        let live = maps.live_identities()?;
+        for (kind, target, identity) in targets {
+            match identity {
+                Some(n) => self.verifier.revoke_identity(n),
+                None => self.verifier.revoke_subject(&target),
+            }
+            let matches = |name: &IdentityName| match identity {
+                Some(n) => name == n,
+                None => name.subject == target,
+            };
+            grants.take(|_, g| matches(&g.identity));
             let mut event = v1::Revocation {
-                target_kind: "subject".into(),
-                target: subject.clone(),
+                target_kind: kind.into(),
+                target: target.clone(),
                 reason: "revocations file".into(),
                 ..Default::default()
             };
-            for name in names {
-                if let Some(slot) = maps.find_identity(identity_key(&name))? {
-                    let removed = maps.revoke_identity(slot)?;
+            for (slot, _, name) in &live {
+                if IdentityName::parse(name).is_some_and(|n| matches(&n)) {
+                    let removed = maps.revoke_identity(*slot)?;
                     done.admissions += removed;
                     done.identities += 1;
                     event.admissions_removed = event
                         .admissions_removed
                         .saturating_add(u32::try_from(removed).unwrap_or(u32::MAX));
-                    event.identities.push(name);
+                    event.identities.push(name.clone());
                 }
+            }
+            match kind {
+                "subject" => done.subjects += 1,
+                _ => done.named += 1,
             }
             done.events.push(event);
         }
         for subject in &change.removed.subjects {
             self.verifier.unrevoke_subject(subject);
         }
+        for identity in &change.removed.identities {
+            self.verifier.unrevoke_identity(identity);
+        }
         Ok(done)
     }
 }
 
-/// The kernel identity of a token subject: tenant-qualified so equal
-/// subjects of different tenants never share limits or revocation.
-pub fn identity_name(tenant: Option<&str>, subject: &str) -> String {
-    match tenant {
-        Some(t) => format!("{t}/{subject}"),
-        None => subject.to_string(),
+/// How many live admissions `identity` may still take to `service`.
+fn quota(
+    grants: &Grants,
+    identity: &IdentityName,
+    service: &str,
+    svc: &ServiceInfo,
+    at: &AdmissionRef,
+) -> Result<(), Refusal> {
+    if grants.held(identity, svc.id, at) >= svc.max_sources {
+        return Err(Refusal::IdentityQuota {
+            identity: identity.display(),
+            service: service.to_string(),
+            limit: svc.max_sources,
+        });
     }
+    Ok(())
 }
 
 /// IPv4 clients reach a dual-stack socket as IPv4-mapped IPv6; the kernel

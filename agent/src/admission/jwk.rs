@@ -154,7 +154,7 @@ pub enum JwkError {
         "HS256 key of {bytes} bytes is too short; at least {HMAC_MIN_BYTES} are required (RFC 7518 §3.2)"
     )]
     HmacKeyTooShort { bytes: usize },
-    #[error("the key set holds a symmetric (oct) key but HS256 is not enabled")]
+    #[error("a symmetric (oct) HS256 key, refused because tokens.allow_hs256 = false")]
     Hs256Disabled,
     #[error("not a JWK set: {0} (RFC 7517 §5)")]
     NotAKeySet(String),
@@ -164,7 +164,9 @@ pub enum JwkError {
     DuplicateKid(String),
     #[error("the JWK set has {count} keys, more than the limit of {MAX_JWKS_KEYS}")]
     TooManyKeys { count: usize },
-    #[error("the JWK set has no usable signing key ({skipped} key(s) skipped as unsupported)")]
+    #[error(
+        "the JWK set has no usable signing key ({skipped} key(s) skipped as unsupported or refused)"
+    )]
     NoUsableKeys { skipped: usize },
     #[error("key #{index} (kid {kid}): {source}")]
     InKey {
@@ -223,7 +225,7 @@ impl JwkError {
 
     /// Well-formed keys that are simply not for us (another algorithm, curve
     /// or key type, or an encryption key): a JWKS may list them beside ours.
-    fn is_unsupported(&self) -> bool {
+    pub fn is_unsupported(&self) -> bool {
         matches!(
             self,
             JwkError::UnsupportedKty(_)
@@ -695,12 +697,17 @@ fn bit_len(bytes: &[u8]) -> usize {
     }
 }
 
-/// A key the JWKS listed but that we cannot use, and why; kept for the log.
+/// A key the JWKS listed but that we cannot or will not use, and why; kept
+/// for the log, the audit trail and the error a token naming it gets.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SkippedKey {
+    /// The key's position in the `keys` array.
+    pub index: usize,
     /// The key's `kid`, if it had one.
     pub kid: Option<String>,
-    /// Why it was skipped (an unsupported algorithm, curve, key type or use).
+    /// Why it was skipped: not for us (another algorithm, curve, key type
+    /// or use), or refused (a weak RSA key, a shared secret while HS256 is
+    /// off, a malformed member, a `kid` listed twice).
     pub reason: JwkError,
 }
 
@@ -713,11 +720,13 @@ pub struct KeySet {
 
 impl KeySet {
     /// Parses a JWKS document `{"keys":[...]}`. Every usable key needs a
-    /// unique `kid` (it is how tokens select keys). Keys that are well formed
-    /// but not for us (another algorithm, curve or key type, `"use":"enc"`)
-    /// are skipped and listed in [`KeySet::skipped`]; any other problem in
-    /// any key refuses the whole set, as do oct keys unless `allow_hs256`, and
-    /// a set with no usable key.
+    /// unique `kid` (it is how tokens select keys). A key that is not for us
+    /// (another algorithm, curve or key type, `"use":"enc"`) or that we
+    /// refuse (RSA under 2048 bits, an oct key unless `allow_hs256`, a bad
+    /// member, no `kid`, a `kid` two keys share) is skipped and listed in
+    /// [`KeySet::skipped`], and the other keys are used: one bad key must
+    /// neither stop a cold start nor freeze key rotation. A document that is
+    /// not a JWK set, or has no usable key at all, is an error.
     pub fn from_jwks(json: &[u8], allow_hs256: bool) -> Result<KeySet, JwkError> {
         if json.len() > MAX_JWKS_BYTES {
             return Err(JwkError::TooLarge {
@@ -736,45 +745,50 @@ impl KeySet {
                 count: entries.len(),
             });
         }
-        let mut keys = HashMap::with_capacity(entries.len());
+        let mut keys: HashMap<String, Jwk> = HashMap::with_capacity(entries.len());
         let mut skipped = Vec::new();
+        let mut duplicated: Vec<String> = Vec::new();
         for (index, entry) in entries.iter().enumerate() {
+            let kid = match entry.get("kid") {
+                Some(Value::String(kid)) => Some(kid.clone()),
+                _ => None,
+            };
+            let mut skip = |reason: JwkError| {
+                skipped.push(SkippedKey {
+                    index,
+                    kid: kid.clone(),
+                    reason,
+                })
+            };
             let Value::Object(map) = entry else {
-                return Err(JwkError::NotAKeySet(format!(
+                skip(JwkError::NotAKeySet(format!(
                     "key #{index} is not an object"
                 )));
-            };
-            let kid_hint = match map.get("kid") {
-                Some(Value::String(kid)) => clip(kid),
-                _ => "(none)".into(),
-            };
-            let in_key = |source: JwkError| JwkError::InKey {
-                index,
-                kid: kid_hint.clone(),
-                source: Box::new(source),
+                continue;
             };
             let jwk = match Jwk::from_map(map) {
                 Ok(jwk) => jwk,
-                Err(e) if e.is_unsupported() => {
-                    let kid = match map.get("kid") {
-                        Some(Value::String(kid)) => Some(kid.clone()),
-                        _ => None,
-                    };
-                    skipped.push(SkippedKey { kid, reason: e });
+                Err(e) => {
+                    skip(e);
                     continue;
                 }
-                Err(e) => return Err(in_key(e)),
             };
             if jwk.alg.is_symmetric() && !allow_hs256 {
-                return Err(in_key(JwkError::Hs256Disabled));
+                skip(JwkError::Hs256Disabled);
+                continue;
             }
             let Some(kid) = jwk.kid.clone() else {
-                return Err(in_key(JwkError::MissingKid));
+                skip(JwkError::MissingKid);
+                continue;
             };
             // RFC 7517 §4.5: keys in a set SHOULD use distinct "kid" values;
-            // we select by kid alone, so we require it.
-            if keys.contains_key(&kid) {
-                return Err(JwkError::DuplicateKid(clip(&kid)));
+            // we select by kid alone, so a kid two keys share names neither.
+            if keys.remove(&kid).is_some() || duplicated.contains(&kid) {
+                if !duplicated.contains(&kid) {
+                    duplicated.push(kid.clone());
+                }
+                skip(JwkError::DuplicateKid(clip(&kid)));
+                continue;
             }
             keys.insert(kid, jwk);
         }
@@ -811,6 +825,14 @@ impl KeySet {
     /// Keys listed in the JWKS but skipped as not usable by us.
     pub fn skipped(&self) -> &[SkippedKey] {
         &self.skipped
+    }
+
+    /// Why the key with this `kid` was skipped, if one was.
+    pub fn refused(&self, kid: &str) -> Option<String> {
+        self.skipped
+            .iter()
+            .find(|s| s.kid.as_deref() == Some(kid))
+            .map(|s| s.reason.to_string())
     }
 }
 

@@ -1,5 +1,7 @@
 //! Revocations as a file: `jti:ID` revokes one token, `sub:SUBJECT` every
-//! token of a subject (RFC 7519 §4.1.7 `jti`, §4.1.2 `sub`). The agent
+//! token of a subject in every tenant (RFC 7519 §4.1.7 `jti`, §4.1.2
+//! `sub`), `id:NAME` every token of one identity, a subject in one tenant,
+//! named as `agent status` shows it (`acme/alice`). The agent
 //! re-reads it when it changes; `portcullis agent revoke --jti/--subject`
 //! appends to it, so revocation works from another process and survives
 //! restarts. Blank lines and `#` comments are ignored.
@@ -11,6 +13,8 @@ use std::{
     sync::Mutex,
 };
 
+use crate::identity::IdentityName;
+
 /// Longest accepted line: ids and subjects are short; a longer line is a
 /// mistake, not a revocation.
 const MAX_LINE: usize = 1024;
@@ -19,6 +23,7 @@ const MAX_LINE: usize = 1024;
 pub struct Revocations {
     pub jtis: BTreeSet<String>,
     pub subjects: BTreeSet<String>,
+    pub identities: BTreeSet<IdentityName>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -28,7 +33,9 @@ pub enum RevocationError {
         path: PathBuf,
         source: std::io::Error,
     },
-    #[error("{path}:{line}: {reason}; write `jti:ID` or `sub:SUBJECT`, one per line")]
+    #[error(
+        "{path}:{line}: {reason}; write `jti:ID`, `sub:SUBJECT` or `id:TENANT/SUBJECT`, one per line"
+    )]
     Syntax {
         path: PathBuf,
         line: usize,
@@ -41,6 +48,7 @@ pub enum RevocationError {
 pub enum Entry {
     Jti(String),
     Subject(String),
+    Identity(IdentityName),
 }
 
 impl Entry {
@@ -48,12 +56,14 @@ impl Entry {
         match self {
             Entry::Jti(j) => format!("jti:{j}"),
             Entry::Subject(s) => format!("sub:{s}"),
+            Entry::Identity(n) => format!("id:{n}"),
         }
     }
 
-    fn value(&self) -> &str {
+    fn value(&self) -> String {
         match self {
-            Entry::Jti(v) | Entry::Subject(v) => v,
+            Entry::Jti(v) | Entry::Subject(v) => v.clone(),
+            Entry::Identity(n) => n.display(),
         }
     }
 }
@@ -80,7 +90,13 @@ pub fn parse(path: &Path, text: &str) -> Result<Revocations, RevocationError> {
             Some(("sub", v)) if !v.trim().is_empty() => {
                 out.subjects.insert(v.trim().to_string());
             }
-            Some(("jti" | "sub", _)) => return Err(err("empty value")),
+            Some(("id", v)) if !v.trim().is_empty() => match IdentityName::parse(v.trim()) {
+                Some(n) => {
+                    out.identities.insert(n);
+                }
+                None => return Err(err("not an identity name as `agent status` shows it")),
+            },
+            Some(("jti" | "sub" | "id", _)) => return Err(err("empty value")),
             _ => return Err(err("unknown entry")),
         }
     }
@@ -95,6 +111,7 @@ pub fn append(path: &Path, entry: &Entry) -> Result<(), RevocationError> {
         source,
     };
     let v = entry.value();
+    let v = v.as_str();
     if v.is_empty() || v.len() > MAX_LINE - 4 || v.contains(['\n', '\r']) {
         return Err(RevocationError::Syntax {
             path: path.to_path_buf(),
@@ -168,6 +185,7 @@ fn diff(a: &Revocations, b: &Revocations) -> Revocations {
     Revocations {
         jtis: a.jtis.difference(&b.jtis).cloned().collect(),
         subjects: a.subjects.difference(&b.subjects).cloned().collect(),
+        identities: a.identities.difference(&b.identities).cloned().collect(),
     }
 }
 
@@ -177,14 +195,23 @@ mod tests {
 
     #[test]
     fn parses_entries_comments_and_blank_lines() {
-        let r = parse(Path::new("f"), "# revoked\n\njti:abc\nsub: alice \n").unwrap();
+        let r = parse(
+            Path::new("f"),
+            "# revoked\n\njti:abc\nsub: alice \nid:acme/bob\nid:a%2Fb\n",
+        )
+        .unwrap();
         assert!(r.jtis.contains("abc"));
         assert!(r.subjects.contains("alice"));
+        assert!(
+            r.identities
+                .contains(&IdentityName::new(Some("acme"), "bob"))
+        );
+        assert!(r.identities.contains(&IdentityName::new(None, "a/b")));
     }
 
     #[test]
     fn bad_lines_name_file_and_line() {
-        for bad in ["jti:", "user:bob", "nonsense"] {
+        for bad in ["jti:", "user:bob", "nonsense", "id:a/b/c", "id:"] {
             let e = parse(Path::new("/etc/rev"), &format!("jti:ok\n{bad}\n")).unwrap_err();
             assert!(e.to_string().starts_with("/etc/rev:2:"), "{e}");
         }

@@ -26,6 +26,7 @@ use std::time::{Duration, SystemTime};
 use serde_json::{Map, Value};
 
 use super::jwk::{self, Alg, JsonError, Jwk, JwkError, JwksFile, KeySet, clip};
+use crate::identity::IdentityName;
 
 /// Largest compact token accepted. RFC 9068 tokens are a few hundred bytes
 /// to a couple of KiB; anything near this is not an access token.
@@ -50,8 +51,16 @@ pub struct TokenPolicy {
     pub leeway: Duration,
     /// Longest lifetime accepted: tokens with `exp - iat` above it are refused.
     pub max_lifetime: Duration,
-    /// Name of the claim holding the tenant (default `tenant`).
-    pub tenant_claim: String,
+    /// Name of the claim holding the tenant (default `tenant`); `None`:
+    /// this deployment has no tenants and the claim is ignored.
+    pub tenant_claim: Option<String>,
+    /// The tenant of tokens without the tenant claim. `None` (the default):
+    /// such tokens are refused (`missing_tenant`), since an identity without
+    /// a tenant would escape every tenant-scoped policy and limit.
+    pub default_tenant: Option<String>,
+    /// Require `client_id` (RFC 9068 §2.2: REQUIRED). Off only for identity
+    /// providers that omit it.
+    pub require_client_id: bool,
     /// Require `typ` = `at+jwt` (RFC 9068 §2.1, §4 step 1; RFC 8725 §3.11).
     pub require_typ: bool,
     /// Verified tokens cached (0 disables the cache).
@@ -70,6 +79,8 @@ impl From<&crate::config::TokensSection> for TokenPolicy {
             leeway: t.leeway,
             max_lifetime: t.max_lifetime,
             tenant_claim: t.tenant_claim.clone(),
+            default_tenant: t.default_tenant.clone(),
+            require_client_id: t.require_client_id,
             require_typ: t.require_typ,
             cache_entries: AGENT_CACHE_ENTRIES,
         }
@@ -78,14 +89,17 @@ impl From<&crate::config::TokensSection> for TokenPolicy {
 
 impl TokenPolicy {
     /// A policy with the defaults: 60 s leeway, 1 h maximum lifetime, tenant
-    /// claim `tenant`, `typ` required, 10 000 cache entries.
+    /// claim `tenant` required, `client_id` and `typ` required, 10 000 cache
+    /// entries.
     pub fn new(issuer: impl Into<String>, audience: impl Into<String>) -> TokenPolicy {
         TokenPolicy {
             issuer: issuer.into(),
             audience: audience.into(),
             leeway: Duration::from_secs(60),
             max_lifetime: Duration::from_secs(3600),
-            tenant_claim: "tenant".into(),
+            tenant_claim: Some("tenant".into()),
+            default_tenant: None,
+            require_client_id: true,
             require_typ: true,
             cache_entries: 10_000,
         }
@@ -163,8 +177,12 @@ pub enum Confirmation {
 pub struct Claims {
     /// `sub` (RFC 7519 §4.1.2).
     pub subject: String,
-    /// The tenant claim ([`TokenPolicy::tenant_claim`]), if present.
+    /// The tenant claim ([`TokenPolicy::tenant_claim`]), or the configured
+    /// default tenant; `None` only where the deployment has no tenants.
     pub tenant: Option<String>,
+    /// `client_id` (RFC 9068 §2.2), the OAuth client the token was issued
+    /// to.
+    pub client_id: Option<String>,
     /// `roles` (RFC 9068 §7.2.1.1, RFC 7643 §4.1.2), deduplicated.
     pub roles: Vec<String>,
     /// `model:` scopes from `scope` and `scp`, deduplicated; others ignored.
@@ -231,6 +249,8 @@ pub enum TokenError {
     MissingKid,
     #[error("no key with kid {0} in the JWK set")]
     UnknownKid(String),
+    #[error("the key with kid {kid} is in the JWK set but was refused when it was loaded: {why}")]
+    KeyRefused { kid: String, why: String },
     #[error("the header has \"crit\" ({0}); no JWS extensions are understood (RFC 7515 §4.1.11)")]
     CritUnsupported(String),
     #[error("the header \"typ\" is {0}; an access token has typ \"at+jwt\" (RFC 9068 §2.1, §4)")]
@@ -239,6 +259,10 @@ pub enum TokenError {
     BadSignature(String),
     #[error("the token has no {0:?} claim (RFC 9068 §2.2)")]
     MissingClaim(&'static str),
+    #[error(
+        "the token has no tenant claim {0:?} (tokens.tenant_claim); the identity provider must name the tenant, or set tokens.default_tenant"
+    )]
+    MissingTenant(String),
     #[error("the claim {claim:?} is invalid: {detail}")]
     BadClaim { claim: &'static str, detail: String },
     #[error("invalid scope: {0}")]
@@ -265,6 +289,8 @@ pub enum TokenError {
     JtiRevoked,
     #[error("the token's subject is revoked")]
     SubjectRevoked,
+    #[error("the token's identity {0} is revoked")]
+    IdentityRevoked(String),
     #[error("another token with the same jti was already seen (RFC 7519 §4.1.7: jti is unique)")]
     JtiReused,
     #[error("too many live tokens to remember their jti; refusing new ones until some expire")]
@@ -289,6 +315,7 @@ impl TokenError {
             TokenError::AlgNotAllowed { .. } => "alg_not_allowed",
             TokenError::MissingKid => "missing_kid",
             TokenError::UnknownKid(_) => "unknown_kid",
+            TokenError::KeyRefused { .. } => "key_refused",
             TokenError::CritUnsupported(_) => "crit_unsupported",
             TokenError::BadTyp(_) => "typ_invalid",
             TokenError::BadSignature(_) => "bad_signature",
@@ -299,9 +326,25 @@ impl TokenError {
                 "exp" => "missing_exp",
                 "iat" => "missing_iat",
                 "jti" => "missing_jti",
+                "client_id" => "missing_client_id",
                 _ => "missing_claim",
             },
-            TokenError::BadClaim { .. } => "claim_invalid",
+            // The claim is part of the code, so a dashboard tells an
+            // audience problem from a clock problem without the detail.
+            TokenError::MissingTenant(_) => "missing_tenant",
+            TokenError::BadClaim { claim, .. } => match *claim {
+                "iss" => "claim_invalid_iss",
+                "aud" => "claim_invalid_aud",
+                "sub" => "claim_invalid_sub",
+                "exp" => "claim_invalid_exp",
+                "nbf" => "claim_invalid_nbf",
+                "iat" => "claim_invalid_iat",
+                "jti" => "claim_invalid_jti",
+                "roles" => "claim_invalid_roles",
+                "tenant" => "claim_invalid_tenant",
+                "client_id" => "claim_invalid_client_id",
+                _ => "claim_invalid",
+            },
             TokenError::ScopeInvalid(_) => "scope_invalid",
             TokenError::CnfInvalid(_) => "cnf_invalid",
             TokenError::CnfUnsupported(_) => "cnf_unsupported",
@@ -313,6 +356,7 @@ impl TokenError {
             TokenError::LifetimeTooLong { .. } => "token_lifetime_too_long",
             TokenError::JtiRevoked => "jti_revoked",
             TokenError::SubjectRevoked => "subject_revoked",
+            TokenError::IdentityRevoked(_) => "identity_revoked",
             TokenError::JtiReused => "jti_reused",
             TokenError::JtiStoreFull => "jti_store_full",
         }
@@ -347,6 +391,7 @@ pub struct Verifier {
     jti_capacity: usize,
     revoked_jtis: RwLock<HashMap<[u8; 32], SystemTime>>,
     revoked_subjects: RwLock<HashSet<String>>,
+    revoked_identities: RwLock<HashSet<IdentityName>>,
 }
 
 fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -389,6 +434,7 @@ impl Verifier {
             jti_capacity,
             revoked_jtis: RwLock::new(HashMap::new()),
             revoked_subjects: RwLock::new(HashSet::new()),
+            revoked_identities: RwLock::new(HashSet::new()),
         }
     }
 
@@ -441,6 +487,15 @@ impl Verifier {
     /// Lifts a subject revocation.
     pub fn unrevoke_subject(&self, subject: &str) {
         write(&self.revoked_subjects).remove(subject);
+    }
+
+    /// Revokes every token of one identity (a subject in one tenant).
+    pub fn revoke_identity(&self, identity: &IdentityName) {
+        write(&self.revoked_identities).insert(identity.clone());
+    }
+
+    pub fn unrevoke_identity(&self, identity: &IdentityName) {
+        write(&self.revoked_identities).remove(identity);
     }
 
     /// Is the token revoked, by `jti` or by subject?
@@ -537,6 +592,13 @@ impl Verifier {
         }
         if read(&self.revoked_subjects).contains(&claims.subject) {
             return Err(TokenError::SubjectRevoked);
+        }
+        let revoked = read(&self.revoked_identities);
+        if !revoked.is_empty() {
+            let id = IdentityName::new(claims.tenant.as_deref(), &claims.subject);
+            if revoked.contains(&id) {
+                return Err(TokenError::IdentityRevoked(id.display()));
+            }
         }
         Ok(())
     }
@@ -711,9 +773,16 @@ impl Verifier {
                 });
             }
         };
-        let key = keys
-            .get(kid)
-            .ok_or_else(|| TokenError::UnknownKid(clip(kid)))?;
+        let key = keys.get(kid).ok_or_else(|| match keys.refused(kid) {
+            // The key is there but the product refused it (a weak RSA key,
+            // a shared secret while HS256 is off): say so, or the operator
+            // hunts for a key that is in the file.
+            Some(why) => TokenError::KeyRefused {
+                kid: clip(kid),
+                why: why.to_owned(),
+            },
+            None => TokenError::UnknownKid(clip(kid)),
+        })?;
         // RFC 8725 §3.1 / §2.1: the key's one algorithm must be the header's
         // (this is what stops HS256 with an RSA public key as the secret).
         if key.alg != alg {
@@ -734,7 +803,8 @@ impl Verifier {
     ) -> Result<Claims, TokenError> {
         let policy = &self.policy;
         // RFC 9068 §2.2: iss, exp, aud, sub, client_id, iat, jti are
-        // REQUIRED (client_id is not used here and not required).
+        // REQUIRED (client_id unless the policy opts out for an identity
+        // provider that omits it).
         // RFC 9068 §4 step 3 / RFC 7519 §4.1.1: iss must match exactly.
         let issuer = required_str(payload, "iss")?;
         if issuer != policy.issuer {
@@ -785,6 +855,7 @@ impl Verifier {
         let mut claims = Claims {
             subject,
             tenant: None,
+            client_id: None,
             roles: Vec::new(),
             scopes: Vec::new(),
             issuer: issuer.to_owned(),
@@ -804,22 +875,36 @@ impl Verifier {
             });
         }
 
-        claims.tenant = match payload.get(policy.tenant_claim.as_str()) {
+        claims.client_id = match payload.get("client_id") {
+            None if policy.require_client_id => return Err(TokenError::MissingClaim("client_id")),
             None => None,
-            Some(Value::String(t)) if !t.is_empty() => Some(t.clone()),
-            Some(_) => {
-                return Err(TokenError::BadClaim {
-                    claim: "tenant",
-                    detail: format!(
-                        "the tenant claim {} is not a non-empty string",
-                        clip(&policy.tenant_claim)
-                    ),
-                });
-            }
+            Some(_) => Some(required_str(payload, "client_id")?.to_owned()),
+        };
+        claims.tenant = match &policy.tenant_claim {
+            None => None,
+            Some(name) => match payload.get(name.as_str()) {
+                None => match &policy.default_tenant {
+                    Some(t) => Some(t.clone()),
+                    None => return Err(TokenError::MissingTenant(clip(name))),
+                },
+                Some(Value::String(t)) if !t.is_empty() => Some(t.clone()),
+                Some(_) => {
+                    return Err(TokenError::BadClaim {
+                        claim: "tenant",
+                        detail: format!(
+                            "the tenant claim {} is not a non-empty string",
+                            clip(name)
+                        ),
+                    });
+                }
+            },
         };
         claims.roles = roles(payload)?;
         claims.scopes = scopes(payload)?;
         claims.cnf = confirmation(payload)?;
+        // Again now that the tenant is known: an identity revocation names
+        // the tenant too.
+        self.check_revoked(&claims)?;
         Ok(claims)
     }
 }

@@ -235,6 +235,32 @@ impl Env {
         parse_status(&self.cli_ok("status", &[]))
     }
 
+    /// Every event in the agent's audit spool, decoded, in seq order.
+    pub fn spool_events(&self) -> Vec<portcullis_proto::v1::Event> {
+        use prost::Message as _;
+        let dir = self.state_dir().join("spool");
+        let mut paths: Vec<PathBuf> = std::fs::read_dir(&dir)
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        paths.retain(|p| p.extension().is_some_and(|x| x == "pcs"));
+        paths.sort();
+        let mut out = Vec::new();
+        for p in paths {
+            let seg = portcullis_agent::audit::spool::read_segment_file(&p).expect("read segment");
+            for f in seg.frames {
+                out.push(portcullis_proto::v1::Event::decode(f.as_slice()).expect("decode event"));
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+        out
+    }
+
+    /// Rewrites the config file (the agent reads it at its next start).
+    pub fn edit_config(&self, edit: impl FnOnce(String) -> String) {
+        let text = std::fs::read_to_string(&self.config).expect("read config");
+        std::fs::write(&self.config, edit(text)).expect("write config");
+    }
+
     pub fn echo_server(&self, v6: bool, port: u16) -> EchoServer {
         let addr = SocketAddr::new(self.topo.server_addr(v6), port);
         netns::tcp_echo_server(&self.topo.server, addr).expect("echo server")
@@ -519,6 +545,10 @@ pub mod knock {
         /// Extra lines of the `[audit]` table (they may end with an
         /// `[audit.collector]` table).
         pub audit: String,
+        /// `[knock]` global_per_sec, global_burst.
+        pub knock_global: (u32, u32),
+        /// Extra lines of every `[[services]]` table.
+        pub service_extra: String,
     }
 
     impl Default for KnockSettings {
@@ -535,6 +565,8 @@ pub mod knock {
                 stats_interval_ms: 1000,
                 policy_dir: None,
                 audit: String::new(),
+                knock_global: (2000, 200),
+                service_extra: String::new(),
             }
         }
     }
@@ -588,6 +620,7 @@ pub mod knock {
                 audience: AUDIENCE.into(),
                 subject: SUBJECT.into(),
                 tenant: Some(TENANT.into()),
+                client_id: None,
                 roles: vec!["analyst".into()],
                 scopes: scopes.iter().map(|s| s.to_string()).collect(),
                 ttl,
@@ -908,6 +941,8 @@ bpffs = "{bpffs}"
 port = {KNOCK_PORT}
 per_source_per_sec = {ksr}
 per_source_burst = {ksb}
+global_per_sec = {kgr}
+global_burst = {kgb}
 max_ttl_secs = {max_ttl}
 reply = true
 
@@ -916,6 +951,7 @@ jwks_file = "{jwks}"
 issuer = "{ISSUER}"
 audience = "{AUDIENCE}"
 leeway_secs = {leeway}
+revocations_file = "{state}/revocations"
 
 [limits]
 conn_per_sec = 50
@@ -931,6 +967,8 @@ conn_burst = 20
             bpffs = env.bpffs.path().display(),
             ksr = s.knock_per_source.0,
             ksb = s.knock_per_source.1,
+            kgr = s.knock_global.0,
+            kgb = s.knock_global.1,
             max_ttl = s.max_ttl_secs,
             jwks = issuer.jwks_path.display(),
             leeway = s.leeway_secs,
@@ -938,8 +976,8 @@ conn_burst = 20
         for svc in &s.services {
             let _ = write!(
                 t,
-                "\n[[services]]\nname = \"{}\"\nprotocol = \"tcp\"\nport = {}\naction = \"{}\"\n",
-                svc.name, svc.port, svc.action
+                "\n[[services]]\nname = \"{}\"\nprotocol = \"tcp\"\nport = {}\naction = \"{}\"\n{}\n",
+                svc.name, svc.port, svc.action, s.service_extra
             );
         }
         if let Some(dir) = &s.policy_dir {

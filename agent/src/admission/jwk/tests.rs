@@ -403,41 +403,111 @@ fn key_sets() {
     assert_eq!(keys.skipped()[1].kid.as_deref(), Some("rs384"));
     assert_eq!(keys.skipped()[1].reason.reason(), "jwk_unsupported_alg");
 
-    // HS256 not enabled: a set with an oct key is refused outright.
-    assert_eq!(
-        reason(KeySet::from_jwks(&good, false)),
-        "jwk_hs256_disabled"
+    // HS256 not enabled: the oct key is refused, the others are used.
+    let keys = KeySet::from_jwks(&good, false).unwrap();
+    assert_eq!(keys.kids(), ["ec", "ed", "rsa"]);
+    assert_eq!(keys.skipped()[0].kid.as_deref(), Some("hs"));
+    assert_eq!(keys.skipped()[0].reason, JwkError::Hs256Disabled);
+    assert!(
+        keys.refused("hs").unwrap().contains("allow_hs256"),
+        "{:?}",
+        keys.refused("hs")
     );
-    let err = KeySet::from_jwks(&good, false).unwrap_err();
-    assert!(err.to_string().contains("\"hs\""), "{err}");
-    assert_eq!(err.root(), &JwkError::Hs256Disabled);
+    assert_eq!(keys.refused("ed"), None);
+}
+
+/// One key the product refuses never refuses the set: the others load and
+/// the refused one is listed with why (a cold start and key rotation go
+/// on). Each refusal kind, next to one good key.
+#[test]
+fn a_refused_key_leaves_the_others_usable() {
+    let cases: Vec<(Value, Option<&str>, &str)> = vec![
+        (ed25519_json(), None, "jwks_missing_kid"),
+        (
+            serde_json::from_str(RSA_1024).unwrap(),
+            Some("weak-1024"),
+            "jwk_rsa_key_too_small",
+        ),
+        (
+            named(serde_json::from_str(RSA_1024).unwrap(), "weak"),
+            Some("weak"),
+            "jwk_rsa_key_too_small",
+        ),
+        (
+            named(with(ec_json(), "x", json!("AA")), "badx"),
+            Some("badx"),
+            "jwk_member_invalid",
+        ),
+        (json!("key"), None, "jwks_malformed"),
+        (
+            named(json!({"kty": "foo"}), "foo"),
+            Some("foo"),
+            "jwk_unsupported_kty",
+        ),
+        (
+            named(vector("rfc7515_a1")["jwk"].clone(), "hs"),
+            Some("hs"),
+            "jwk_hs256_disabled",
+        ),
+    ];
+    for (bad, kid, want) in cases {
+        let doc = set(vec![named(ed25519_json(), "good"), bad.clone()]);
+        let keys = KeySet::from_jwks(&doc, false).unwrap_or_else(|e| panic!("{bad}: {e}"));
+        assert_eq!(keys.kids(), ["good"], "{bad}");
+        assert_eq!(keys.skipped().len(), 1, "{bad}");
+        let skipped = &keys.skipped()[0];
+        assert_eq!(
+            (
+                skipped.index,
+                skipped.kid.as_deref(),
+                skipped.reason.reason()
+            ),
+            (1, kid, want),
+            "{bad}"
+        );
+        if let Some(kid) = kid {
+            assert!(keys.refused(kid).is_some());
+        }
+    }
+    // A kid two keys share names neither of them.
+    let doc = set(vec![
+        named(ed25519_json(), "good"),
+        named(ed25519_json(), "twice"),
+        named(ec_json(), "twice"),
+    ]);
+    let keys = KeySet::from_jwks(&doc, false).unwrap();
+    assert_eq!(keys.kids(), ["good"]);
+    assert_eq!(
+        keys.refused("twice")
+            .as_deref()
+            .map(|r| r.contains("two keys")),
+        Some(true)
+    );
 }
 
 #[test]
 fn key_set_refusals() {
+    // Sets left without any usable key, and documents that are no JWK set.
     let cases: Vec<(Vec<u8>, &str)> = vec![
-        (set(vec![ed25519_json()]), "jwks_missing_kid"),
+        (set(vec![ed25519_json()]), "jwks_no_usable_keys"),
         (
             set(vec![named(ed25519_json(), "a"), named(ec_json(), "a")]),
-            "jwks_duplicate_kid",
+            "jwks_no_usable_keys",
         ),
         (
-            set(vec![
-                named(ed25519_json(), "a"),
-                serde_json::from_str(RSA_1024).unwrap(),
-            ]),
-            "jwk_rsa_key_too_small",
+            set(vec![serde_json::from_str(RSA_1024).unwrap()]),
+            "jwks_no_usable_keys",
         ),
         (
             set(vec![named(with(ec_json(), "x", json!("AA")), "a")]),
-            "jwk_member_invalid",
+            "jwks_no_usable_keys",
         ),
         (set(vec![]), "jwks_no_usable_keys"),
         (
             set(vec![named(with(ec_json(), "use", json!("enc")), "a")]),
             "jwks_no_usable_keys",
         ),
-        (set(vec![json!("key")]), "jwks_malformed"),
+        (set(vec![json!("key")]), "jwks_no_usable_keys"),
         (br#"{"kys":[]}"#.to_vec(), "jwks_malformed"),
         (br#"{"keys":{}}"#.to_vec(), "jwks_malformed"),
         (b"[]".to_vec(), "jwk_malformed"),
@@ -479,35 +549,43 @@ fn jwks_file_reload_good_bad_good() {
     assert_eq!(first.kids(), ["one"]);
     assert_eq!(file.reload_if_changed(), Ok(false));
 
-    // Bad: an RSA key that is too small. The old set stays; Err says why.
-    fs::write(
-        &path,
-        set(vec![
-            named(ed25519_json(), "two"),
-            serde_json::from_str(RSA_1024).unwrap(),
-        ]),
-    )
-    .unwrap();
+    // Bad: only an RSA key that is too small. The old set stays; Err
+    // says why.
+    fs::write(&path, set(vec![serde_json::from_str(RSA_1024).unwrap()])).unwrap();
     let err = file.reload_if_changed().unwrap_err();
-    assert_eq!(err.reason(), "jwk_rsa_key_too_small");
+    assert_eq!(err.reason(), "jwks_no_usable_keys");
     assert!(Arc::ptr_eq(&file.current(), &first));
     // Reported once; still visible through last_error.
     assert_eq!(file.reload_if_changed(), Ok(false));
     assert_eq!(
         file.last_error().map(|e| e.reason()),
-        Some("jwk_rsa_key_too_small")
+        Some("jwks_no_usable_keys")
     );
+
+    // Rotation with one weak key beside the new one: the new key is used,
+    // the weak one is listed as refused.
+    fs::write(
+        &path,
+        set(vec![
+            named(ed25519_json(), "rotated"),
+            named(serde_json::from_str(RSA_1024).unwrap(), "weak"),
+        ]),
+    )
+    .unwrap();
+    assert_eq!(file.reload_if_changed(), Ok(true));
+    assert_eq!(file.current().kids(), ["rotated"]);
+    assert_eq!(file.current().skipped()[0].kid.as_deref(), Some("weak"));
 
     // Differently bad: reported again.
     fs::write(&path, b"{\"keys\": [").unwrap();
     assert_eq!(reason(file.reload_if_changed()), "jwk_malformed");
-    assert_eq!(file.current().kids(), ["one"]);
+    assert_eq!(file.current().kids(), ["rotated"]);
 
     // Gone: still the old set.
     fs::remove_file(&path).unwrap();
     assert_eq!(reason(file.reload_if_changed()), "jwks_io");
     assert_eq!(file.reload_if_changed(), Ok(false));
-    assert_eq!(file.current().kids(), ["one"]);
+    assert_eq!(file.current().kids(), ["rotated"]);
 
     // Good again: swapped.
     fs::write(
@@ -546,7 +624,8 @@ fn jwks_file_initial_load_must_succeed() {
         set(vec![named(vector("rfc7515_a1")["jwk"].clone(), "hs")]),
     )
     .unwrap();
-    assert_eq!(reason(JwksFile::load(&path, false)), "jwk_hs256_disabled");
+    // Its only key refused: nothing to verify with, so the start stops.
+    assert_eq!(reason(JwksFile::load(&path, false)), "jwks_no_usable_keys");
     assert_eq!(JwksFile::load(&path, true).unwrap().current().len(), 1);
     fs::write(&path, vec![b' '; MAX_JWKS_BYTES + 1]).unwrap();
     assert_eq!(reason(JwksFile::load(&path, true)), "jwk_too_large");

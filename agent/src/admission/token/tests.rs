@@ -297,7 +297,7 @@ fn happy_path_each_algorithm() {
 
 #[test]
 fn claims_mapping() {
-    let env = env_with(|p| p.tenant_claim = "org".into());
+    let env = env_with(|p| p.tenant_claim = Some("org".into()));
     let claims = env
         .verify(&env.ed.token(json!({
             "scope": "model:*:invoke model:llm:read openid",
@@ -325,10 +325,89 @@ fn claims_mapping() {
     let none = env
         .verify(
             &env.ed
-                .token(json!({"scope": null, "roles": null, "org": null})),
+                .token(json!({"scope": null, "roles": null, "org": "g"})),
         )
         .unwrap();
-    assert!(none.scopes.is_empty() && none.roles.is_empty() && none.tenant.is_none());
+    assert!(none.scopes.is_empty() && none.roles.is_empty());
+}
+
+/// With a tenant claim configured, a token without it is refused unless a
+/// default tenant is configured; `tenant_claim = ""` (None) turns tenants
+/// off and ignores the claim.
+#[test]
+fn tenant_claim_is_required_unless_defaulted_or_off() {
+    let env = env();
+    env.refuses_claims(json!({"tenant": null}), "missing_tenant");
+    let e = env
+        .verify(&env.ed.token(json!({"tenant": null})))
+        .unwrap_err();
+    assert!(e.to_string().contains("tokens.default_tenant"), "{e}");
+    let defaulted = env_with(|p| p.default_tenant = Some("shared".into()));
+    let c = defaulted
+        .verify(&defaulted.ed.token(json!({"tenant": null})))
+        .unwrap();
+    assert_eq!(c.tenant.as_deref(), Some("shared"));
+    let c = defaulted.verify(&defaulted.ed.token(json!({}))).unwrap();
+    assert_eq!(
+        c.tenant.as_deref(),
+        Some("acme"),
+        "a claim wins over the default"
+    );
+    defaulted.refuses_claims(json!({"tenant": 3}), "claim_invalid_tenant");
+    let off = env_with(|p| p.tenant_claim = None);
+    let c = off.verify(&off.ed.token(json!({"tenant": 3}))).unwrap();
+    assert_eq!(c.tenant, None);
+}
+
+/// RFC 9068 §2.2: client_id is REQUIRED, with an explicit opt-out.
+#[test]
+fn client_id_is_required_unless_opted_out() {
+    let env = env();
+    env.refuses_claims(json!({"client_id": null}), "missing_client_id");
+    env.refuses_claims(json!({"client_id": ""}), "claim_invalid_client_id");
+    env.refuses_claims(json!({"client_id": 42}), "claim_invalid_client_id");
+    let c = env.verify(&env.ed.token(json!({}))).unwrap();
+    assert_eq!(c.client_id.as_deref(), Some("cli"));
+    let lax = env_with(|p| p.require_client_id = false);
+    let c = lax
+        .verify(&lax.ed.token(json!({"client_id": null})))
+        .unwrap();
+    assert_eq!(c.client_id, None);
+    lax.refuses_claims(json!({"client_id": 42}), "claim_invalid_client_id");
+}
+
+/// A token naming a key the JWKS holds but the product refused says so
+/// (`key_refused`, with why), not "unknown kid".
+#[test]
+fn a_refused_key_is_named_as_refused() {
+    let ed = Signer::ed("ed-1");
+    let hs = Signer::hmac("hs-1", b"a shared secret of at least 32 bytes!");
+    let doc = serde_json::json!({"keys": [ed.jwk(), hs.jwk()]});
+    let set = KeySet::from_jwks(doc.to_string().as_bytes(), false).unwrap();
+    let verifier = Verifier::new(TokenPolicy::new(ISS, AUD), Arc::new(JwksFile::fixed(set)));
+    let e = verifier.verify(&hs.token(json!({})), now()).unwrap_err();
+    assert_eq!(e.reason(), "key_refused", "{e}");
+    assert!(e.to_string().contains("allow_hs256 = false"), "{e}");
+    let e = verifier
+        .verify(&Signer::ed("other").token(json!({})), now())
+        .unwrap_err();
+    assert_eq!(e.reason(), "unknown_kid");
+    verifier.verify(&ed.token(json!({})), now()).unwrap();
+}
+
+/// `id:` revocations: one identity (a subject in one tenant), not the
+/// subject elsewhere.
+#[test]
+fn identity_revocation_is_per_tenant() {
+    let env = env();
+    env.verifier
+        .revoke_identity(&crate::identity::IdentityName::new(Some("acme"), "alice"));
+    env.refuses_claims(json!({}), "identity_revoked");
+    env.verify(&env.ed.token(json!({"tenant": "globex"})))
+        .unwrap();
+    env.verifier
+        .unrevoke_identity(&crate::identity::IdentityName::new(Some("acme"), "alice"));
+    env.verify(&env.ed.token(json!({}))).unwrap();
 }
 
 #[test]
@@ -689,12 +768,12 @@ fn issuer_and_audience() {
     env.refuses_claims(json!({"iss": "https://evil.example"}), "issuer_mismatch");
     env.refuses_claims(json!({"iss": "https://IDP.example"}), "issuer_mismatch");
     env.refuses_claims(json!({"iss": null}), "missing_iss");
-    env.refuses_claims(json!({"iss": 1}), "claim_invalid");
+    env.refuses_claims(json!({"iss": 1}), "claim_invalid_iss");
     env.refuses_claims(json!({"aud": "someone-else"}), "audience_mismatch");
     env.refuses_claims(json!({"aud": ["a", "b"]}), "audience_mismatch");
     env.refuses_claims(json!({"aud": []}), "audience_mismatch");
-    env.refuses_claims(json!({"aud": [AUD, 1]}), "claim_invalid");
-    env.refuses_claims(json!({"aud": {"x": AUD}}), "claim_invalid");
+    env.refuses_claims(json!({"aud": [AUD, 1]}), "claim_invalid_aud");
+    env.refuses_claims(json!({"aud": {"x": AUD}}), "claim_invalid_aud");
     env.refuses_claims(json!({"aud": null}), "missing_aud");
     env.verify(&env.ed.token(json!({"aud": [AUD]}))).unwrap();
 }
@@ -705,21 +784,21 @@ fn required_claims() {
     for claim in ["sub", "jti", "exp", "iat"] {
         env.refuses_claims(json!({ claim: null }), &format!("missing_{claim}"));
     }
-    env.refuses_claims(json!({"sub": ""}), "claim_invalid");
-    env.refuses_claims(json!({"sub": 5}), "claim_invalid");
-    env.refuses_claims(json!({"jti": ""}), "claim_invalid");
-    env.refuses_claims(json!({"jti": ["a"]}), "claim_invalid");
-    env.refuses_claims(json!({"exp": "1800000600"}), "claim_invalid");
-    env.refuses_claims(json!({"exp": -1}), "claim_invalid");
-    env.refuses_claims(json!({"exp": 1e300}), "claim_invalid");
-    env.refuses_claims(json!({"exp": u64::MAX}), "claim_invalid");
-    env.refuses_claims(json!({"iat": true}), "claim_invalid");
-    env.refuses_claims(json!({"nbf": "now"}), "claim_invalid");
-    env.refuses_claims(json!({"roles": "admin"}), "claim_invalid");
-    env.refuses_claims(json!({"roles": ["a", 1]}), "claim_invalid");
-    env.refuses_claims(json!({"roles": [""]}), "claim_invalid");
-    env.refuses_claims(json!({"tenant": 7}), "claim_invalid");
-    env.refuses_claims(json!({"tenant": ""}), "claim_invalid");
+    env.refuses_claims(json!({"sub": ""}), "claim_invalid_sub");
+    env.refuses_claims(json!({"sub": 5}), "claim_invalid_sub");
+    env.refuses_claims(json!({"jti": ""}), "claim_invalid_jti");
+    env.refuses_claims(json!({"jti": ["a"]}), "claim_invalid_jti");
+    env.refuses_claims(json!({"exp": "1800000600"}), "claim_invalid_exp");
+    env.refuses_claims(json!({"exp": -1}), "claim_invalid_exp");
+    env.refuses_claims(json!({"exp": 1e300}), "claim_invalid_exp");
+    env.refuses_claims(json!({"exp": u64::MAX}), "claim_invalid_exp");
+    env.refuses_claims(json!({"iat": true}), "claim_invalid_iat");
+    env.refuses_claims(json!({"nbf": "now"}), "claim_invalid_nbf");
+    env.refuses_claims(json!({"roles": "admin"}), "claim_invalid_roles");
+    env.refuses_claims(json!({"roles": ["a", 1]}), "claim_invalid_roles");
+    env.refuses_claims(json!({"roles": [""]}), "claim_invalid_roles");
+    env.refuses_claims(json!({"tenant": 7}), "claim_invalid_tenant");
+    env.refuses_claims(json!({"tenant": ""}), "claim_invalid_tenant");
 }
 
 #[test]
@@ -785,7 +864,7 @@ fn time_rules() {
     );
     env.verify(&env.ed.token(json!({"iat": NOW - 60, "exp": NOW + 3540})))
         .unwrap();
-    env.refuses_claims(json!({"iat": NOW, "exp": NOW - 1}), "claim_invalid");
+    env.refuses_claims(json!({"iat": NOW, "exp": NOW - 1}), "claim_invalid_exp");
     let err = env
         .verify(&env.ed.token(json!({"iat": NOW - 60, "exp": NOW + 86_400})))
         .unwrap_err();
