@@ -5,6 +5,7 @@
 
 pub mod auditor;
 pub mod chain;
+pub mod drop_marks;
 pub mod drops;
 pub mod export;
 pub mod spool;

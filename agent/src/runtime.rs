@@ -20,6 +20,8 @@ use tokio::{
 
 use portcullis_proto::v1::{self, event::Body};
 
+use portcullis_proto::v1::lifecycle::Phase;
+
 use crate::{
     accounting::{Accountant, SpendBook},
     admission::{
@@ -31,13 +33,15 @@ use crate::{
     apply,
     audit::{
         auditor::{Auditor, StartInfo},
+        drop_marks::{self, DropMark},
         drops::DropAccumulator,
         export::{self, ExportStatus},
     },
     config::{Config, TokensSection},
-    kernel::{Kernel, Maps, Origin, clock, maps::bytes_addr},
+    kernel::{self, Kernel, LinkTrouble, LinkWatch, Maps, Origin, clock, maps::bytes_addr},
     nodekey::NodeKey,
     policy::{PolicySet, PolicyStore},
+    start_files::StartFiles,
 };
 
 pub struct RunOptions {
@@ -61,13 +65,33 @@ const RECLAIM_EVERY: Duration = Duration::from_secs(5);
 
 pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
-    // Files first: a bad key set, policy or audit spool must stop the agent
-    // before it loads or changes anything in the kernel.
-    let node = Arc::new(load_node_key(&cfg)?);
+    let kopts = apply::kernel_options(&cfg.kernel);
+    // Files that are only read come first: a bad key set or policy stops
+    // the agent before it creates, mounts or loads anything.
     let parts = match (&cfg.tokens, cfg.knock.enabled()) {
-        (Some(tokens), true) => Some(prepare_knocks(&cfg, tokens, node.clone())?),
+        (Some(tokens), true) => Some(prepare_knocks(&cfg, tokens)?),
         _ => None,
     };
+    // A start that fails removes what it created (and only that).
+    let mut files = StartFiles::new();
+    // The pins next: a bpf filesystem that would die with the agent refuses
+    // the start before any file or kernel object exists.
+    let pins = kernel::prepare_pins(&kopts).context("kernel.pin_dir")?;
+    if pins.mounted {
+        files.track_mount(&cfg.kernel.bpffs);
+    }
+    let durability = pins.durability;
+    if !durability.outlives_agent() {
+        tracing::warn!(
+            event = "ephemeral_pins",
+            pin_dir = %cfg.kernel.pin_dir.display(),
+            "kernel.ephemeral_pins: the pins die with this agent's mount namespace; enforcement ends when the agent does"
+        );
+    }
+    files.track(&cfg.agent.node_key);
+    files.track_spool(&cfg.audit.spool_dir);
+    files.track(&cfg.accounting.ledger);
+    let node = Arc::new(load_node_key(&cfg)?);
     let policy_version = parts.as_ref().map_or_else(
         || PolicySet::default_set().version().to_string(),
         |p| p.policies.current().version().to_string(),
@@ -91,6 +115,8 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             policy_version,
             reason: "start".to_string(),
+            ephemeral_pins: !durability.outlives_agent(),
+            pin_durability: durability.describe(),
         },
     )
     .with_context(|| format!("opening the audit spool {}", cfg.audit.spool_dir.display()))?;
@@ -106,28 +132,175 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             export_status.clone(),
         ))
     });
-    let opened = Kernel::open(&apply::kernel_options(&cfg.kernel))
-        .context("opening the kernel programs")
-        .and_then(|kernel| {
-            let origin = kernel.origin;
-            let (mut maps, programs) = kernel.into_parts();
-            let installed = apply::apply(&mut maps, &cfg, origin)
-                .context("writing the configuration into the kernel maps")?;
-            Ok((origin, maps, programs, installed))
-        });
-    // `_programs` lives as long as the agent runs.
-    let (origin, maps, _programs, installed) = match opened {
-        Ok(x) => x,
+    let started = start(&cfg, &kopts, parts, &node, &auditor, &book).await;
+    let Started {
+        maps,
+        links,
+        _programs,
+        knocks,
+        mut drops,
+        mut last,
+    } = match started {
+        Ok(s) => s,
         Err(e) => {
             // The trail says why this start ended right after STARTED.
             let _ = auditor.shutdown(&format!("start failed: {e:#}")).await;
+            let _ = audit_task.await;
             return Err(e);
         }
     };
-    if installed > 0 {
-        audit_static_admissions(&auditor, &cfg);
+    files.commit();
+    if let Some(path) = &opts.ready_file {
+        write_ready(path, origin_word(maps.origin))?;
     }
+    let maps = maps.maps;
+
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let mut tick = tokio::time::interval(cfg.agent.stats_interval);
+    // `events_per_sec` is a per-second budget the kernel only counts down.
+    let mut second = tokio::time::interval(Duration::from_secs(1));
+    let mut reclaim = tokio::time::interval(RECLAIM_EVERY);
+    let mut report_tick = tokio::time::interval(cfg.audit.report_interval);
+    report_tick.tick().await;
+    let mut last_refusals = Vec::new();
+    let mut flows_live = None;
+    let mut unpinned_reported = std::collections::HashSet::new();
+    let stop_reason = loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                last = report(&mut *lock(&maps)?, last, &mut drops)?;
+                if let Some(k) = &knocks {
+                    last_refusals = k.report(last_refusals, &mut drops);
+                }
+            }
+            _ = report_tick.tick() => {
+                let now = SystemTime::now();
+                report_cost(&auditor, &mut acct, now);
+                record_drops(&auditor, &cfg, &maps, &mut drops, flows_live, now).await;
+            }
+            _ = second.tick() => {
+                lock(&maps)?.reset_event_budget()?;
+                account(&maps, &mut acct)?;
+                if let Some(k) = &knocks {
+                    k.upkeep();
+                }
+                if let Some(lost) = watch_links(&links, &auditor, &mut unpinned_reported) {
+                    break lost;
+                }
+            }
+            _ = reclaim.tick() => {
+                let mut m = lock(&maps)?;
+                match m.recount_flows(clock::monotonic_ns()) {
+                    Ok(census) => {
+                        if census.removed > 0 {
+                            tracing::debug!(event = "flows_idle", removed = census.removed, live = census.live, "idle flows removed");
+                        }
+                        flows_live = Some(census.live);
+                    }
+                    Err(e) => tracing::warn!(event = "flow_recount_failed", error = %e, "flow counts not refreshed"),
+                }
+                let freed = m.reclaim_idle(clock::monotonic_ns())?;
+                if freed > 0 {
+                    tracing::info!(event = "identities_reclaimed", count = freed, "idle identity slots freed");
+                }
+            }
+            _ = term.recv() => break "SIGTERM".to_string(),
+            _ = int.recv() => break "SIGINT".to_string(),
+        }
+    };
+    let failed = stop_reason.starts_with("enforcement lost");
+    tracing::info!(
+        event = "stopping",
+        reason = %stop_reason,
+        "agent stopping; programs stay pinned and keep enforcing"
+    );
+    // Drops up to the stop go into a final summary (the next start reports
+    // what happens after it), usage up to the stop is charged and reported,
+    // before the trail ends.
+    let last_read = lock(&maps)
+        .ok()
+        .and_then(|mut m| report(&mut m, last, &mut drops).ok());
+    if last_read.is_some() {
+        if let Some(k) = &knocks {
+            k.report(last_refusals, &mut drops);
+        }
+        record_drops(
+            &auditor,
+            &cfg,
+            &maps,
+            &mut drops,
+            flows_live,
+            SystemTime::now(),
+        )
+        .await;
+    }
+    account(&maps, &mut acct)?;
+    report_cost(&auditor, &mut acct, SystemTime::now());
+    // The STOPPING event and a final checkpoint are durable before exit;
+    // whatever the collector has not acknowledged is sent after restart.
+    if let Err(e) = auditor.shutdown(&stop_reason).await {
+        tracing::error!(event = "audit_shutdown_failed", error = %e, "final audit events not written");
+    }
+    // The exporter drains what is durable (the final events included) when
+    // the auditor closes; a slow or absent collector gets them after the
+    // next start instead.
+    if let Some(mut x) = exporter
+        && tokio::time::timeout(EXPORT_DRAIN, &mut x).await.is_err()
+    {
+        let _ = stop_tx.send(true);
+        let _ = x.await;
+    }
+    drop(stop_tx);
+    let _ = audit_task.await;
+    if failed {
+        anyhow::bail!("{stop_reason}");
+    }
+    Ok(())
+}
+
+/// What a successful start hands the main loop.
+struct Started {
+    maps: OpenedMaps,
+    links: LinkWatch,
+    /// Lives as long as the agent runs.
+    _programs: Option<aya::Ebpf>,
+    knocks: Option<Knocks>,
+    drops: DropAccumulator,
+    last: Vec<u64>,
+}
+
+struct OpenedMaps {
+    maps: Arc<Mutex<Maps>>,
+    origin: Origin,
+}
+
+/// Opens (or adopts) the kernel programs, applies the config, reports the
+/// drops since the last summary and starts listening for knocks.
+async fn start(
+    cfg: &Arc<Config>,
+    kopts: &kernel::Options,
+    parts: Option<KnockParts>,
+    node: &Arc<NodeKey>,
+    auditor: &Auditor,
+    book: &Arc<SpendBook>,
+) -> anyhow::Result<Started> {
+    if let Some(p) = &parts {
+        audit_key_set(auditor, &p.jwks, &p.jwks_path, None);
+    }
+    let kernel = Kernel::open(kopts).context("opening the kernel programs")?;
+    let origin = kernel.origin;
+    let (mut maps, links, programs) = kernel.into_parts();
+    let installed = apply::apply(&mut maps, cfg, origin)
+        .context("writing the configuration into the kernel maps")?;
+    if installed > 0 {
+        audit_static_admissions(auditor, cfg);
+    }
+    // Drops since the last summary before this start (while no agent ran,
+    // or after a crash) open this run's record.
+    let (mut drops, last) = resume_drops(&cfg.audit.spool_dir, auditor, &mut maps)?;
     let maps = Arc::new(Mutex::new(maps));
+    record_drops(auditor, cfg, &maps, &mut drops, None, SystemTime::now()).await;
 
     // Knocks need a way to verify tokens; without [tokens] nobody can be
     // admitted by knock (the kernel still drops everything unadmitted).
@@ -136,9 +309,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             let parts = parts.expect("prepared for [tokens] with knocking on");
             Some(
                 start_knocks(
-                    &cfg,
+                    cfg,
                     tokens,
                     parts,
+                    node.clone(),
                     maps.clone(),
                     auditor.clone(),
                     book.clone(),
@@ -161,88 +335,186 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         node = %cfg.agent.node_id,
         interfaces = ?cfg.kernel.interfaces,
         pin_dir = %cfg.kernel.pin_dir.display(),
+        links = links.len(),
         services = cfg.services.len(),
         static_admissions = installed,
         knock_port = knocks.as_ref().map(|_| cfg.knock.port),
         "portcullis agent enforcing"
     );
-    if let Some(path) = &opts.ready_file {
-        write_ready(path, origin_word(origin))?;
-    }
+    Ok(Started {
+        maps: OpenedMaps { maps, origin },
+        links,
+        _programs: programs,
+        knocks,
+        drops,
+        last,
+    })
+}
 
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut tick = tokio::time::interval(cfg.agent.stats_interval);
-    // `events_per_sec` is a per-second budget the kernel only counts down.
-    let mut second = tokio::time::interval(Duration::from_secs(1));
-    let mut reclaim = tokio::time::interval(RECLAIM_EVERY);
-    let mut report_tick = tokio::time::interval(cfg.audit.report_interval);
-    report_tick.tick().await;
-    let mut last = lock(&maps)?.reason_counts()?;
-    let mut last_refusals = Vec::new();
-    let mut drops = DropAccumulator::new(SystemTime::now());
-    let stop_reason = loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                last = report(&mut *lock(&maps)?, last, &mut drops)?;
-                if let Some(k) = &knocks {
-                    last_refusals = k.report(last_refusals, &mut drops);
-                }
+/// The drop record's starting point: the last summary's counters (from the
+/// mark file or the spool) if they are of the kernel's current counter map,
+/// zero if the map is new. The accumulator then holds everything since.
+fn resume_drops(
+    spool_dir: &std::path::Path,
+    auditor: &Auditor,
+    maps: &mut Maps,
+) -> anyhow::Result<(DropAccumulator, Vec<u64>)> {
+    let mark = drop_marks::recover(spool_dir, auditor).unwrap_or_else(|e| {
+        tracing::error!(event = "drop_marks_unreadable", error = %e, "reporting every drop of the counter map");
+        None
+    });
+    let instance = maps.drops_instance()?;
+    let baseline = DropMark::baseline_for(mark.as_ref(), &instance);
+    let since = mark
+        .as_ref()
+        .filter(|m| m.instance == instance)
+        .map_or_else(SystemTime::now, |m| clock::from_unix_ns(m.at_unix_ns));
+    let mut drops = DropAccumulator::since_restart(since);
+    drops.set_instance(&instance);
+    let last = report(maps, baseline, &mut drops)?;
+    Ok((drops, last))
+}
+
+/// Records the interval's drop summary (with the kernel's table fill) and,
+/// once it is durable, the mark the next start reports from. A full spool
+/// defers the summary: the counts keep accumulating into the next one.
+async fn record_drops(
+    auditor: &Auditor,
+    cfg: &Config,
+    maps: &Mutex<Maps>,
+    drops: &mut DropAccumulator,
+    flows_live: Option<u32>,
+    now: SystemTime,
+) {
+    match lock(maps).and_then(|mut m| Ok(m.occupancy(flows_live)?)) {
+        Ok(tables) => {
+            for t in tables.iter().filter(|t| t.percent() >= TABLE_WARN_PERCENT) {
+                tracing::warn!(
+                    event = "table_pressure",
+                    map = t.map,
+                    entries = t.entries,
+                    capacity = t.capacity,
+                    percent = t.percent(),
+                    knob = t.knob,
+                    "kernel table filling up"
+                );
             }
-            _ = report_tick.tick() => {
-                let now = SystemTime::now();
-                report_cost(&auditor, &mut acct, now);
-                if let Some(summary) = drops.summary(now) {
-                    // A full spool defers the summary: the counts keep
-                    // accumulating into the next one.
-                    match auditor.record(Body::DropSummary(summary)) {
-                        Ok(()) => drops.reset(now),
-                        Err(e) => tracing::warn!(event = "drop_summary_deferred", error = %e, "drop summary kept for the next interval"),
-                    }
-                }
-            }
-            _ = second.tick() => {
-                lock(&maps)?.reset_event_budget()?;
-                account(&maps, &mut acct)?;
-                if let Some(k) = &knocks {
-                    k.upkeep();
-                }
-            }
-            _ = reclaim.tick() => {
-                let freed = lock(&maps)?.reclaim_idle(clock::monotonic_ns())?;
-                if freed > 0 {
-                    tracing::info!(event = "identities_reclaimed", count = freed, "idle identity slots freed");
-                }
-            }
-            _ = term.recv() => break "SIGTERM",
-            _ = int.recv() => break "SIGINT",
+            drops.set_tables(tables.into_iter().map(table_fill).collect());
         }
+        Err(e) => tracing::warn!(event = "occupancy_failed", error = %e, "table fill not reported"),
+    }
+    let Some(summary) = drops.summary(now) else {
+        return;
     };
-    tracing::info!(
-        event = "stopping",
-        reason = stop_reason,
-        "agent stopping; programs stay pinned and keep enforcing"
-    );
-    // Usage up to the stop is charged and reported before the trail ends.
-    account(&maps, &mut acct)?;
-    report_cost(&auditor, &mut acct, SystemTime::now());
-    // The STOPPING event and a final checkpoint are durable before exit;
-    // whatever the collector has not acknowledged is sent after restart.
-    if let Err(e) = auditor.shutdown(stop_reason).await {
-        tracing::error!(event = "audit_shutdown_failed", error = %e, "final audit events not written");
-    }
-    // The exporter drains what is durable (the final events included) when
-    // the auditor closes; a slow or absent collector gets them after the
-    // next start instead.
-    if let Some(mut x) = exporter
-        && tokio::time::timeout(EXPORT_DRAIN, &mut x).await.is_err()
+    match auditor
+        .record_durable(Body::DropSummary(summary.clone()))
+        .await
     {
-        let _ = stop_tx.send(true);
-        let _ = x.await;
+        Ok(seq) => {
+            drops.reset(now);
+            if let Some(mark) = DropMark::of(seq, &summary)
+                && let Err(e) = drop_marks::save(&cfg.audit.spool_dir, &mark)
+            {
+                // The spool holds the summary: the next start finds it there.
+                tracing::warn!(event = "drop_marks_not_saved", error = %e, "drop mark not saved");
+            }
+        }
+        Err(e) => {
+            tracing::warn!(event = "drop_summary_deferred", error = %e, "drop summary kept for the next interval")
+        }
     }
-    drop(stop_tx);
-    let _ = audit_task.await;
-    Ok(())
+}
+
+/// Tables this full are logged at every summary.
+const TABLE_WARN_PERCENT: u32 = 80;
+
+fn table_fill(t: kernel::maps::TableFill) -> v1::TableFill {
+    v1::TableFill {
+        map: t.map.to_string(),
+        entries: t.entries,
+        capacity: t.capacity,
+        knob: t.knob.to_string(),
+    }
+}
+
+/// Checks the pinned links; `Some(reason)` when enforcement is lost and
+/// the agent must stop (its supervisor restarts it, which attaches anew).
+fn watch_links(
+    links: &LinkWatch,
+    auditor: &Auditor,
+    unpinned_reported: &mut std::collections::HashSet<String>,
+) -> Option<String> {
+    for trouble in links.check() {
+        match &trouble {
+            LinkTrouble::Repinned { .. } => {
+                tracing::warn!(event = "link_repinned", detail = %trouble, "a link pin was removed while the agent ran; pinned it again");
+                audit_lifecycle(auditor, Phase::Repaired, trouble.to_string());
+            }
+            LinkTrouble::Unpinned { link, .. } => {
+                tracing::error!(event = "link_unpinned", detail = %trouble, "enforcement now ends when this agent exits");
+                if unpinned_reported.insert(link.clone()) {
+                    audit_lifecycle(auditor, Phase::Repaired, trouble.to_string());
+                }
+            }
+            LinkTrouble::Lost { .. } => {
+                tracing::error!(event = "link_lost", detail = %trouble, "enforcement lost on a link; stopping so the agent is restarted and attaches again");
+                return Some(format!("enforcement lost: {trouble}"));
+            }
+        }
+    }
+    None
+}
+
+fn audit_lifecycle(auditor: &Auditor, phase: Phase, reason: String) {
+    let ev = v1::Lifecycle {
+        phase: phase as i32,
+        agent_version: env!("CARGO_PKG_VERSION").to_string(),
+        public_key: auditor.public_key().to_vec(),
+        key_id: crate::audit::chain::key_id(&auditor.public_key()),
+        reason,
+        ..Default::default()
+    };
+    if let Err(e) = auditor.record(Body::Lifecycle(ev)) {
+        tracing::error!(event = "audit_failed", error = %e, "lifecycle event not recorded");
+    }
+}
+
+/// Audits the token keys in force and the ones the file holds but the
+/// product refused (or that the file was rejected and the old set stays).
+fn audit_key_set(
+    auditor: &Auditor,
+    jwks: &JwksFile,
+    path: &std::path::Path,
+    error: Option<String>,
+) {
+    let set = jwks.current();
+    let refused: Vec<v1::RefusedKey> = set
+        .skipped()
+        .iter()
+        .map(|k| v1::RefusedKey {
+            kid: k.kid.clone().unwrap_or_default(),
+            index: u32::try_from(k.index).unwrap_or(u32::MAX),
+            reason: k.reason.to_string(),
+        })
+        .collect();
+    for k in set.skipped() {
+        let kid = k.kid.as_deref().unwrap_or("");
+        if k.reason.is_unsupported() {
+            tracing::info!(event = "jwk_skipped", path = %path.display(), kid, index = k.index, reason = %k.reason, "token key not for this product; skipped");
+        } else {
+            tracing::warn!(event = "jwk_refused", path = %path.display(), kid, index = k.index, reason = %k.reason, "token key refused; the other keys are used");
+        }
+    }
+    let ev = v1::KeySetChange {
+        path: path.display().to_string(),
+        keys: u32::try_from(set.len()).unwrap_or(u32::MAX),
+        refused: if error.is_some() { Vec::new() } else { refused },
+        accepted: error.is_none(),
+        error: error.unwrap_or_default(),
+    };
+    if let Err(e) = auditor.record(Body::KeySetChange(ev)) {
+        tracing::error!(event = "audit_failed", error = %e, "key set change not audited");
+    }
 }
 
 /// One accounting tick: the kernel's cumulative usage becomes spend. A
@@ -354,7 +626,9 @@ impl Knocks {
             Ok(None) => {}
             Ok(Some(change)) => match self.admitter.apply_revocations(&change, SystemTime::now()) {
                 Ok(mut done)
-                    if done != Default::default() || !change.removed.subjects.is_empty() =>
+                    if done != Default::default()
+                        || !change.removed.subjects.is_empty()
+                        || !change.removed.identities.is_empty() =>
                 {
                     for ev in done.events.drain(..) {
                         self.audit(Body::Revocation(ev));
@@ -363,6 +637,7 @@ impl Knocks {
                         event = "revocation",
                         jtis = done.jtis,
                         subjects = done.subjects,
+                        named_identities = done.named,
                         identities = done.identities,
                         admissions = done.admissions,
                         unrevoked_subjects = change.removed.subjects.len(),
@@ -457,19 +732,31 @@ impl Knocks {
         self.revocations();
         self.policies();
         match self.jwks.reload_if_changed() {
-            Ok(true) => tracing::info!(
-                event = "jwks_reloaded",
-                path = %self.jwks_path.display(),
-                keys = self.jwks.current().len(),
-                "token keys reloaded"
-            ),
+            Ok(true) => {
+                tracing::info!(
+                    event = "jwks_reloaded",
+                    path = %self.jwks_path.display(),
+                    keys = self.jwks.current().len(),
+                    refused = self.jwks.current().skipped().len(),
+                    "token keys reloaded"
+                );
+                audit_key_set(&self.auditor, &self.jwks, &self.jwks_path, None);
+            }
             Ok(false) => {}
-            Err(e) => tracing::warn!(
-                event = "jwks_reload_failed",
-                path = %self.jwks_path.display(),
-                error = %e,
-                "keeping the previous token keys"
-            ),
+            Err(e) => {
+                tracing::warn!(
+                    event = "jwks_reload_failed",
+                    path = %self.jwks_path.display(),
+                    error = %e,
+                    "keeping the previous token keys"
+                );
+                audit_key_set(
+                    &self.auditor,
+                    &self.jwks,
+                    &self.jwks_path,
+                    Some(e.to_string()),
+                );
+            }
         }
         self.admitter.purge(SystemTime::now());
     }
@@ -506,16 +793,12 @@ impl Knocks {
 /// without loading anything.
 struct KnockParts {
     jwks: Arc<JwksFile>,
+    jwks_path: PathBuf,
     verifier: Arc<Verifier>,
-    node: Arc<NodeKey>,
     policies: Arc<PolicyStore>,
 }
 
-fn prepare_knocks(
-    cfg: &Config,
-    tokens: &TokensSection,
-    node: Arc<NodeKey>,
-) -> anyhow::Result<KnockParts> {
+fn prepare_knocks(cfg: &Config, tokens: &TokensSection) -> anyhow::Result<KnockParts> {
     let jwks = Arc::new(
         JwksFile::load(&tokens.jwks_file, tokens.allow_hs256)
             .with_context(|| format!("tokens.jwks_file {}", tokens.jwks_file.display()))?,
@@ -524,8 +807,8 @@ fn prepare_knocks(
     let policies = Arc::new(open_policies(cfg)?);
     Ok(KnockParts {
         jwks,
+        jwks_path: tokens.jwks_file.clone(),
         verifier,
-        node,
         policies,
     })
 }
@@ -534,14 +817,15 @@ async fn start_knocks(
     cfg: &Arc<Config>,
     tokens: &TokensSection,
     parts: KnockParts,
+    node: Arc<NodeKey>,
     maps: Arc<Mutex<Maps>>,
     auditor: Auditor,
     book: Arc<SpendBook>,
 ) -> anyhow::Result<Knocks> {
     let KnockParts {
         jwks,
+        jwks_path: _,
         verifier,
-        node,
         policies,
     } = parts;
     let admitter =
@@ -657,7 +941,7 @@ async fn granted(sock: &UdpSocket, admitter: &Admitter, g: &Granted, peer: Socke
 fn refused(auditor: &Auditor, d: &Denied, peer: SocketAddr) {
     match &d.refusal {
         // Operator problems are warnings; a client's bad knock is debug.
-        e @ (Refusal::SlotsExhausted | Refusal::Kernel(_)) => {
+        e @ (Refusal::SlotsExhausted | Refusal::Kernel(_) | Refusal::TableFull { .. }) => {
             tracing::warn!(event = "knock_refused", reason = e.reason(), %peer, detail = %e)
         }
         e => tracing::debug!(event = "knock_refused", reason = e.reason(), %peer, detail = %e),
@@ -672,13 +956,13 @@ fn refused(auditor: &Auditor, d: &Denied, peer: SocketAddr) {
 /// One interval: counter deltas, sampled drops, expired admissions.
 fn report(
     maps: &mut Maps,
-    last: [u64; Reason::COUNT as usize],
+    last: Vec<u64>,
     drops: &mut DropAccumulator,
-) -> anyhow::Result<[u64; Reason::COUNT as usize]> {
-    let now = maps.reason_counts()?;
+) -> anyhow::Result<Vec<u64>> {
+    let now = maps.reason_counts()?.to_vec();
     drops.add_counts(&last, &now);
     for r in Reason::ALL {
-        let delta = now[r as usize].saturating_sub(last[r as usize]);
+        let delta = now[r as usize].saturating_sub(last.get(r as usize).copied().unwrap_or(0));
         if delta > 0 && r.is_drop() {
             tracing::info!(event = "drops", reason = r.name(), count = delta, "dropped");
         }

@@ -1314,6 +1314,7 @@ async fn real_auditor_to_real_collector_every_seq_exactly_once_across_a_collecto
             agent_version: "test".into(),
             policy_version: "p".into(),
             reason: "start".into(),
+            ..StartInfo::default()
         },
     )
     .unwrap();

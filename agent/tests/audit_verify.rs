@@ -56,6 +56,7 @@ fn every_kind(node: &str, key: &NodeKey) -> Vec<Sealed> {
             jti_sha256: vec![0xab; 32],
             expires_unix_ms: 1_800_000_300_000,
             action: "invoke".into(),
+            identity_name: "acme/alice".into(),
         }),
         Body::AdmissionDenied(AdmissionDenied {
             service: "llm".into(),
@@ -93,6 +94,7 @@ fn every_kind(node: &str, key: &NodeKey) -> Vec<Sealed> {
                 top_reason: "no_admission".into(),
             }],
             sampled: 3,
+            ..Default::default()
         }),
         Body::CostReport(CostReport {
             interval_start_unix_ns: 1_800_000_000_000_000_000,

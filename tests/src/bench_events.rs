@@ -43,6 +43,7 @@ use std::{
 };
 
 use anyhow::{Context, Result, bail};
+use portcullis_agent::identity::IdentityName;
 use portcullis_agent::{
     audit::{
         auditor::{AuditError, Auditor, StartInfo},
@@ -140,12 +141,15 @@ impl Gen {
         for (k, chunk) in jti.chunks_mut(8).enumerate() {
             chunk.copy_from_slice(&splitmix(i * 4 + k as u64).to_le_bytes());
         }
+        let identity = format!(
+            "spiffe://acme.example/ns/t{t}/sa/inference-client-{}",
+            i % 5000
+        );
+        let tenant = format!("tenant-{t}");
         Body::AdmissionGranted(AdmissionGranted {
-            identity: format!(
-                "spiffe://acme.example/ns/t{t}/sa/inference-client-{}",
-                i % 5000
-            ),
-            tenant: format!("tenant-{t}"),
+            identity_name: IdentityName::new(Some(&tenant), &identity).display(),
+            identity,
+            tenant,
             service: "llm-inference".into(),
             model_version: "llama-3.1-70b-instruct@2026-10-01".into(),
             source: format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255),
@@ -384,6 +388,7 @@ fn start_info() -> StartInfo {
         agent_version: env!("CARGO_PKG_VERSION").into(),
         policy_version: "bench".into(),
         reason: "bench events".into(),
+        ..StartInfo::default()
     }
 }
 

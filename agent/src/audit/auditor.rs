@@ -82,11 +82,15 @@ impl From<SpoolError> for AuditError {
 }
 
 /// What the `Lifecycle STARTED` event says about this start.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct StartInfo {
     pub agent_version: String,
     pub policy_version: String,
     pub reason: String,
+    /// The pins die with the agent (`kernel.ephemeral_pins`).
+    pub ephemeral_pins: bool,
+    /// Why the pins outlive the agent, in words.
+    pub pin_durability: String,
 }
 
 /// A snapshot of the auditor's counters.
@@ -431,6 +435,8 @@ impl Writer {
             recovered_seq: recovery.map_or(0, |r| r.head.seq),
             recovered_torn_bytes: recovery.map_or(0, |r| r.torn_bytes()),
             policy_version: self.start.policy_version.clone(),
+            ephemeral_pins: self.start.ephemeral_pins,
+            pin_durability: self.start.pin_durability.clone(),
         })
     }
 
@@ -836,6 +842,7 @@ mod tests {
             agent_version: "0.1.0-test".into(),
             policy_version: "p1".into(),
             reason: reason.into(),
+            ..StartInfo::default()
         }
     }
 

@@ -11,7 +11,7 @@ use std::{
 };
 
 use portcullis_common::{DropEvent, Reason};
-use portcullis_proto::v1::{DropSummary, ReasonCount, SourceCount};
+use portcullis_proto::v1::{DropSummary, ReasonCount, SourceCount, TableFill};
 
 use crate::kernel::{clock::unix_ns, maps::bytes_addr};
 
@@ -32,6 +32,14 @@ pub struct DropAccumulator {
     reasons: HashMap<String, u64>,
     sources: HashMap<IpAddr, SourceTally>,
     sampled: u64,
+    /// The kernel's cumulative counters as last added, and their map.
+    totals: Vec<u64>,
+    instance: String,
+    /// This interval began before the agent (re)started.
+    since_restart: bool,
+    tables: Vec<TableFill>,
+    /// Fill percent per table as last reported: a change is news.
+    reported_fill: Vec<(String, u32)>,
 }
 
 impl DropAccumulator {
@@ -41,11 +49,43 @@ impl DropAccumulator {
             reasons: HashMap::new(),
             sources: HashMap::new(),
             sampled: 0,
+            totals: Vec::new(),
+            instance: String::new(),
+            since_restart: false,
+            tables: Vec::new(),
+            reported_fill: Vec::new(),
         }
     }
 
-    /// Kernel drop-counter deltas since the previous call.
+    /// The interval that began at `start`, before this agent started: its
+    /// summary says so.
+    pub fn since_restart(start: SystemTime) -> DropAccumulator {
+        DropAccumulator {
+            since_restart: true,
+            ..DropAccumulator::new(start)
+        }
+    }
+
+    /// Which counter map the totals come from (see
+    /// `Maps::drops_instance`).
+    pub fn set_instance(&mut self, instance: &str) {
+        self.instance = instance.to_owned();
+    }
+
+    /// How full the kernel tables are, for the next summary.
+    pub fn set_tables(&mut self, tables: Vec<TableFill>) {
+        self.tables = tables;
+    }
+
+    /// The kernel's cumulative counters the summary will report.
+    pub fn totals(&self) -> &[u64] {
+        &self.totals
+    }
+
+    /// Kernel drop-counter deltas since the previous call; `now` becomes
+    /// the totals the next summary reports.
     pub fn add_counts(&mut self, before: &[u64], now: &[u64]) {
+        self.totals = now.to_vec();
         for r in Reason::ALL {
             let i = r as usize;
             let (Some(b), Some(n)) = (before.get(i), now.get(i)) else {
@@ -85,11 +125,31 @@ impl DropAccumulator {
         self.reasons.is_empty() && self.sampled == 0
     }
 
+    /// Whether a summary is due even without drops: the first one after a
+    /// restart always goes out, so the trail records the counters it
+    /// starts from.
+    pub fn has_news(&self) -> bool {
+        !self.is_empty() || self.since_restart || self.fill() != self.reported_fill
+    }
+
+    /// Whole-percent fill of each table: what counts as a change.
+    fn fill(&self) -> Vec<(String, u32)> {
+        self.tables
+            .iter()
+            .map(|t| {
+                let pct = (u64::from(t.entries) * 100)
+                    .checked_div(u64::from(t.capacity))
+                    .unwrap_or(0);
+                (t.map.clone(), pct as u32)
+            })
+            .collect()
+    }
+
     /// The summary of everything accumulated, or `None` if nothing was
     /// dropped. Does not reset: call [`DropAccumulator::reset`] once the
     /// summary was recorded.
     pub fn summary(&self, now: SystemTime) -> Option<DropSummary> {
-        if self.is_empty() {
+        if !self.has_news() {
             return None;
         }
         let mut reasons: Vec<ReasonCount> = self
@@ -132,12 +192,34 @@ impl DropAccumulator {
             reasons,
             top_sources,
             sampled: self.sampled,
+            kernel_totals: Reason::ALL
+                .iter()
+                .filter_map(|r| {
+                    self.totals.get(*r as usize).map(|n| ReasonCount {
+                        reason: r.name().to_string(),
+                        packets: *n,
+                    })
+                })
+                .collect(),
+            counters_instance: self.instance.clone(),
+            since_restart: self.since_restart,
+            tables: self.tables.clone(),
         })
     }
 
-    /// Starts the next interval at `now`.
+    /// Starts the next interval at `now` (same counters, same map; the
+    /// table fill just reported is the one later changes are measured
+    /// against).
     pub fn reset(&mut self, now: SystemTime) {
+        let totals = std::mem::take(&mut self.totals);
+        let instance = std::mem::take(&mut self.instance);
+        let reported_fill = self.fill();
+        let tables = std::mem::take(&mut self.tables);
         *self = DropAccumulator::new(now);
+        self.totals = totals;
+        self.instance = instance;
+        self.reported_fill = reported_fill;
+        self.tables = tables;
     }
 }
 
@@ -203,5 +285,44 @@ mod tests {
         let s = acc.summary(SystemTime::now()).unwrap();
         assert_eq!(s.sampled, 20_000);
         assert_eq!(s.top_sources.len(), TOP_SOURCES);
+    }
+
+    fn fill(map: &str, entries: u32) -> TableFill {
+        TableFill {
+            map: map.into(),
+            entries,
+            capacity: 200,
+            knob: "kernel.max_admissions".into(),
+        }
+    }
+
+    /// A summary carries the kernel's totals, the map they come from and
+    /// the table fill; a fill change alone is news, an unchanged one is
+    /// not; the first summary after a restart always goes out.
+    #[test]
+    fn totals_restarts_and_table_fill() {
+        let t0 = SystemTime::now();
+        let mut acc = DropAccumulator::since_restart(t0);
+        acc.set_instance("boot/9");
+        let zero = vec![0u64; Reason::COUNT as usize];
+        let mut now = zero.clone();
+        now[Reason::Passed as usize] = 5;
+        acc.add_counts(&zero, &now);
+        acc.set_tables(vec![fill("PCL_ADMIT", 10)]);
+        let s = acc.summary(t0).expect("a restart is always reported");
+        assert!(s.since_restart && s.reasons.is_empty());
+        assert_eq!(s.counters_instance, "boot/9");
+        assert_eq!(s.kernel_totals[0].reason, "passed");
+        assert_eq!(s.kernel_totals[0].packets, 5);
+        assert_eq!(s.kernel_totals.len(), Reason::COUNT as usize);
+        assert_eq!(s.tables.len(), 1);
+        acc.reset(t0);
+        // Same fill (10 of 200 and 11 of 200 are both 5%): nothing to say.
+        acc.set_tables(vec![fill("PCL_ADMIT", 11)]);
+        assert!(acc.summary(t0).is_none());
+        acc.set_tables(vec![fill("PCL_ADMIT", 160)]);
+        let s = acc.summary(t0).expect("80% full is news");
+        assert!(!s.since_restart);
+        assert_eq!(s.kernel_totals[0].packets, 5, "totals carry over a reset");
     }
 }

@@ -79,6 +79,7 @@ pub enum PortcullisActivity {
     PolicyChange = 4,
     Gap = 5,
     SpoolPressure = 6,
+    KeySetChange = 7,
     Other = 99,
 }
 
@@ -91,6 +92,7 @@ impl PortcullisActivity {
             PortcullisActivity::PolicyChange => "Policy Change",
             PortcullisActivity::Gap => "Gap",
             PortcullisActivity::SpoolPressure => "Spool Pressure",
+            PortcullisActivity::KeySetChange => "Key Set Change",
             PortcullisActivity::Other => "Other",
         }
     }
@@ -617,6 +619,36 @@ fn classify(ev: &Event) -> Class<'_> {
                 g.first_seq, g.last_seq, g.reason
             ),
         ),
+        Body::KeySetChange(k) => custom(
+            PortcullisActivity::KeySetChange,
+            if !k.accepted {
+                3
+            } else if k.refused.is_empty() {
+                1
+            } else {
+                2
+            },
+            if k.accepted {
+                let refused: Vec<String> = k
+                    .refused
+                    .iter()
+                    .map(|r| format!("#{} kid {:?}: {}", r.index, r.kid, r.reason))
+                    .collect();
+                format!(
+                    "token keys {} loaded: {} in use, {} refused{}{}",
+                    k.path,
+                    k.keys,
+                    k.refused.len(),
+                    if refused.is_empty() { "" } else { ": " },
+                    refused.join("; ")
+                )
+            } else {
+                format!(
+                    "token keys {} rejected, the previous {} keys stay: {}",
+                    k.path, k.keys, k.error
+                )
+            },
+        ),
         Body::SpoolPressure(s) => custom(
             PortcullisActivity::SpoolPressure,
             if s.full { 3 } else { 1 },
@@ -659,6 +691,8 @@ fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             j.k("recovered_seq").u(l.recovered_seq);
             j.k("recovered_torn_bytes").u(l.recovered_torn_bytes);
             j.k("policy_version").s(&l.policy_version);
+            j.k("ephemeral_pins").b(l.ephemeral_pins);
+            j.k("pin_durability").s(&l.pin_durability);
             j.end();
         }
         Some(Body::AdmissionGranted(g)) => {
@@ -676,6 +710,7 @@ fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             j.k("jti_sha256").hex(&g.jti_sha256);
             j.k("expires_unix_ms").i(g.expires_unix_ms);
             j.k("action").s(&g.action);
+            j.k("identity_name").s(&g.identity_name);
             j.end();
         }
         Some(Body::AdmissionDenied(d)) => {
@@ -694,6 +729,7 @@ fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             j.k("reason").s(&d.reason);
             j.k("detail").s(&d.detail);
             j.k("action").s(&d.action);
+            j.k("identity_name").s(&d.identity_name);
             j.end();
         }
         Some(Body::Revocation(r)) => {
@@ -736,6 +772,26 @@ fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             }
             j.end_arr();
             j.k("sampled").u(s.sampled);
+            j.k("kernel_totals").arr();
+            for r in &s.kernel_totals {
+                j.obj();
+                j.k("reason").s(&r.reason);
+                j.k("packets").u(r.packets);
+                j.end();
+            }
+            j.end_arr();
+            j.k("counters_instance").s(&s.counters_instance);
+            j.k("since_restart").b(s.since_restart);
+            j.k("tables").arr();
+            for t in &s.tables {
+                j.obj();
+                j.k("map").s(&t.map);
+                j.k("entries").u(t.entries.into());
+                j.k("capacity").u(t.capacity.into());
+                j.k("knob").s(&t.knob);
+                j.end();
+            }
+            j.end_arr();
             j.end();
         }
         Some(Body::CostReport(c)) => {
@@ -787,6 +843,23 @@ fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             j.k("first_seq").u(g.first_seq);
             j.k("last_seq").u(g.last_seq);
             j.k("reason").s(&g.reason);
+            j.end();
+        }
+        Some(Body::KeySetChange(k)) => {
+            j.k("key_set_change").obj();
+            j.k("path").s(&k.path);
+            j.k("keys").u(k.keys.into());
+            j.k("refused").arr();
+            for r in &k.refused {
+                j.obj();
+                j.k("kid").s(&r.kid);
+                j.k("index").u(r.index.into());
+                j.k("reason").s(&r.reason);
+                j.end();
+            }
+            j.end_arr();
+            j.k("accepted").b(k.accepted);
+            j.k("error").s(&k.error);
             j.end();
         }
         Some(Body::SpoolPressure(s)) => {
@@ -1179,6 +1252,8 @@ mod tests {
                         recovered_seq: u64::MAX,
                         recovered_torn_bytes: 3,
                         policy_version: s.clone(),
+                        ephemeral_pins: phase == 2,
+                        pin_durability: s.clone(),
                     }),
                 ));
             }
@@ -1213,6 +1288,7 @@ mod tests {
                         jti_sha256: jti.clone(),
                         expires_unix_ms: if i == 2 { -5 } else { 1_800_000_300_000 },
                         action: s.clone(),
+                        identity_name: format!("{s}/x%2Fy"),
                     }),
                 ));
                 v.push(ev(
@@ -1236,6 +1312,7 @@ mod tests {
                         },
                         detail: if i == 1 { String::new() } else { s.clone() },
                         action: "a".into(),
+                        identity_name: s.clone(),
                     }),
                 ));
             }
@@ -1260,6 +1337,25 @@ mod tests {
                         policies: 3,
                         accepted,
                         error: s.clone(),
+                    }),
+                ));
+            }
+            for (accepted, n) in [(true, 0u32), (true, 2), (false, 1)] {
+                v.push(ev(
+                    34,
+                    t,
+                    Body::KeySetChange(portcullis_proto::v1::KeySetChange {
+                        path: s.clone(),
+                        keys: 3,
+                        refused: (0..n)
+                            .map(|k| portcullis_proto::v1::RefusedKey {
+                                kid: format!("k{k}{s}"),
+                                index: k,
+                                reason: s.clone(),
+                            })
+                            .collect(),
+                        accepted,
+                        error: if accepted { String::new() } else { s.clone() },
                     }),
                 ));
             }
@@ -1288,6 +1384,22 @@ mod tests {
                             })
                             .collect(),
                         sampled: 77,
+                        kernel_totals: (0..n)
+                            .map(|k| ReasonCount {
+                                reason: format!("t{k}"),
+                                packets: u64::MAX - k as u64,
+                            })
+                            .collect(),
+                        counters_instance: s.clone(),
+                        since_restart: n == 1,
+                        tables: (0..n)
+                            .map(|k| portcullis_proto::v1::TableFill {
+                                map: format!("PCL_{k}{s}"),
+                                entries: k as u32,
+                                capacity: 16_384,
+                                knob: s.clone(),
+                            })
+                            .collect(),
                     }),
                 ));
             }

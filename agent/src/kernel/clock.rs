@@ -44,3 +44,8 @@ pub fn unix_ms(t: SystemTime) -> i64 {
 pub fn expiry_after(ttl: Duration) -> u64 {
     monotonic_ns().saturating_add(ttl.as_nanos().min(u64::MAX as u128) as u64)
 }
+
+/// The inverse of [`unix_ns`] (times before 1970 are 1970).
+pub fn from_unix_ns(ns: i64) -> SystemTime {
+    SystemTime::UNIX_EPOCH + Duration::from_nanos(u64::try_from(ns).unwrap_or(0))
+}
