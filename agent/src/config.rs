@@ -167,6 +167,10 @@ pub struct KernelSection {
     pub max_knock_sources: u32,
     /// Sampled drop events per CPU per second.
     pub events_per_sec: u32,
+    /// Allow pins on a bpf filesystem that dies with the agent's mount
+    /// namespace (tests and demos only): enforcement then ends with the
+    /// agent. Off, such a start is refused.
+    pub ephemeral_pins: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -228,6 +232,8 @@ pub struct Limits {
     pub bytes_burst: u64,
     pub egress_bytes_per_sec: u64,
     pub egress_bytes_burst: u64,
+    /// Flows (connections) the identity may have at once; 0: unlimited.
+    pub max_flows: u32,
 }
 
 impl Default for Limits {
@@ -240,6 +246,7 @@ impl Default for Limits {
             bytes_burst: 1 << 20,
             egress_bytes_per_sec: 0,
             egress_bytes_burst: 1 << 20,
+            max_flows: 1024,
         }
     }
 }
@@ -289,7 +296,14 @@ pub struct Service {
     /// The model behind the port, as policies see it (`resource`).
     pub model: ModelAttrs,
     pub price: Price,
+    /// Live admissions one identity may hold for this service (distinct
+    /// source addresses or flow-scoped ports); a knock beyond it is refused
+    /// (`identity_quota`), so one identity cannot fill the node's table.
+    pub max_sources_per_identity: u32,
 }
+
+/// Default for [`Service::max_sources_per_identity`].
+pub const DEFAULT_MAX_SOURCES_PER_IDENTITY: u32 = 64;
 
 /// A service's model attributes for policy (Cedar `Model` entity).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -332,7 +346,15 @@ pub struct TokensSection {
     pub audience: String,
     pub leeway: Duration,
     pub max_lifetime: Duration,
-    pub tenant_claim: String,
+    /// The claim naming the tenant; `None` (`tenant_claim = ""`): no
+    /// tenants, the claim is ignored.
+    pub tenant_claim: Option<String>,
+    /// The tenant of tokens without the claim; `None`: such tokens are
+    /// refused.
+    pub default_tenant: Option<String>,
+    /// RFC 9068 §2.2 makes `client_id` REQUIRED; off only for identity
+    /// providers that omit it.
+    pub require_client_id: bool,
     pub require_typ: bool,
     pub allow_hs256: bool,
     /// Revoked `jti`s and subjects, one per line (`jti:ID`, `sub:SUBJECT`),
@@ -419,7 +441,31 @@ impl Config {
 
 /// `hostname` supplies the default node id; tests pass a fixed one.
 fn parse(text: &str, hostname: impl FnOnce() -> io::Result<String>) -> Result<Config, ConfigError> {
-    validate::validate(raw::parse(text)?, hostname)
+    match raw::parse(text) {
+        Ok(r) => validate::validate(r, hostname),
+        Err(e) => Err(refine_oversized(text, e)),
+    }
+}
+
+/// An integer beyond TOML's range: the file is validated again with the
+/// nearest i64 in its place, so the error names the field's own range, and
+/// the number is shown as written.
+fn refine_oversized(text: &str, e: ConfigError) -> ConfigError {
+    let Err(te) = toml::from_str::<toml::Table>(text) else {
+        return e;
+    };
+    let Some((field, literal, fixed)) = raw::oversized_integer(text, &te) else {
+        return e;
+    };
+    match raw::parse(&fixed).and_then(|r| validate::validate(r, || Ok("node".into()))) {
+        Err(ConfigError::Invalid { field: f, message }) if f == field => ConfigError::Invalid {
+            field: f,
+            message: message
+                .replace(&i64::MAX.to_string(), &literal)
+                .replace(&i64::MIN.to_string(), &literal),
+        },
+        _ => e,
+    }
 }
 
 fn system_hostname() -> io::Result<String> {
@@ -1030,6 +1076,79 @@ mod tests {
         }
     }
 
+    /// With every section present (`[accounting]` and `[audit]` sort
+    /// first), each error still blames its own key.
+    #[test]
+    fn every_section_is_located() {
+        const ALL: &str = "[accounting]\ncurrency = \"EUR\"\n[audit]\nspool_dir = \"/var/lib/p\"\n[audit.collector]\nendpoint = \"http://127.0.0.1:7443\"\n[agent]\nnode_id = \"n\"\n[policy]\ndir = \"/etc/p\"\n";
+        let cases = [
+            (
+                format!("{ALL}[knock]\nbogus = 1\n{KERNEL}{SERVICE}"),
+                "knock.bogus",
+            ),
+            (
+                format!("{ALL}[kernel]\ninterfaces = \"eth0\"\n{SERVICE}"),
+                "kernel.interfaces",
+            ),
+            (
+                format!("{ALL}{KERNEL}[[services]]\nname = \"a\"\nport = 80.5\n"),
+                "services[0].port",
+            ),
+            (format!("{ALL}[foo]\nx = 1\n{KERNEL}{SERVICE}"), "foo"),
+            (
+                format!("{KERNEL}{SERVICE}[accounting]\nledgr = \"/x\"\n"),
+                "accounting.ledgr",
+            ),
+            (
+                format!("{KERNEL}{SERVICE}[audit]\nspool = \"/x\"\n"),
+                "audit.spool",
+            ),
+            (
+                format!("{KERNEL}{SERVICE}[audit.collector]\nendpont = \"x\"\n"),
+                "audit.collector.endpont",
+            ),
+            (
+                format!("{ALL}{KERNEL}{SERVICE}price = {{ per_gib = 1 }}\n"),
+                "services[0].price.per_gib",
+            ),
+            (
+                format!("{ALL}{KERNEL}{SERVICE}[tokens]\nissuer = 5\n"),
+                "tokens.issuer",
+            ),
+        ];
+        for (text, field) in cases {
+            let e = parse_err(&text);
+            assert_eq!(e.field(), Some(field), "{text}\n---\n{e}");
+        }
+    }
+
+    /// An integer TOML cannot even hold names its key and the key's range,
+    /// not "not valid TOML".
+    #[test]
+    fn integers_beyond_toml_name_their_field() {
+        let e = parse_err(&format!(
+            "{KERNEL}[[services]]\nname = \"a\"\nport = 99999999999999999999\n"
+        ));
+        assert_eq!(e.field(), Some("services[0].port"), "{e}");
+        let text = e.to_string();
+        assert!(
+            text.contains("99999999999999999999") && text.contains("1-65535"),
+            "{text}"
+        );
+        let e = parse_err(&format!(
+            "{SERVICE}[kernel]\ninterfaces = [\"eth0\"]\nmax_flows = -123456789012345678901 # comment\n"
+        ));
+        assert_eq!(e.field(), Some("kernel.max_flows"), "{e}");
+        assert!(e.to_string().contains("-123456789012345678901"), "{e}");
+        // Past TOML and past the field's own range too (bytes_burst takes
+        // any i64): still named, with the TOML limit.
+        let e = parse_err(&format!(
+            "{KERNEL}{SERVICE}[limits]\nbytes_burst = 1_000_000_000_000_000_000_000\n"
+        ));
+        assert_eq!(e.field(), Some("limits.bytes_burst"), "{e}");
+        assert!(e.to_string().contains("too large"), "{e}");
+    }
+
     #[test]
     fn wrong_type_is_located_with_line_and_column() {
         let text = format!("{KERNEL}[[services]]\nname = \"a\"\nport = \"8000\"\n");
@@ -1085,6 +1204,7 @@ mod tests {
             bytes_burst: 1_000_000,
             egress_bytes_per_sec: 0,
             egress_bytes_burst: 5,
+            max_flows: 7,
         };
         let gcra = limits.to_gcra();
         assert_eq!(gcra.conn_cost_ns, 100_000_000);

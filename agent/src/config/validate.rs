@@ -397,6 +397,7 @@ fn kernel(raw: RawKernel) -> Result<KernelSection, ConfigError> {
             DEFAULT_EVENTS_PER_SEC,
             0..=100_000,
         )?,
+        ephemeral_pins: raw.ephemeral_pins.unwrap_or(false),
     })
 }
 
@@ -524,13 +525,37 @@ fn tokens(raw: &RawTokens) -> Result<TokensSection, ConfigError> {
         &raw.jwks_file,
         "name the JWKS file with the identity provider's public keys",
     )?;
-    let tenant_claim = raw.tenant_claim.clone().unwrap_or_else(|| "tenant".into());
-    if tenant_claim.is_empty() {
-        return Err(invalid(
-            "tokens.tenant_claim",
-            "is empty; name the claim that carries the tenant, e.g. \"tenant\"",
-        ));
-    }
+    // "" turns tenants off: a single-tenant deployment says so explicitly.
+    let tenant_claim = match raw.tenant_claim.as_deref() {
+        None => Some("tenant".to_owned()),
+        Some("") => None,
+        Some(c) if c.trim() != c || c.len() > 64 => {
+            return Err(invalid(
+                "tokens.tenant_claim",
+                format!(
+                    "{c:?} is not a claim name; use 1-64 characters without surrounding \
+                     spaces, or \"\" for a deployment without tenants"
+                ),
+            ));
+        }
+        Some(c) => Some(c.to_owned()),
+    };
+    let default_tenant = match raw.default_tenant.as_deref() {
+        None => None,
+        Some(t) if t.is_empty() || t.len() > 256 || t.chars().any(char::is_control) => {
+            return Err(invalid(
+                "tokens.default_tenant",
+                "must be 1-256 characters without control characters (or leave it out to refuse tokens without a tenant)",
+            ));
+        }
+        Some(_) if tenant_claim.is_none() => {
+            return Err(invalid(
+                "tokens.default_tenant",
+                "is set while tokens.tenant_claim = \"\" turns tenants off; remove one of them",
+            ));
+        }
+        Some(t) => Some(t.to_owned()),
+    };
     Ok(TokensSection {
         jwks_file: absolute("tokens.jwks_file", Some(jwks), "/etc/portcullis/jwks.json")?,
         issuer: text(
@@ -552,6 +577,8 @@ fn tokens(raw: &RawTokens) -> Result<TokensSection, ConfigError> {
             60..=86_400,
         )?),
         tenant_claim,
+        default_tenant,
+        require_client_id: raw.require_client_id.unwrap_or(true),
         require_typ: raw.require_typ.unwrap_or(true),
         allow_hs256: raw.allow_hs256.unwrap_or(false),
         revocations_file: raw
@@ -609,6 +636,12 @@ fn limits(section: &str, raw: &RawLimits, base: &Limits) -> Result<Limits, Confi
             raw.egress_bytes_burst,
             base.egress_bytes_burst,
             0..=i64::MAX,
+        )?,
+        max_flows: int(
+            &field("max_flows"),
+            raw.max_flows,
+            base.max_flows,
+            0..=4_194_304,
         )?,
     };
     let bursts = [
@@ -733,6 +766,12 @@ fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
             cost_tier: attr(&field("cost_tier"), &raw.cost_tier, "standard")?,
         },
         price: price(&field("price"), &raw.price)?,
+        max_sources_per_identity: int(
+            &field("max_sources_per_identity"),
+            raw.max_sources_per_identity,
+            super::DEFAULT_MAX_SOURCES_PER_IDENTITY,
+            1..=1_048_576,
+        )?,
     })
 }
 
