@@ -5,12 +5,14 @@
 //! - [`server`]: the gRPC `Collector` service (handshake, batches, acks).
 //! - [`store`]: output files, rotation, persisted heads, crash recovery.
 //! - [`ocsf`]: the record for each event and for each finding.
-//! - [`keys`]: pinned keys and trust on first use.
+//! - [`keys`]: the record of node keys (pinned, enrolled, first use).
+//! - [`guard`]: bounded findings about failed handshakes.
 //!
 //! In-process use (tests, tools): [`Collector::open`] then
 //! [`Collector::serve`] with a bound listener and a shutdown future, or
 //! [`serve`] from options alone.
 
+pub mod guard;
 pub mod keys;
 pub mod ocsf;
 pub mod server;
@@ -18,6 +20,7 @@ pub mod store;
 
 use std::{
     collections::HashMap, future::Future, io::Write, net::SocketAddr, path::PathBuf, sync::Arc,
+    time::Duration,
 };
 
 use anyhow::Context as _;
@@ -25,7 +28,28 @@ use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig, server::T
 
 pub use server::Stats;
 
-use crate::audit::verify::Trust;
+/// Which node keys the collector accepts.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrustMode {
+    /// Keys pinned with --keys or enrolled (`portcullis collector enroll`):
+    /// the default; an unknown node is refused.
+    Enrolled,
+    /// Only keys pinned with --keys.
+    Pinned,
+    /// Also trust an unknown node's first key (development only; every
+    /// record of such a node says `portcullis.trust = "tofu"`).
+    Tofu,
+}
+
+impl TrustMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TrustMode::Enrolled => "enrolled",
+            TrustMode::Pinned => "pinned",
+            TrustMode::Tofu => "tofu",
+        }
+    }
+}
 
 /// Where records go.
 pub enum Output {
@@ -51,7 +75,7 @@ pub struct TlsFiles {
 /// Everything `portcullis collector` is told.
 pub struct CollectorOptions {
     pub output: Output,
-    pub trust: Trust,
+    pub trust: TrustMode,
     /// Operator-pinned keys per node (`--keys FILE`).
     pub pinned: HashMap<String, [u8; 32]>,
     /// Refuse batches with more events than this.
@@ -60,17 +84,23 @@ pub struct CollectorOptions {
     pub max_message_bytes: usize,
     /// Seconds a client has to complete Hello and Proof.
     pub handshake_timeout_secs: u64,
+    /// Require the client certificate to name the node id (mTLS).
+    pub node_id_from_cert: bool,
+    /// Bounds on findings about failed handshakes.
+    pub guard: guard::GuardLimits,
 }
 
 impl CollectorOptions {
     pub fn new(output: Output) -> CollectorOptions {
         CollectorOptions {
             output,
-            trust: Trust::Tofu,
+            trust: TrustMode::Enrolled,
             pinned: HashMap::new(),
             max_batch_events: 1024,
             max_message_bytes: 4 * 1024 * 1024,
             handshake_timeout_secs: 10,
+            node_id_from_cert: false,
+            guard: guard::GuardLimits::default(),
         }
     }
 }
@@ -123,12 +153,33 @@ impl Collector {
             shutdown.await;
             shared.begin_shutdown();
         };
-        builder
+        // Findings about failed handshakes are summed per window and
+        // written when it ends.
+        let flusher = {
+            let shared = self.shared.clone();
+            let window = shared.guard_window();
+            tokio::spawn(async move {
+                let mut tick = tokio::time::interval(window.min(Duration::from_secs(1)));
+                loop {
+                    tick.tick().await;
+                    let s = shared.clone();
+                    if tokio::task::spawn_blocking(move || s.flush_guard(false))
+                        .await
+                        .is_err()
+                    {
+                        return;
+                    }
+                }
+            })
+        };
+        let served = builder
             .serve_with_incoming_shutdown(self.service(), incoming, signal)
             .await
-            .context("collector server")?;
+            .context("collector server");
+        flusher.abort();
+        self.shared.flush_guard(true);
         self.shared.save_state();
-        Ok(())
+        served
     }
 }
 
@@ -181,13 +232,46 @@ pub async fn serve(
     c.serve(listener, listen.tls.as_ref(), shutdown).await
 }
 
+/// `portcullis collector [enroll ...]`.
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+pub struct CollectorCmd {
+    #[command(subcommand)]
+    pub action: Option<CollectorAction>,
+    #[command(flatten)]
+    pub run: CollectorArgs,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum CollectorAction {
+    /// Enroll a node: record its Ed25519 public key (from the agent's
+    /// STARTED event or `portcullis agent status`), so the collector accepts
+    /// its stream. Takes effect at the node's next connection.
+    #[command(group = clap::ArgGroup::new("where").required(true))]
+    Enroll {
+        /// The collector's output directory (as given to --out).
+        #[arg(long, value_name = "DIR", group = "where")]
+        out: Option<PathBuf>,
+        /// The collector's --state-dir (with --stdout).
+        #[arg(long, value_name = "DIR", group = "where")]
+        state_dir: Option<PathBuf>,
+        /// Replace a different key already on record for the node.
+        #[arg(long)]
+        replace: bool,
+        /// The node id (`agent.node_id`).
+        node: String,
+        /// Its public key: 64 hex digits or base64.
+        key: String,
+    },
+}
+
 /// `portcullis collector` flags.
 #[derive(clap::Args, Debug)]
 #[command(group = clap::ArgGroup::new("output").required(true))]
 pub struct CollectorArgs {
     /// Address to listen on, e.g. 127.0.0.1:7300 or [::]:7300.
-    #[arg(long, value_name = "ADDR")]
-    pub listen: SocketAddr,
+    #[arg(long, value_name = "ADDR", required = true)]
+    pub listen: Option<SocketAddr>,
     /// Write JSON-lines files (rotating) and state into DIR.
     #[arg(long, value_name = "DIR", group = "output")]
     pub out: Option<PathBuf>,
@@ -204,10 +288,15 @@ pub struct CollectorArgs {
     /// Pinned node keys: lines `NODE_ID KEY` (hex or base64 Ed25519 key).
     #[arg(long, value_name = "FILE")]
     pub keys: Option<PathBuf>,
-    /// `tofu`: trust a node's first key (pinned keys still win);
-    /// `pinned`: only nodes in --keys.
-    #[arg(long, value_enum, default_value_t = TrustArg::Tofu)]
-    pub trust: TrustArg,
+    /// `enrolled`: nodes pinned with --keys or enrolled with `portcullis
+    /// collector enroll`; `pinned`: only --keys; `tofu`: also an unknown
+    /// node's first key (development only; its records say so).
+    #[arg(long, value_enum, default_value_t = TrustMode::Enrolled)]
+    pub trust: TrustMode,
+    /// With --client-ca: a node's client certificate must name its node id
+    /// (DNS subject alternative name).
+    #[arg(long, requires = "client_ca")]
+    pub node_id_from_cert: bool,
     /// Server certificate (PEM); with --tls-key enables TLS.
     #[arg(long, value_name = "FILE", requires = "tls_key")]
     pub tls_cert: Option<PathBuf>,
@@ -227,17 +316,35 @@ pub struct CollectorArgs {
     pub max_message_bytes: u64,
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum TrustArg {
-    Tofu,
-    Pinned,
-}
-
-impl From<TrustArg> for Trust {
-    fn from(t: TrustArg) -> Trust {
-        match t {
-            TrustArg::Tofu => Trust::Tofu,
-            TrustArg::Pinned => Trust::Pinned,
+/// `portcullis collector [enroll]`.
+pub fn run_command(cmd: CollectorCmd) -> anyhow::Result<()> {
+    match cmd.action {
+        None => run_cli(cmd.run),
+        Some(CollectorAction::Enroll {
+            out,
+            state_dir,
+            replace,
+            node,
+            key,
+        }) => {
+            let dir = out.or(state_dir).expect("clap requires one");
+            let key = keys::parse_key(&key).map_err(|e| anyhow::anyhow!("KEY: {e}"))?;
+            let before = keys::enroll(&dir.join("keys"), &node, key, replace)?;
+            let id = crate::audit::chain::key_id(&key);
+            match before {
+                Some((old, prov)) if old == key => {
+                    println!(
+                        "enrolled {node} (key {id}; it was on record as {})",
+                        prov.as_str()
+                    )
+                }
+                Some((old, _)) => println!(
+                    "enrolled {node} with key {id}, replacing {}",
+                    crate::audit::chain::key_id(&old)
+                ),
+                None => println!("enrolled {node} with key {id}"),
+            }
+            Ok(())
         }
     }
 }
@@ -245,11 +352,14 @@ impl From<TrustArg> for Trust {
 /// `portcullis collector`: runs until SIGINT or SIGTERM. Prints
 /// `portcullis collector: listening on ADDR` to stderr once bound.
 pub fn run_cli(args: CollectorArgs) -> anyhow::Result<()> {
+    let Some(listen_addr) = args.listen else {
+        anyhow::bail!("--listen ADDR is required");
+    };
     let pinned = match &args.keys {
         Some(p) => keys::load_keys_file(p)?,
         None => HashMap::new(),
     };
-    if args.trust == TrustArg::Pinned && pinned.is_empty() {
+    if args.trust == TrustMode::Pinned && pinned.is_empty() {
         anyhow::bail!("--trust pinned needs --keys FILE with at least one node");
     }
     let output = match (&args.out, args.stdout) {
@@ -264,8 +374,9 @@ pub fn run_cli(args: CollectorArgs) -> anyhow::Result<()> {
         (None, false) => anyhow::bail!("give --out DIR or --stdout"),
     };
     let mut opts = CollectorOptions::new(output);
-    opts.trust = args.trust.into();
+    opts.trust = args.trust;
     opts.pinned = pinned;
+    opts.node_id_from_cert = args.node_id_from_cert;
     opts.max_batch_events = args.max_batch_events as usize;
     opts.max_message_bytes = args.max_message_bytes as usize;
     let tls = match (&args.tls_cert, &args.tls_key) {
@@ -277,7 +388,7 @@ pub fn run_cli(args: CollectorArgs) -> anyhow::Result<()> {
         _ => None,
     };
     let listen = Listen {
-        addr: args.listen,
+        addr: listen_addr,
         tls,
         allow_plaintext: args.allow_plaintext,
     };

@@ -24,7 +24,8 @@ use portcullis_agent::{
     nodekey::NodeKey,
 };
 use portcullis_proto::v1::{
-    Ack, AgentMessage, CollectorMessage, Event, Gap, Welcome, agent_message, collector_message,
+    Accepted, Ack, AgentMessage, CollectorMessage, Event, Gap, Welcome, agent_message,
+    collector_message,
     collector_server::{Collector, CollectorServer},
     event::Body,
 };
@@ -274,7 +275,7 @@ impl Fake {
         let agent_message::Msg::Hello(hello) = next_msg(inbound).await? else {
             return Err(Status::invalid_argument("expected Hello"));
         };
-        if hello.protocol != 1 || hello.public_key != self.node_key {
+        if hello.protocol != 2 || hello.public_key != self.node_key {
             return Err(Status::invalid_argument("bad Hello"));
         }
         let resume_after = self.st().persisted.len() as u64;
@@ -287,22 +288,19 @@ impl Fake {
         let challenge: [u8; 32] = ring::rand::generate(&ring::rand::SystemRandom::new())
             .unwrap()
             .expose();
-        let welcome = |resume_after| {
-            collector_message::Msg::Welcome(Welcome {
-                challenge: challenge.to_vec(),
-                resume_after,
-            })
-        };
         match mode {
-            Mode::ResumeAhead => out(welcome(resume_after + 1_000_000)).await?,
             Mode::OversizeWelcome => {
                 out(collector_message::Msg::Welcome(Welcome {
                     challenge: vec![7; 200 * 1024],
-                    resume_after,
                 }))
                 .await?
             }
-            _ => out(welcome(resume_after)).await?,
+            _ => {
+                out(collector_message::Msg::Welcome(Welcome {
+                    challenge: challenge.to_vec(),
+                }))
+                .await?
+            }
         }
         let agent_message::Msg::Proof(proof) = next_msg(inbound).await? else {
             return Err(Status::invalid_argument("expected Proof"));
@@ -315,6 +313,17 @@ impl Fake {
             return Err(Status::unauthenticated("bad proof"));
         }
         self.st().proofs_ok += 1;
+        // What the collector holds, said only after the proof.
+        let resume = if mode == Mode::ResumeAhead {
+            resume_after + 1_000_000
+        } else {
+            resume_after
+        };
+        out(collector_message::Msg::Accepted(Accepted {
+            resume_after: resume,
+            trust: "enrolled".into(),
+        }))
+        .await?;
 
         let mut batches = 0usize;
         loop {
@@ -379,7 +388,10 @@ impl Fake {
                     continue;
                 }
                 Mode::WelcomeTwice if batches == 1 => {
-                    out(welcome(persisted)).await?;
+                    out(collector_message::Msg::Welcome(Welcome {
+                        challenge: challenge.to_vec(),
+                    }))
+                    .await?;
                     continue;
                 }
                 _ => {}
@@ -1208,11 +1220,21 @@ impl RealCollector {
         addr: SocketAddr,
         tls: Option<collector::TlsFiles>,
     ) -> RealCollector {
-        let c = collector::Collector::open(CollectorOptions::new(Output::Dir {
+        Self::start_with(dir, addr, tls, false).await
+    }
+
+    async fn start_with(
+        dir: &std::path::Path,
+        addr: SocketAddr,
+        tls: Option<collector::TlsFiles>,
+        node_id_from_cert: bool,
+    ) -> RealCollector {
+        let mut opts = CollectorOptions::new(Output::Dir {
             dir: dir.to_owned(),
             rotate_bytes: store::DEFAULT_ROTATE_BYTES,
-        }))
-        .unwrap();
+        });
+        opts.node_id_from_cert = node_id_from_cert;
+        let c = collector::Collector::open(opts).unwrap();
         let start = Instant::now();
         let listener = loop {
             match tokio::net::TcpListener::bind(addr).await {
@@ -1320,6 +1342,7 @@ async fn real_auditor_to_real_collector_every_seq_exactly_once_across_a_collecto
     .unwrap();
     let writer = tokio::spawn(writer.run());
 
+    collector::keys::enroll(&out.join("keys"), node, key.public_key(), false).unwrap();
     let first = RealCollector::start(&out, "127.0.0.1:0".parse().unwrap()).await;
     let addr = first.addr;
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -1431,9 +1454,11 @@ async fn real_collector_over_mtls() {
     };
     let out = pki.dir.join("out");
     std::fs::create_dir_all(&out).unwrap();
-    let server = RealCollector::start_tls(&out, "127.0.0.1:0".parse().unwrap(), Some(tls)).await;
+    let server =
+        RealCollector::start_with(&out, "127.0.0.1:0".parse().unwrap(), Some(tls), true).await;
 
     let src = MemSource::new("node-tls");
+    collector::keys::enroll(&out.join("keys"), "node-tls", src.public_key(), false).unwrap();
     src.append(50, 8);
     let no_cert = tls_target(
         server.addr,
@@ -1452,12 +1477,34 @@ async fn real_collector_over_mtls() {
         t.client_cert = Some(pki.write("agent.pem", &ccert));
         t.client_key = Some(pki.write("agent.key", &ckey));
     }
+    // Bound to its certificate (--node-id-from-cert): another enrolled
+    // node with node-tls's certificate is refused.
+    let evil = MemSource::new("node-evil");
+    evil.append(5, 8);
+    collector::keys::enroll(&out.join("keys"), "node-evil", evil.public_key(), false).unwrap();
+    let run = Running::start(&evil, with_cert.clone(), fast());
+    run.wait_until("refused: the certificate names node-tls", |s| {
+        s.failures >= 1
+            && s.last_error
+                .as_deref()
+                .is_some_and(|e| e.contains("does not name node node-evil"))
+    })
+    .await;
+    let snap = run.stop().await;
+    assert_eq!(snap.acked_seq, 0, "{snap:?}");
+
     let run = Running::start(&src, with_cert, fast());
     run.wait_until("all acked", |s| s.acked_seq == 50).await;
     run.stop().await;
     server.stop().await;
+    assert!(collector_output(&out, "node-evil").0.is_empty());
     let (events, findings) = collector_output(&out, "node-tls");
-    assert!(findings.is_empty(), "{findings:#?}");
+    // The refused attempts are on record (bounded), none about node-tls's
+    // own events.
+    assert!(
+        findings.iter().all(|f| !f.contains("node-tls seq")),
+        "{findings:#?}"
+    );
     assert_eq!(
         events.keys().copied().collect::<Vec<_>>(),
         (1..=50).collect::<Vec<_>>()

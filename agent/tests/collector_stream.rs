@@ -12,10 +12,9 @@ use std::{
 use portcullis_agent::{
     audit::{
         chain::{self, Head, Sealed, Sealer},
-        verify::Trust,
-        verify_cli::{VerifyOptions, verify_files},
+        evidence::{Report, VerifyOptions, verify_files},
     },
-    collector::{Collector, CollectorOptions, Output, ocsf, store},
+    collector::{Collector, CollectorOptions, Output, keys, ocsf, store},
     nodekey::NodeKey,
 };
 use portcullis_proto::v1::{
@@ -32,12 +31,18 @@ use tonic::{Code, Streaming, codegen::tokio_stream::wrappers::ReceiverStream};
 struct Running {
     addr: SocketAddr,
     collector: Collector,
+    /// Its record of node keys (where `collector enroll` writes).
+    keys: Option<std::path::PathBuf>,
     stop: Option<oneshot::Sender<()>>,
     task: Option<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
 impl Running {
     async fn start(opts: CollectorOptions) -> Running {
+        let keys = match &opts.output {
+            Output::Dir { dir, .. } => Some(dir.join("keys")),
+            Output::Writer { state_dir, .. } => state_dir.as_ref().map(|d| d.join("keys")),
+        };
         let collector = Collector::open(opts).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -52,6 +57,7 @@ impl Running {
         Running {
             addr,
             collector,
+            keys,
             stop: Some(tx),
             task: Some(task),
         }
@@ -171,24 +177,25 @@ impl Stream {
         Ok(m.expect("stream open").msg.expect("message set"))
     }
 
-    /// Hello; returns (challenge, resume_after).
-    async fn hello(&mut self, node: &str, pk: [u8; 32]) -> (Vec<u8>, u64) {
+    /// Hello; returns the challenge (the Welcome says nothing else).
+    async fn hello(&mut self, node: &str, pk: [u8; 32]) -> Vec<u8> {
         self.send(Msg::Hello(Hello {
-            protocol: 1,
+            protocol: 2,
             node_id: node.into(),
             public_key: pk.to_vec(),
         }))
         .await;
         match self.recv().await.unwrap() {
-            collector_message::Msg::Welcome(w) => (w.challenge, w.resume_after),
+            collector_message::Msg::Welcome(w) => w.challenge,
             other => panic!("expected Welcome, got {other:?}"),
         }
     }
 
-    /// Full handshake as `agent`; returns resume_after.
-    async fn handshake(addr: SocketAddr, agent: &Agent) -> (Stream, u64) {
+    /// Hello and Proof as `agent`; the collector's answer: resume_after
+    /// (Accepted) or the refusal.
+    async fn prove(addr: SocketAddr, agent: &Agent) -> (Stream, Result<u64, tonic::Status>) {
         let mut s = Stream::open(addr).await;
-        let (challenge, resume) = s.hello(&agent.node, agent.key.public_key()).await;
+        let challenge = s.hello(&agent.node, agent.key.public_key()).await;
         assert_eq!(challenge.len(), 32);
         let sig = agent
             .key
@@ -197,7 +204,30 @@ impl Stream {
             signature: sig.to_vec(),
         }))
         .await;
-        (s, resume)
+        let answer = match s.recv().await {
+            Ok(collector_message::Msg::Accepted(a)) => Ok(a.resume_after),
+            Ok(other) => panic!("expected Accepted, got {other:?}"),
+            Err(st) => Err(st),
+        };
+        (s, answer)
+    }
+
+    /// `agent` enrolled (as an operator would), then its full handshake;
+    /// returns resume_after.
+    async fn handshake(run: &Running, agent: &Agent) -> (Stream, u64) {
+        Stream::handshake_at(run.addr, run.keys.as_deref(), agent).await
+    }
+
+    async fn handshake_at(
+        addr: SocketAddr,
+        keys_dir: Option<&Path>,
+        agent: &Agent,
+    ) -> (Stream, u64) {
+        if let Some(k) = keys_dir {
+            keys::enroll(k, &agent.node, agent.key.public_key(), true).unwrap();
+        }
+        let (s, answer) = Stream::prove(addr, agent).await;
+        (s, answer.expect("accepted"))
     }
 
     async fn batch(&mut self, events: &[Sealed]) -> Result<u64, tonic::Status> {
@@ -244,13 +274,10 @@ fn findings(recs: &[Value]) -> Vec<String> {
         .collect()
 }
 
-fn verify_dir(dir: &Path) -> portcullis_agent::audit::verify_cli::Report {
-    verify_files(&VerifyOptions {
-        files: store::output_files(dir).unwrap(),
-        trust: Trust::Tofu,
-        pinned: HashMap::new(),
-    })
-    .unwrap()
+/// `audit verify DIR`: the collector's files, key record and acknowledged
+/// heads.
+fn verify_dir(dir: &Path) -> Report {
+    verify_files(&VerifyOptions::new(vec![dir.to_owned()])).unwrap()
 }
 
 #[tokio::test]
@@ -258,7 +285,7 @@ async fn handshake_batches_acks_and_ocsf_records() {
     let dir = TempDir::new("happy").unwrap();
     let run = Running::start(dir_opts(dir.path())).await;
     let mut a = Agent::new("node-a");
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, 0);
     let evs = a.chain(5);
     assert_eq!(s.batch(&evs[..2]).await.unwrap(), 2);
@@ -381,8 +408,8 @@ async fn non_agents_are_refused_and_nothing_is_written() {
     .await;
     assert_eq!(s.recv().await.unwrap_err().code(), Code::InvalidArgument);
 
-    // Bad Hello fields.
-    for (protocol, node, key_len) in [(2, "n", 32), (1, "bad/node", 32), (1, "n", 31)] {
+    // Bad Hello fields (protocol 1 told resume_after before the proof).
+    for (protocol, node, key_len) in [(1, "n", 32), (2, "bad/node", 32), (2, "n", 31)] {
         let mut s = Stream::open(run.addr).await;
         s.send(Msg::Hello(Hello {
             protocol,
@@ -397,7 +424,7 @@ async fn non_agents_are_refused_and_nothing_is_written() {
     let a = Agent::new("node-b");
     let other = NodeKey::generate().unwrap();
     let mut s = Stream::open(run.addr).await;
-    let (challenge, _) = s.hello("node-b", a.key.public_key()).await;
+    let challenge = s.hello("node-b", a.key.public_key()).await;
     s.send(Msg::Proof(Proof {
         signature: other
             .sign(&chain::hello_message("node-b", &challenge))
@@ -406,22 +433,22 @@ async fn non_agents_are_refused_and_nothing_is_written() {
     .await;
     assert_eq!(s.recv().await.unwrap_err().code(), Code::Unauthenticated);
 
-    // A valid proof for a key that is not the pinned one.
-    let (mut s, _) = Stream::handshake(run.addr, &impostor).await;
-    let evs = impostor.chain(3);
-    let err = s.batch(&evs).await.unwrap_err();
-    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    // A valid proof for a key that is not the pinned one: refused before
+    // anything about the node is said.
+    let (_, answer) = Stream::prove(run.addr, &impostor).await;
+    assert_eq!(answer.unwrap_err().code(), Code::PermissionDenied);
+    let _ = impostor.chain(3);
 
     // Events of another node on an authenticated stream.
     let mut c = Agent::new("node-c");
     let mut d = Agent::new("node-d");
-    let (mut s, _) = Stream::handshake(run.addr, &c).await;
+    let (mut s, _) = Stream::handshake(&run, &c).await;
     let mut mixed = c.chain(2);
     mixed.push(d.started());
     let err = s.batch(&mixed).await.unwrap_err();
     assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
     // Undecodable event bytes in a batch.
-    let (mut s, _) = Stream::handshake(run.addr, &c).await;
+    let (mut s, _) = Stream::handshake(&run, &c).await;
     let mut junk = c.chain(2);
     junk[1].bytes = vec![0xff; 9];
     let err = s.batch(&junk).await.unwrap_err();
@@ -432,11 +459,20 @@ async fn non_agents_are_refused_and_nothing_is_written() {
     drop(s);
     run.stop().await;
     let recs = records(dir.path());
-    // No event record at all; findings for the bad proof and the key mismatch.
+    // No event record at all. The failed handshakes, all from 127.0.0.1 in
+    // one window: the first reported at once, the rest as one finding with
+    // their count (written when the window ends, here at the stop).
     assert!(recs.iter().all(|r| r["portcullis"]["record"] == "finding"));
-    let mut kinds = findings(&recs);
-    kinds.sort();
-    assert_eq!(kinds, vec!["bad_signature", "key_mismatch"]);
+    let kinds = findings(&recs);
+    assert_eq!(kinds.len(), 2, "{kinds:?}");
+    let last = recs.last().unwrap()["portcullis"]["finding"]["message"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert!(
+        last.starts_with("6 more failed handshakes from this source"),
+        "{last}"
+    );
 }
 
 #[tokio::test]
@@ -446,13 +482,13 @@ async fn oversized_batch_is_refused_whole() {
     opts.max_batch_events = 4;
     let run = Running::start(opts).await;
     let mut a = Agent::new("node-a");
-    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let (mut s, _) = Stream::handshake(&run, &a).await;
     let evs = a.chain(5);
     assert_eq!(
         s.batch(&evs).await.unwrap_err().code(),
         Code::InvalidArgument
     );
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, 0, "nothing of the refused batch was written");
     assert_eq!(s.batch(&evs[..4]).await.unwrap(), 4);
     drop(s);
@@ -467,12 +503,12 @@ async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
     let evs = a.chain(10);
 
     let run = Running::start(dir_opts(dir.path())).await;
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, 0);
     assert_eq!(s.batch(&evs[..5]).await.unwrap(), 5);
     drop(s);
     // Reconnect: resume_after says 5; a resend of 3..=7 writes only 6, 7.
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, 5);
     assert_eq!(s.batch(&evs[2..7]).await.unwrap(), 7);
     let dups = portcullis_agent::collector::Stats::get(&run.collector.stats().duplicates);
@@ -506,7 +542,7 @@ async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
         good_len,
         "torn tail cut"
     );
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, 7);
     // The agent resends from 6 (it never got an ack for 8).
     assert_eq!(s.batch(&evs[5..]).await.unwrap(), 10);
@@ -531,8 +567,8 @@ async fn rotates_by_size_in_write_order() {
     let mut b = Agent::new("node-b");
     let ea = a.chain(30);
     let eb = b.chain(30);
-    let (mut sa, _) = Stream::handshake(run.addr, &a).await;
-    let (mut sb, _) = Stream::handshake(run.addr, &b).await;
+    let (mut sa, _) = Stream::handshake(&run, &a).await;
+    let (mut sb, _) = Stream::handshake(&run, &b).await;
     for i in (0..30).step_by(3) {
         sa.batch(&ea[i..i + 3]).await.unwrap();
         sb.batch(&eb[i..i + 3]).await.unwrap();
@@ -571,7 +607,7 @@ async fn chain_break_and_bad_checkpoint_write_findings() {
     let dir = TempDir::new("findings").unwrap();
     let run = Running::start(dir_opts(dir.path())).await;
     let mut a = Agent::new("node-a");
-    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let (mut s, _) = Stream::handshake(&run, &a).await;
     let first = a.chain(3);
     s.batch(&first).await.unwrap();
     // An event that does not link to seq 3.
@@ -615,9 +651,9 @@ async fn a_newer_stream_of_the_same_node_takes_over() {
     let run = Running::start(dir_opts(dir.path())).await;
     let mut a = Agent::new("node-a");
     let evs = a.chain(4);
-    let (mut old, _) = Stream::handshake(run.addr, &a).await;
+    let (mut old, _) = Stream::handshake(&run, &a).await;
     assert_eq!(old.batch(&evs[..1]).await.unwrap(), 1);
-    let (mut new, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut new, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, 1);
     assert_eq!(
         old.batch(&evs[1..2]).await.unwrap_err().code(),
@@ -679,7 +715,8 @@ fn stdout_mode_writes_json_lines_to_stdout() {
     let mut a = Agent::new("node-s");
     let evs = a.chain(4);
     rt.block_on(async {
-        let (mut s, resume) = Stream::handshake(addr, &a).await;
+        let (mut s, resume) =
+            Stream::handshake_at(addr, Some(&state.path().join("keys")), &a).await;
         assert_eq!(resume, 0);
         // Acked only after the lines are flushed to stdout.
         assert_eq!(s.batch(&evs).await.unwrap(), 4);
@@ -717,7 +754,7 @@ async fn collector_disk_full_refuses_without_acking_then_recovers() {
     let mut a = Agent::new("node-full");
     let evs = a.chain(200);
     let run = Running::start(dir_opts(&out)).await;
-    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let (mut s, _) = Stream::handshake(&run, &a).await;
     let mut acked = 0;
     let mut refused = None;
     for chunk in evs.chunks(10) {
@@ -741,7 +778,7 @@ async fn collector_disk_full_refuses_without_acking_then_recovers() {
 
     // Space returns; the agent reconnects and resends from the resume point.
     std::fs::remove_file(&ballast).unwrap();
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, acked);
     let from = usize::try_from(acked).unwrap();
     for chunk in evs[from..].chunks(10) {
@@ -771,7 +808,7 @@ async fn collector_disk_full_with_batches_in_flight_loses_and_repeats_nothing() 
     let mut a = Agent::new("node-pipe");
     let evs = a.chain(300);
     let run = Running::start(dir_opts(&out)).await;
-    let (mut s, _) = Stream::handshake(run.addr, &a).await;
+    let (mut s, _) = Stream::handshake(&run, &a).await;
     // Everything at once: the collector has several batches in flight.
     for chunk in evs.chunks(10) {
         s.send(Msg::Batch(EventBatch {
@@ -799,7 +836,7 @@ async fn collector_disk_full_with_batches_in_flight_loses_and_repeats_nothing() 
     );
 
     std::fs::remove_file(&ballast).unwrap();
-    let (mut s, resume) = Stream::handshake(run.addr, &a).await;
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
     assert_eq!(resume, acked);
     let from = usize::try_from(acked).unwrap();
     for chunk in evs[from..].chunks(10) {
@@ -814,4 +851,274 @@ async fn collector_disk_full_with_batches_in_flight_loses_and_repeats_nothing() 
     );
     assert!(findings(&recs).is_empty(), "{:?}", findings(&recs));
     assert!(verify_dir(&out).is_clean());
+}
+
+/// The default trust: a node must be enrolled (or pinned). An unknown node
+/// is refused after its proof, without learning anything about the
+/// collector's state; a second client claiming an enrolled node's id with
+/// another key is refused; `--trust tofu` accepts an unknown node and
+/// every record of it says so.
+#[tokio::test]
+async fn only_enrolled_nodes_may_write() {
+    let dir = TempDir::new("enrolled").unwrap();
+    let run = Running::start(dir_opts(dir.path())).await;
+    let mut stranger = Agent::new("node-new");
+    let (_, answer) = Stream::prove(run.addr, &stranger).await;
+    let st = answer.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    assert!(
+        st.message().contains("not enrolled")
+            && st
+                .message()
+                .contains("portcullis collector enroll node-new"),
+        "{st:?}"
+    );
+    let _ = stranger.chain(3);
+
+    let mut a = Agent::new("node-a");
+    let (mut s, resume) = Stream::handshake(&run, &a).await;
+    assert_eq!(resume, 0);
+    assert_eq!(s.batch(&a.chain(4)).await.unwrap(), 4);
+    drop(s);
+    // Another client with node-a's id and its own key.
+    let impostor = Agent::new("node-a");
+    let (_, answer) = Stream::prove(run.addr, &impostor).await;
+    let st = answer.unwrap_err();
+    assert_eq!(st.code(), Code::PermissionDenied);
+    assert!(st.message().contains("enrolled key"), "{st:?}");
+    run.stop().await;
+    let recs = records(dir.path());
+    assert_eq!(event_seqs(&recs, "node-a"), vec![1, 2, 3, 4]);
+    assert!(event_seqs(&recs, "node-new").is_empty());
+    let report = verify_dir(dir.path());
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert_eq!(report.nodes[0].key_source, "collector (enrolled)");
+    assert_eq!(report.nodes[0].acknowledged, Some(4));
+
+    // Trust on first use, explicitly.
+    let tofu_dir = TempDir::new("tofu").unwrap();
+    let mut opts = dir_opts(tofu_dir.path());
+    opts.trust = portcullis_agent::collector::TrustMode::Tofu;
+    let run = Running::start(opts).await;
+    let mut t = Agent::new("node-t");
+    let (mut s, answer) = Stream::prove(run.addr, &t).await;
+    assert_eq!(answer.unwrap(), 0);
+    let evs = t.chain(3);
+    assert_eq!(s.batch(&evs).await.unwrap(), 3);
+    drop(s);
+    run.stop().await;
+    let recs = records(tofu_dir.path());
+    for r in recs.iter().filter(|r| r["portcullis"]["record"] == "event") {
+        assert_eq!(r["portcullis"]["trust"], "tofu", "{r}");
+    }
+    let report = verify_dir(tofu_dir.path());
+    assert!(report.is_clean(), "{:?}", report.problems);
+    assert!(
+        report.warnings.iter().any(|w| w.kind == "tofu"),
+        "{:?}",
+        report.warnings
+    );
+}
+
+/// An unauthenticated peer failing handshakes over and over writes a
+/// bounded number of findings (the first, then one with a count per
+/// window) and is refused on sight once it keeps failing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_failed_handshakes_write_bounded_findings() {
+    let dir = TempDir::new("guard").unwrap();
+    let mut opts = dir_opts(dir.path());
+    opts.guard = portcullis_agent::collector::guard::GuardLimits {
+        window: Duration::from_secs(1),
+        findings_per_window: 60,
+        throttle_after: 20,
+    };
+    let run = Running::start(opts).await;
+    let a = Agent::new("node-a");
+    let other = NodeKey::generate().unwrap();
+    let mut codes = HashMap::<Code, u32>::new();
+    let started = std::time::Instant::now();
+    for _ in 0..1000 {
+        let mut s = Stream::open(run.addr).await;
+        // A refused stream may be closed before the Hello is even sent.
+        let _ =
+            s.tx.send(AgentMessage {
+                msg: Some(Msg::Hello(Hello {
+                    protocol: 2,
+                    node_id: "node-a".into(),
+                    public_key: a.key.public_key().to_vec(),
+                })),
+            })
+            .await;
+        let code = match s.recv().await {
+            Ok(collector_message::Msg::Welcome(w)) => {
+                let _ =
+                    s.tx.send(AgentMessage {
+                        msg: Some(Msg::Proof(Proof {
+                            signature: other
+                                .sign(&chain::hello_message("node-a", &w.challenge))
+                                .to_vec(),
+                        })),
+                    })
+                    .await;
+                s.recv().await.unwrap_err().code()
+            }
+            Ok(other) => panic!("unexpected {other:?}"),
+            Err(st) => st.code(),
+        };
+        *codes.entry(code).or_default() += 1;
+    }
+    let took = started.elapsed();
+    assert!(codes[&Code::ResourceExhausted] > 900, "{codes:?}");
+    assert!(codes[&Code::Unauthenticated] >= 20, "{codes:?}");
+    // Past the window, and stopped (the last window is written at stop).
+    let windows = took.as_secs() + 2;
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    run.stop().await;
+    let recs = records(dir.path());
+    let found = findings(&recs);
+    assert!(
+        !found.is_empty() && found.len() as u64 <= 2 * windows,
+        "{} findings for 1000 failures over {took:?}",
+        found.len()
+    );
+    let counted: u64 = recs
+        .iter()
+        .filter_map(|r| r["portcullis"]["finding"]["message"].as_str())
+        .filter_map(|m| m.split(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert_eq!(
+        counted + 1,
+        u64::from(codes[&Code::Unauthenticated]),
+        "every failure is counted once"
+    );
+}
+
+/// `audit verify` on the collector's directory: records cut from the end
+/// at a line boundary are missing; a slice of a rotated file edited and
+/// its chain recomputed verifies alone only without authenticity, and
+/// fails against the collector's record of the key; the files are 0600 in
+/// a 0700 directory.
+#[tokio::test]
+async fn verify_dir_catches_truncation_and_a_forged_slice() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let dir = TempDir::new("forge").unwrap();
+    let run = Running::start(CollectorOptions::new(Output::Dir {
+        dir: dir.path().to_path_buf(),
+        rotate_bytes: 1,
+    }))
+    .await;
+    let mut a = Agent::new("node-a");
+    let mut evs = vec![a.started()];
+    for round in 0..6 {
+        for i in 0..3 {
+            evs.push(a.granted(&format!("user{round}-{i}")));
+        }
+        evs.push(a.checkpoint());
+    }
+    let (mut s, _) = Stream::handshake(&run, &a).await;
+    for chunk in evs.chunks(5) {
+        s.batch(chunk).await.unwrap();
+    }
+    drop(s);
+    run.stop().await;
+    let files = store::output_files(dir.path()).unwrap();
+    assert!(files.len() >= 3, "{} files", files.len());
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(dir.path()), 0o700);
+    assert_eq!(mode(&dir.path().join("keys")), 0o700);
+    for f in files.iter().chain([
+        &dir.path().join("state.json"),
+        &dir.path().join("acked.log"),
+        &dir.path().join("keys/node-a.pub"),
+    ]) {
+        assert_eq!(mode(f), 0o600, "{}", f.display());
+    }
+    assert!(verify_dir(dir.path()).is_clean());
+
+    // Truncation at a line boundary.
+    let copy = |tag: &str| {
+        let d = TempDir::new(tag).unwrap();
+        std::fs::create_dir_all(d.path().join("keys")).unwrap();
+        for sub in ["", "keys"] {
+            for e in std::fs::read_dir(dir.path().join(sub)).unwrap().flatten() {
+                if e.path().is_file() {
+                    std::fs::copy(e.path(), d.path().join(sub).join(e.file_name())).unwrap();
+                }
+            }
+        }
+        d
+    };
+    let cut = copy("cut");
+    let last = store::output_files(cut.path()).unwrap().pop().unwrap();
+    let text = std::fs::read_to_string(&last).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    std::fs::write(&last, lines[..lines.len() - 2].join("\n") + "\n").unwrap();
+    let r = verify_dir(cut.path());
+    assert!(
+        r.problems
+            .iter()
+            .any(|p| p.kind == "missing" && p.message.contains("through seq 25")),
+        "{:?}",
+        r.problems
+    );
+
+    // A forged slice: the second file, one admission's identity changed and
+    // every later event of the file re-sealed (the attacker has no node
+    // key, so the checkpoints keep their old signatures).
+    let forged = copy("forged");
+    let second = store::output_files(forged.path()).unwrap()[1].clone();
+    let recs: Vec<Value> = std::fs::read_to_string(&second)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let events: Vec<portcullis_proto::v1::Event> = recs
+        .iter()
+        .map(|r| {
+            let raw = ocsf::decode_raw(r["portcullis"]["raw"].as_str().unwrap()).unwrap();
+            portcullis_proto::v1::Event::decode(raw.as_slice()).unwrap()
+        })
+        .collect();
+    assert!(
+        events
+            .iter()
+            .all(|e| !matches!(e.body, Some(Body::Lifecycle(_)))),
+        "a rotated file without the STARTED event"
+    );
+    let first = &events[0];
+    let prev = Head {
+        seq: first.seq - 1,
+        hash: first.prev_hash.clone().try_into().unwrap(),
+    };
+    let mut sealer = Sealer::resume("node-a", prev);
+    let mut out = String::new();
+    for (i, ev) in events.iter().enumerate() {
+        let mut body = ev.body.clone().unwrap();
+        if i == 1
+            && let Body::AdmissionGranted(g) = &mut body
+        {
+            g.identity = "mallory".into();
+        }
+        let wall = SystemTime::UNIX_EPOCH + Duration::from_nanos(ev.time_unix_ns as u64);
+        let sealed = sealer.seal(body, wall, ev.monotonic_ns);
+        out.push_str(&ocsf::event_record(&sealed.bytes).unwrap().to_string());
+        out.push('\n');
+    }
+    std::fs::write(&second, &out).unwrap();
+    // Alone and without a key: consistent, but it says its authenticity
+    // was not checked (a problem unless --allow-unsigned).
+    let alone = verify_files(&VerifyOptions::new(vec![second.clone()])).unwrap();
+    assert!(
+        alone.problems.iter().all(|p| p.kind == "unauthenticated"),
+        "{:?}",
+        alone.problems
+    );
+    assert!(!alone.problems.is_empty());
+    // Against the collector's record of the key: the checkpoint fails.
+    let r = verify_dir(forged.path());
+    assert!(
+        r.problems.iter().any(|p| p.kind == "bad_signature"),
+        "{:?}",
+        r.problems
+    );
 }

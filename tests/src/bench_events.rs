@@ -644,8 +644,10 @@ fn to_collector(rt: &tokio::runtime::Runtime, o: &Opts) -> Result<Outcome> {
             o.portcullis.display()
         );
     }
-    let mut coll = CollectorProc::start(&o.portcullis, &out)?;
     let key = Arc::new(NodeKey::generate()?);
+    // Enrolled, as an operator would before the node's first stream.
+    portcullis_agent::collector::keys::enroll(&out.join("keys"), NODE, key.public_key(), false)?;
+    let mut coll = CollectorProc::start(&o.portcullis, &out)?;
     let (auditor, task) = Auditor::open(
         &audit_section(tmp.path()),
         NODE,

@@ -1,8 +1,10 @@
 //! Delivery of the audit trail to the collector (`portcullis.v1.Collector`).
 //!
 //! One task streams the spool to the collector over one gRPC stream at a
-//! time: `Hello` → `Welcome{challenge, resume_after}` → `Proof` (the node key
-//! signs the challenge) → `EventBatch`es of canonical event bytes, while the
+//! time: `Hello` → `Welcome{challenge}` → `Proof` (the node key signs the
+//! challenge) → `Accepted{resume_after}` (the collector says nothing about
+//! the node before it has proved its key) → `EventBatch`es of canonical
+//! event bytes, while the
 //! collector answers `Ack{persisted_through}` once a batch is durable on its
 //! side. Up to `window_batches` batches are in flight unacknowledged, so
 //! throughput is not bound by the round trip.
@@ -55,7 +57,7 @@ use crate::{
 };
 
 /// Stream protocol version sent in `Hello`.
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 /// Largest canonical event the exporter sends. A larger event in the spool
 /// is an error (logged, retried): it would not fit a collector's message
 /// limit either.
@@ -541,6 +543,9 @@ async fn session<S: EventSource>(
                 a.persisted_through
             )));
         }
+        Some(collector_message::Msg::Accepted(_)) => {
+            return Err(ExportError::Protocol("Accepted before Welcome".into()));
+        }
         None => {
             return Err(ExportError::Protocol(
                 "an empty CollectorMessage instead of Welcome".into(),
@@ -553,15 +558,6 @@ async fn session<S: EventSource>(
             welcome.challenge.len()
         )));
     }
-    let mut durable = source.durable();
-    let durable_now = *durable.borrow_and_update();
-    let resume_after = welcome.resume_after;
-    if resume_after > durable_now {
-        return Err(ExportError::Protocol(format!(
-            "Welcome says the collector holds events through seq {resume_after}, but this \
-             node has sealed only through {durable_now}"
-        )));
-    }
     let sig = key.sign(&chain::hello_message(source.node_id(), &welcome.challenge));
     if send(agent_message::Msg::Proof(Proof {
         signature: sig.to_vec(),
@@ -569,6 +565,35 @@ async fn session<S: EventSource>(
     .is_err()
     {
         return Err(why_closed(&mut inbound).await);
+    }
+    // Only once the proof is accepted does the collector say what it holds.
+    let accepted = tokio::time::timeout(hs, inbound.message())
+        .await
+        .map_err(|_| ExportError::HandshakeTimeout(hs))?
+        .map_err(classify)?;
+    let accepted = match accepted.and_then(|m| m.msg) {
+        Some(collector_message::Msg::Accepted(a)) => a,
+        Some(other) => {
+            return Err(ExportError::Protocol(format!(
+                "expected Accepted after the Proof, got {other:?}"
+            )));
+        }
+        None => return Err(ExportError::Closed),
+    };
+    let mut durable = source.durable();
+    let durable_now = *durable.borrow_and_update();
+    let resume_after = accepted.resume_after;
+    if resume_after > durable_now {
+        return Err(ExportError::Protocol(format!(
+            "the collector says it holds events through seq {resume_after}, but this \
+             node has sealed only through {durable_now}"
+        )));
+    }
+    if accepted.trust == "tofu" {
+        tracing::warn!(
+            event = "audit_export_tofu",
+            "the collector trusts this node's key on first use only; enroll it on the collector (portcullis collector enroll)"
+        );
     }
     status.connected.store(true, Ordering::Relaxed);
     status.sessions.fetch_add(1, Ordering::Relaxed);
@@ -704,8 +729,8 @@ async fn session<S: EventSource>(
                             *progressed = true;
                         }
                     }
-                    Some(collector_message::Msg::Welcome(_)) => {
-                        return Err(ExportError::Protocol("a second Welcome".into()));
+                    Some(collector_message::Msg::Welcome(_) | collector_message::Msg::Accepted(_)) => {
+                        return Err(ExportError::Protocol("a second Welcome or Accepted".into()));
                     }
                     None => {
                         return Err(ExportError::Protocol("an empty CollectorMessage".into()));

@@ -6,8 +6,8 @@
 //! (standard or URL-safe, padded or not). `#` starts a comment; blank lines
 //! are ignored.
 //!
-//! TOFU store: `DIR/NODE_ID.pub` holds the hex key first seen for the node,
-//! written once (create-new, fsynced), so trust survives restarts.
+//! Key record ([`NodeKeys`]): `DIR/NODE_ID.pub` holds the key the collector
+//! trusts for the node and how it came to (pinned, enrolled, first use).
 
 use std::{
     collections::HashMap,
@@ -91,72 +91,182 @@ pub fn load_keys_file(path: &Path) -> Result<HashMap<String, [u8; 32]>, KeysErro
     Ok(out)
 }
 
-/// Keys first seen per node, persisted in a directory.
-#[derive(Debug)]
-pub struct TofuStore {
-    dir: Option<PathBuf>,
-    keys: HashMap<String, [u8; 32]>,
+/// How the collector came to trust a node's key.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Provenance {
+    /// Given by the operator at start (`--keys`).
+    Pinned,
+    /// Enrolled by an operator (`portcullis collector enroll`).
+    Enrolled,
+    /// Trusted on first use (`--trust tofu` only).
+    Tofu,
 }
 
-impl TofuStore {
-    /// Loads every `NODE.pub` in `dir` (created if missing); `None` keeps
-    /// keys in memory only.
-    pub fn open(dir: Option<&Path>) -> io::Result<TofuStore> {
+impl Provenance {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Provenance::Pinned => "pinned",
+            Provenance::Enrolled => "enrolled",
+            Provenance::Tofu => "tofu",
+        }
+    }
+
+    fn parse(word: &str) -> Option<Provenance> {
+        match word {
+            "pinned" => Some(Provenance::Pinned),
+            "enrolled" => Some(Provenance::Enrolled),
+            "tofu" => Some(Provenance::Tofu),
+            _ => None,
+        }
+    }
+}
+
+/// The collector's record of node keys: `DIR/NODE.pub` holds `HEXKEY
+/// PROVENANCE` (a key file of an older collector, without the word, counts
+/// as first use). The directory is 0700 and each file 0600, like the
+/// agent's spool. It is what `audit verify` trusts when given the
+/// collector's output directory.
+#[derive(Debug)]
+pub struct NodeKeys {
+    dir: Option<PathBuf>,
+    keys: HashMap<String, ([u8; 32], Provenance)>,
+}
+
+/// Creates `dir` (and parents) and makes it 0700.
+pub fn private_dir(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::PermissionsExt as _;
+    fs::create_dir_all(dir)?;
+    fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+}
+
+/// Creates (or truncates) `path` with mode 0600.
+pub fn private_file(path: &Path) -> io::Result<fs::File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+}
+
+fn read_key_file(path: &Path) -> io::Result<([u8; 32], Provenance)> {
+    let text = fs::read_to_string(path)?;
+    let mut words = text.split_whitespace();
+    let bad = |e: String| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{}: {e}", path.display()),
+        )
+    };
+    let key = parse_key(words.next().unwrap_or("")).map_err(bad)?;
+    let prov = match words.next() {
+        None => Provenance::Tofu,
+        Some(w) => Provenance::parse(w).ok_or_else(|| bad(format!("unknown provenance {w:?}")))?,
+    };
+    Ok((key, prov))
+}
+
+impl NodeKeys {
+    /// Loads every `NODE.pub` in `dir` (created 0700 if missing); `None`
+    /// keeps keys in memory only.
+    pub fn open(dir: Option<&Path>) -> io::Result<NodeKeys> {
         let mut keys = HashMap::new();
         if let Some(dir) = dir {
-            fs::create_dir_all(dir)?;
+            private_dir(dir)?;
             for entry in fs::read_dir(dir)? {
                 let path = entry?.path();
-                let Some(node) = path
-                    .file_name()
-                    .and_then(|n| n.to_str())
-                    .and_then(|n| n.strip_suffix(".pub"))
-                else {
-                    continue;
-                };
-                if !valid_node_id(node) {
-                    continue;
-                }
-                let text = fs::read_to_string(&path)?;
-                let key = parse_key(&text).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("{}: {e}", path.display()),
-                    )
-                })?;
-                keys.insert(node.to_owned(), key);
+                let Some(node) = node_of(&path) else { continue };
+                keys.insert(node, read_key_file(&path)?);
             }
         }
-        Ok(TofuStore {
+        Ok(NodeKeys {
             dir: dir.map(Path::to_owned),
             keys,
         })
     }
 
-    pub fn get(&self, node: &str) -> Option<&[u8; 32]> {
-        self.keys.get(node)
+    /// The key and provenance the collector holds for `node`, re-read from
+    /// the directory (an operator may have enrolled it since the start).
+    pub fn get(&mut self, node: &str) -> Option<([u8; 32], Provenance)> {
+        if let Some(dir) = &self.dir {
+            match read_key_file(&dir.join(format!("{node}.pub"))) {
+                Ok(k) => {
+                    self.keys.insert(node.to_owned(), k);
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    self.keys.remove(node);
+                }
+                Err(e) => tracing::warn!(node, error = %e, "unreadable node key file"),
+            }
+        }
+        self.keys.get(node).copied()
     }
 
-    /// Records `key` as `node`'s key (durably, before returning).
-    pub fn remember(&mut self, node: &str, key: [u8; 32]) -> io::Result<()> {
+    /// Every key held.
+    pub fn all(&self) -> &HashMap<String, ([u8; 32], Provenance)> {
+        &self.keys
+    }
+
+    /// Records `key` for `node` (durably, before returning), replacing what
+    /// was there.
+    pub fn record(&mut self, node: &str, key: [u8; 32], prov: Provenance) -> io::Result<()> {
         if let Some(dir) = &self.dir {
-            let path = dir.join(format!("{node}.pub"));
-            let tmp = dir.join(format!(".{node}.pub.tmp"));
-            {
-                let mut f = fs::File::create(&tmp)?;
-                f.write_all(crate::audit::chain::hex(&key).as_bytes())?;
-                f.write_all(b"\n")?;
-                f.sync_all()?;
-            }
-            // link(2) never replaces: a key already there stays.
-            let linked = fs::hard_link(&tmp, &path);
-            let _ = fs::remove_file(&tmp);
-            linked?;
-            fs::File::open(dir)?.sync_all()?;
+            write_key_file(dir, node, key, prov)?;
         }
-        self.keys.insert(node.to_owned(), key);
+        self.keys.insert(node.to_owned(), (key, prov));
         Ok(())
     }
+}
+
+fn node_of(path: &Path) -> Option<String> {
+    let node = path.file_name()?.to_str()?.strip_suffix(".pub")?;
+    valid_node_id(node).then(|| node.to_owned())
+}
+
+fn write_key_file(dir: &Path, node: &str, key: [u8; 32], prov: Provenance) -> io::Result<()> {
+    let path = dir.join(format!("{node}.pub"));
+    let tmp = dir.join(format!(".{node}.pub.tmp"));
+    {
+        let mut f = private_file(&tmp)?;
+        writeln!(f, "{} {}", crate::audit::chain::hex(&key), prov.as_str())?;
+        f.sync_all()?;
+    }
+    fs::rename(&tmp, &path)?;
+    fs::File::open(dir)?.sync_all()
+}
+
+/// `portcullis collector enroll`: records `node`'s key as enrolled in the
+/// collector's key directory. An existing different key is kept unless
+/// `replace`. Returns what was there before.
+pub fn enroll(
+    keys_dir: &Path,
+    node: &str,
+    key: [u8; 32],
+    replace: bool,
+) -> anyhow::Result<Option<([u8; 32], Provenance)>> {
+    if !valid_node_id(node) {
+        anyhow::bail!("{node:?} is not a valid node id (1-64 of A-Z a-z 0-9 . _ -)");
+    }
+    private_dir(keys_dir)?;
+    let path = keys_dir.join(format!("{node}.pub"));
+    let before = match read_key_file(&path) {
+        Ok(k) => Some(k),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some((old, _)) = before
+        && old != key
+        && !replace
+    {
+        anyhow::bail!(
+            "node {node} already has key {} on record; give --replace to enroll key {} instead",
+            crate::audit::chain::key_id(&old),
+            crate::audit::chain::key_id(&key)
+        );
+    }
+    write_key_file(keys_dir, node, key, Provenance::Enrolled)?;
+    Ok(before)
 }
 
 #[cfg(test)]
@@ -182,10 +292,25 @@ mod tests {
         fs::write(&f, format!("n1 {hex}\nbad/id {hex}\n")).unwrap();
         let e = load_keys_file(&f).unwrap_err().to_string();
         assert!(e.contains(":2:"), "{e}");
-        let mut s = TofuStore::open(Some(&dir.join("tofu"))).unwrap();
-        s.remember("n1", key).unwrap();
-        let s = TofuStore::open(Some(&dir.join("tofu"))).unwrap();
-        assert_eq!(s.get("n1"), Some(&key));
+        let kd = dir.join("record");
+        let mut s = NodeKeys::open(Some(&kd)).unwrap();
+        s.record("n1", key, Provenance::Tofu).unwrap();
+        let mut s = NodeKeys::open(Some(&kd)).unwrap();
+        assert_eq!(s.get("n1"), Some((key, Provenance::Tofu)));
+        // Enrolling the same key upgrades it; another key needs --replace.
+        enroll(&kd, "n1", key, false).unwrap();
+        assert_eq!(s.get("n1"), Some((key, Provenance::Enrolled)));
+        let e = enroll(&kd, "n1", [9; 32], false).unwrap_err().to_string();
+        assert!(e.contains("--replace"), "{e}");
+        enroll(&kd, "n1", [9; 32], true).unwrap();
+        assert_eq!(s.get("n1"), Some(([9; 32], Provenance::Enrolled)));
+        // A key file of an older collector (no provenance) is first use.
+        fs::write(kd.join("old.pub"), format!("{hex}\n")).unwrap();
+        assert_eq!(s.get("old"), Some((key, Provenance::Tofu)));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&kd), 0o700);
+        assert_eq!(mode(&kd.join("n1.pub")), 0o600);
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -108,28 +108,44 @@ pub fn decode_raw(s: &str) -> Result<Vec<u8>, base64::DecodeError> {
 }
 
 /// The record for one event, from its canonical bytes.
-/// The record for one event, from its canonical bytes.
 pub fn event_record(canonical: &[u8]) -> Result<Value, prost::DecodeError> {
+    event_record_trusted(canonical, None)
+}
+
+/// [`event_record`] of a node the collector trusts as `trust` (only
+/// `"tofu"` shows in the record).
+pub fn event_record_trusted(
+    canonical: &[u8],
+    trust: Option<&str>,
+) -> Result<Value, prost::DecodeError> {
     let ev = Event::decode(canonical)?;
-    Ok(event_record_of(&ev, canonical))
+    Ok(event_record_of(&ev, canonical, trust))
 }
 
 /// The record for `ev`, whose canonical encoding is `canonical`, as a JSON
 /// value: the line [`write_event_record`] writes, parsed.
-pub fn event_record_of(ev: &Event, canonical: &[u8]) -> Value {
+pub fn event_record_of(ev: &Event, canonical: &[u8], trust: Option<&str>) -> Value {
     let mut line = Vec::with_capacity(4096);
-    write_event_record(ev, canonical, &event_hash(canonical), &mut line);
+    write_event_record(ev, canonical, &event_hash(canonical), trust, &mut line);
     // The writer emits valid JSON (escaped strings, integers only).
     serde_json::from_slice(&line).expect("the OCSF writer emits valid JSON")
 }
 
 /// Appends the record for `ev` (canonical encoding `canonical`, whose
 /// SHA-256 is `hash`) to `out` as one JSON object, without a newline.
+/// `trust`: `Some("tofu")` for a node trusted on first use only, which every
+/// record of it then says (`portcullis.trust`).
 ///
 /// This is the mapping: [`event_record`] (what `audit verify` compares
 /// with) is this output parsed. Keys are written in a fixed order, so the
 /// same bytes always give the same line.
-pub fn write_event_record(ev: &Event, canonical: &[u8], hash: &[u8; 32], out: &mut Vec<u8>) {
+pub fn write_event_record(
+    ev: &Event,
+    canonical: &[u8],
+    hash: &[u8; 32],
+    trust: Option<&str>,
+    out: &mut Vec<u8>,
+) {
     let time_ms = ev.time_unix_ns.div_euclid(1_000_000);
     let class = classify(ev);
     let j = &mut Json::new(out);
@@ -168,6 +184,9 @@ pub fn write_event_record(ev: &Event, canonical: &[u8], hash: &[u8; 32], out: &m
     j.k("portcullis").obj();
     j.k("record").s("event");
     j.k("mapping").u(MAPPING_VERSION);
+    if let Some(t) = trust {
+        j.k("trust").s(t);
+    }
     j.k("node_id").s(&ev.node_id);
     j.k("seq").u(ev.seq);
     j.k("prev_hash").hex(&ev.prev_hash);
@@ -1516,7 +1535,7 @@ mod tests {
         for e in samples() {
             let bytes = e.encode_to_vec();
             let mut line = Vec::new();
-            write_event_record(&e, &bytes, &event_hash(&bytes), &mut line);
+            write_event_record(&e, &bytes, &event_hash(&bytes), None, &mut line);
             let v: Value = serde_json::from_slice(&line).unwrap();
             assert_eq!(String::from_utf8(line).unwrap(), v.to_string(), "{e:?}");
             assert_eq!(v, event_record(&bytes).unwrap());

@@ -1,11 +1,15 @@
 //! The gRPC `Collector` service.
 //!
-//! Per stream: the first message must be `Hello` (protocol 1, a valid node
-//! id, a 32-byte key); the collector answers `Welcome` with 32 random bytes
-//! and the highest seq it has persisted for the node; the next message must
-//! be `Proof`, an Ed25519 signature by the Hello key over
-//! [`chain::hello_message`]. The key must be the pinned one (`--keys`) or, in
-//! TOFU mode without a pinned key, the key first seen for the node. Then
+//! Per stream: the first message must be `Hello` (protocol 2, a valid node
+//! id, a 32-byte key; with `--node-id-from-cert`, the node id must be a DNS
+//! name of the client certificate); the collector answers `Welcome` with 32
+//! random bytes and nothing else; the next message must be `Proof`, an
+//! Ed25519 signature by the Hello key over [`chain::hello_message`]. The key
+//! must be the one on record for the node: pinned (`--keys`), enrolled
+//! (`portcullis collector enroll`), or with `--trust tofu` the key first
+//! seen. Only then does the collector say anything about the node:
+//! `Accepted` with the highest seq it has persisted. Failed handshakes go
+//! through the [`guard`](super::guard), which bounds their findings. Then
 //! each `EventBatch` is checked whole (size, decoding, node id) before any of
 //! it is written, verified event by event ([`ChainVerifier`]), written as
 //! JSON lines with a detection-finding record for every chain problem,
@@ -51,22 +55,27 @@ use portcullis_proto::v1::{
     collector_server::{self, CollectorServer},
 };
 use prost::Message as _;
-use ring::rand::SecureRandom as _;
 use tokio::sync::{mpsc, oneshot};
 use tonic::{
     Request, Response, Status, Streaming, codegen::tokio_stream::wrappers::ReceiverStream,
 };
 
-use super::{CollectorOptions, Output, keys::TofuStore, ocsf, store::Store};
+mod handshake;
+
+use super::{
+    CollectorOptions, Output, TrustMode,
+    guard::HandshakeGuard,
+    keys::{NodeKeys, Provenance},
+    ocsf,
+    store::Store,
+};
 use crate::audit::{
-    chain::{self, Head},
-    verify::{
-        ChainVerifier, Disposition, Finding, FindingKind, Severity, Trust, Verdict, valid_node_id,
-    },
+    chain::Head,
+    verify::{ChainVerifier, Disposition, Finding, FindingKind, Severity, Trust, Verdict},
 };
 
 /// The stream protocol this collector speaks (`Hello.protocol`).
-pub const PROTOCOL: u32 = 1;
+pub const PROTOCOL: u32 = 2;
 
 /// Counters, readable while serving.
 #[derive(Debug, Default)]
@@ -92,7 +101,10 @@ impl Stats {
 /// What verifying needs (held while a batch is checked, never across I/O).
 struct Inner {
     verifier: ChainVerifier,
-    tofu: TofuStore,
+    keys: NodeKeys,
+    /// How each connected node's key is trusted (records of first-use
+    /// nodes say so).
+    provenance: HashMap<String, Provenance>,
     /// Current stream generation per node (newest wins).
     sessions: HashMap<String, u64>,
     next_generation: u64,
@@ -146,6 +158,10 @@ pub(crate) struct Shared {
     handshake_timeout: Duration,
     rng: ring::rand::SystemRandom,
     shutdown: tokio::sync::watch::Sender<bool>,
+    trust: TrustMode,
+    node_id_from_cert: bool,
+    guard: Mutex<HandshakeGuard>,
+    guard_window: Duration,
 }
 
 fn now_ms() -> i64 {
@@ -164,6 +180,7 @@ impl Shared {
     /// Opens the output and starts the writer thread (it ends when the
     /// returned value is dropped).
     pub(crate) fn open(opts: CollectorOptions) -> anyhow::Result<Arc<Shared>> {
+        let mut short = Vec::new();
         let (store, keys_dir) = match opts.output {
             Output::Dir { dir, rotate_bytes } => {
                 let (store, rec) = Store::open_dir(&dir, rotate_bytes)
@@ -180,6 +197,7 @@ impl Shared {
                     nodes = store.heads().len(),
                     "recovered output state"
                 );
+                short = rec.short.clone();
                 (store, Some(dir.join("keys")))
             }
             Output::Writer { writer, state_dir } => {
@@ -187,8 +205,17 @@ impl Shared {
                 (store, state_dir.map(|d| d.join("keys")))
             }
         };
-        let tofu = TofuStore::open(keys_dir.as_deref())?;
-        let mut verifier = ChainVerifier::new(opts.trust, opts.pinned);
+        let mut keys = NodeKeys::open(keys_dir.as_deref())?;
+        // The operator's pinned keys go on record too, so `audit verify`
+        // on the output directory checks against what the collector used.
+        for (node, key) in &opts.pinned {
+            if keys.get(node) != Some((*key, Provenance::Pinned)) {
+                keys.record(node, *key, Provenance::Pinned)?;
+            }
+        }
+        // Keys are set per node at each handshake; the chain verifier never
+        // learns one from the events.
+        let mut verifier = ChainVerifier::new(Trust::Pinned, HashMap::new());
         for (node, head) in store.heads() {
             verifier.resume(node, *head);
         }
@@ -196,7 +223,8 @@ impl Shared {
         let shared = Arc::new(Shared {
             inner: Mutex::new(Inner {
                 verifier,
-                tofu,
+                keys,
+                provenance: HashMap::new(),
                 sessions: Default::default(),
                 next_generation: 0,
                 epochs: Default::default(),
@@ -212,12 +240,31 @@ impl Shared {
             handshake_timeout: Duration::from_secs(opts.handshake_timeout_secs.max(1)),
             rng: ring::rand::SystemRandom::new(),
             shutdown: tokio::sync::watch::channel(false).0,
+            trust: opts.trust,
+            node_id_from_cert: opts.node_id_from_cert,
+            guard: Mutex::new(HandshakeGuard::new(opts.guard)),
+            guard_window: opts.guard.window,
         });
         let weak = Arc::downgrade(&shared);
         std::thread::Builder::new()
             .name("collector-writer".into())
             .spawn(move || writer(&weak, &rx))
             .context("starting the collector's writer thread")?;
+        // Acknowledged records the files no longer hold: said at once, in
+        // the output itself.
+        for (node, acked, held) in short {
+            let f = Finding {
+                kind: FindingKind::Gap,
+                node_id: node,
+                seq: held + 1,
+                message: format!(
+                    "seqs {}..={acked} were acknowledged but the output files hold this node only through seq {held}: records lost or removed while the collector was down",
+                    held + 1
+                ),
+            };
+            tracing::error!(finding = %f, "acknowledged records missing from the output");
+            shared.write_finding(&f, None, None);
+        }
         Ok(shared)
     }
 
@@ -241,6 +288,39 @@ impl Shared {
         if let Err(e) = self.lock_output().store.save_state() {
             tracing::warn!(error = %e, "could not save collector state at shutdown");
         }
+    }
+
+    /// Counts a failed handshake and writes the finding the guard lets
+    /// through (blocking).
+    fn handshake_failed(&self, peer: Option<IpAddr>, f: Finding) {
+        let report = self
+            .guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .failed(peer, f);
+        if let Some((f, peer)) = report {
+            self.write_finding(&f, peer, None);
+        }
+    }
+
+    /// Writes the findings of a finished guard window, or of the current
+    /// one when `all` (at shutdown) (blocking).
+    pub(crate) fn flush_guard(&self, all: bool) {
+        let now = std::time::Instant::now();
+        let reports = {
+            let mut g = self.guard.lock().unwrap_or_else(|e| e.into_inner());
+            if all { g.flush_all(now) } else { g.flush(now) }
+        };
+        for (f, peer) in reports {
+            self.write_finding(&f, peer, None);
+        }
+    }
+
+    fn throttled(&self, peer: Option<IpAddr>) -> bool {
+        self.guard
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .throttled(peer)
     }
 
     /// Writes one finding record (blocking).
@@ -283,6 +363,9 @@ impl collector_server::Collector for CollectorService {
         request: Request<Streaming<AgentMessage>>,
     ) -> Result<Response<Self::StreamStream>, Status> {
         let peer = request.remote_addr().map(|a| a.ip());
+        let peer_cert = request
+            .peer_certs()
+            .and_then(|certs| certs.first().map(|c| c.as_ref().to_vec()));
         let inbound = request.into_inner();
         let (tx, rx) = mpsc::channel(4);
         let shared = self.shared.clone();
@@ -290,6 +373,7 @@ impl collector_server::Collector for CollectorService {
             let mut s = Session {
                 shared,
                 peer,
+                peer_cert,
                 inbound,
                 tx: tx.clone(),
                 node: String::new(),
@@ -314,6 +398,8 @@ impl collector_server::Collector for CollectorService {
 struct Session {
     shared: Arc<Shared>,
     peer: Option<IpAddr>,
+    /// The client certificate (DER), over mTLS.
+    peer_cert: Option<Vec<u8>>,
     inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<CollectorMessage, Status>>,
     node: String,
@@ -374,139 +460,29 @@ impl Session {
     }
 
     async fn run(&mut self) -> Result<(), Status> {
-        let timeout = self.shared.handshake_timeout;
-        let hello = match tokio::time::timeout(timeout, self.next("Hello")).await {
-            Err(_) => return Err(Status::deadline_exceeded("no Hello in time")),
-            Ok(r) => match r? {
-                None => return Ok(()),
-                Some(Msg::Hello(h)) => h,
-                Some(_) => return Err(invalid("the first message must be Hello")),
-            },
-        };
-        if hello.protocol != PROTOCOL {
-            return Err(invalid(format!(
-                "Hello.protocol {} is not supported; this collector speaks {PROTOCOL}",
-                hello.protocol
-            )));
-        }
-        if !valid_node_id(&hello.node_id) {
-            return Err(invalid(format!(
-                "Hello.node_id {:?} is not a valid node id (1-64 of A-Z a-z 0-9 . _ -)",
-                hello.node_id
-            )));
-        }
-        let Ok(key) = <[u8; 32]>::try_from(hello.public_key.as_slice()) else {
-            return Err(invalid(format!(
-                "Hello.public_key is {} bytes; an Ed25519 key is 32",
-                hello.public_key.len()
-            )));
-        };
-        self.node = hello.node_id.clone();
-        let mut challenge = [0u8; 32];
-        self.shared
-            .rng
-            .fill(&mut challenge)
-            .map_err(|_| Status::internal("the system random generator failed"))?;
-        let node = self.node.clone();
-        let resume_after = self
-            .blocking(move |s| s.lock_output().store.head(&node).seq)
-            .await?;
-        self.send(collector_message::Msg::Welcome(
-            portcullis_proto::v1::Welcome {
-                challenge: challenge.to_vec(),
-                resume_after,
-            },
-        ))
-        .await?;
-        let proof = match tokio::time::timeout(timeout, self.next("Proof")).await {
-            Err(_) => return Err(Status::deadline_exceeded("no Proof in time")),
-            Ok(r) => match r? {
-                None => return Ok(()),
-                Some(Msg::Proof(p)) => p,
-                Some(_) => return Err(invalid("the message after Welcome must be Proof")),
-            },
-        };
-        let msg = chain::hello_message(&self.node, &challenge);
-        if !chain::verify_signature(&key, &msg, &proof.signature) {
-            let f = self.refuse_finding(
-                FindingKind::BadSignature,
-                format!(
-                    "handshake proof does not verify with the Hello key {}",
-                    chain::key_id(&key)
-                ),
-            );
-            let peer = self.peer;
-            self.blocking(move |s| s.write_finding(&f, peer, None))
-                .await?;
-            return Err(Status::unauthenticated(
-                "Proof is not a signature of the challenge by the Hello key",
+        if self.shared.throttled(self.peer) {
+            return Err(Status::resource_exhausted(
+                "too many failed handshakes from this address; try again later",
             ));
         }
-
-        // Trust the key, and take the node's writer slot.
-        let node = self.node.clone();
-        let peer = self.peer;
-        let admitted = self
-            .blocking(move |s| -> Result<u64, Status> {
-                let mut inner = s.lock();
-                let refused = |kind, message: String| Finding {
-                    kind,
-                    node_id: node.clone(),
-                    seq: 0,
-                    message,
-                };
-                let pinned = inner.verifier.pinned_key(&node).copied();
-                let problem = match pinned {
-                    Some(k) if k != key => Some(refused(
-                        FindingKind::KeyMismatch,
-                        format!(
-                            "node proved key {} but the pinned key is {}",
-                            chain::key_id(&key),
-                            chain::key_id(&k)
-                        ),
-                    )),
-                    Some(_) => None,
-                    None if inner.verifier.trust() == Trust::Pinned => Some(refused(
-                        FindingKind::KeyMismatch,
-                        format!(
-                            "node has no pinned key (--trust pinned); it proved key {}",
-                            chain::key_id(&key)
-                        ),
-                    )),
-                    None => match inner.tofu.get(&node).copied() {
-                        Some(k) if k != key => Some(refused(
-                            FindingKind::KeyChanged,
-                            format!(
-                                "node proved key {} but its key first seen is {}",
-                                chain::key_id(&key),
-                                chain::key_id(&k)
-                            ),
-                        )),
-                        Some(_) => None,
-                        None => {
-                            inner.tofu.remember(&node, key).map_err(|e| {
-                                Status::unavailable(format!("cannot record the node key: {e}"))
-                            })?;
-                            tracing::info!(node = %node, key_id = %chain::key_id(&key), "trusting the node key on first use");
-                            None
-                        }
-                    },
-                };
-                if let Some(f) = problem {
-                    drop(inner);
-                    s.write_finding(&f, peer, None);
-                    return Err(Status::permission_denied(f.message));
+        match self.handshake().await {
+            Ok(Some(admitted)) => self.stream_batches(admitted).await,
+            Ok(None) => Ok(()),
+            Err((status, finding)) => {
+                if let Some(f) = finding {
+                    let peer = self.peer;
+                    self.blocking(move |s| s.handshake_failed(peer, f)).await?;
                 }
-                inner.verifier.set_key(&node, key);
-                inner.next_generation += 1;
-                let g = inner.next_generation;
-                inner.sessions.insert(node.clone(), g);
-                Ok(g)
-            })
-            .await??;
-        self.generation = admitted;
+                Err(status)
+            }
+        }
+    }
+
+    async fn stream_batches(&mut self, admitted: (u64, u64, Provenance)) -> Result<(), Status> {
+        let (generation, resume_after, provenance) = admitted;
+        self.generation = generation;
         self.shared.stats.sessions.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(node = %self.node, peer = ?self.peer, resume_after, "agent stream accepted");
+        tracing::info!(node = %self.node, peer = ?self.peer, resume_after, trust = provenance.as_str(), "agent stream accepted");
 
         // Batches verified and queued for writing, oldest first; each is
         // acknowledged once persisted, in order.
@@ -631,8 +607,9 @@ impl Shared {
         check_batch(node, &events)?;
         let (lines_tx, lines) = oneshot::channel();
         let (done, done_rx) = oneshot::channel();
-        let verdicts: Vec<Verdict> = {
+        let (verdicts, tofu): (Vec<Verdict>, bool) = {
             let mut inner = self.lock();
+            let tofu = inner.provenance.get(node) == Some(&Provenance::Tofu);
             if inner.sessions.get(node) != Some(&generation) {
                 return Err(Status::aborted(
                     "a newer stream of this node took over; this one is closed",
@@ -660,8 +637,9 @@ impl Shared {
                 self.rollback(&[node.to_owned()]);
                 return Err(Status::internal("the collector's writer stopped"));
             }
-            verdicts
+            (verdicts, tofu)
         };
+        let trust = tofu.then_some(Provenance::Tofu.as_str());
         let time = now_ms();
         let mut r = Rendered {
             buf: Vec::with_capacity(events.len() * 2800),
@@ -683,7 +661,7 @@ impl Shared {
             }
             match (v.disposition, &v.event) {
                 (Disposition::New, Some(ev)) => {
-                    ocsf::write_event_record(ev, bytes, &v.hash, &mut r.buf);
+                    ocsf::write_event_record(ev, bytes, &v.hash, trust, &mut r.buf);
                     r.buf.push(b'\n');
                     r.written += 1;
                     let h = Head {
