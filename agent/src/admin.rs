@@ -55,6 +55,12 @@ pub fn status(cfg: &Config) -> anyhow::Result<()> {
     for r in Reason::ALL {
         println!("{} {}", r.name(), counts[r as usize]);
     }
+    // What an operator enrolls on the collector.
+    println!("node_id {}", cfg.agent.node_id);
+    match crate::nodekey::NodeKey::load(&cfg.agent.node_key) {
+        Ok(k) => println!("node_key {}", crate::audit::chain::hex(&k.public_key())),
+        Err(e) => println!("node_key unreadable ({e})"),
+    }
     let durability = bpffs::durability(&cfg.kernel.pin_dir)
         .map_or_else(|e| format!("unknown ({e})"), |d| d.describe());
     println!("pins {durability}");

@@ -7,6 +7,7 @@ pub mod auditor;
 pub mod chain;
 pub mod drop_marks;
 pub mod drops;
+pub mod evidence;
 pub mod export;
 pub mod spool;
 pub mod verify;

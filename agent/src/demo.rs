@@ -311,7 +311,7 @@ fn story(d: &mut Demo) -> anyhow::Result<()> {
 /// Verifies the agent's spool the way `portcullis audit verify` does and
 /// checks it holds what the story did.
 fn audit_trail(d: &mut Demo) -> anyhow::Result<()> {
-    use crate::audit::{spool, verify::Trust, verify_cli};
+    use crate::audit::{evidence, spool};
     use portcullis_proto::v1::{Event, event::Body};
     use prost::Message as _;
 
@@ -322,11 +322,13 @@ fn audit_trail(d: &mut Demo) -> anyhow::Result<()> {
         .filter(|p| p.extension().is_some_and(|x| x == "pcs"))
         .collect();
     files.sort();
-    let report = verify_cli::verify_files(&verify_cli::VerifyOptions {
-        files: files.clone(),
-        trust: Trust::Tofu,
-        pinned: Default::default(),
-    })?;
+    // The node's key from its key file, not from the trail: the checkpoints
+    // then prove who wrote it.
+    let cfg = crate::config::Config::load(Path::new(&d.cfg))?;
+    let key = crate::nodekey::NodeKey::load(&cfg.agent.node_key)?.public_key();
+    let mut opts = evidence::VerifyOptions::new(files.clone());
+    opts.pinned.insert(cfg.agent.node_id.clone(), key);
+    let report = evidence::verify_files(&opts)?;
     let (mut granted, mut denied, mut revoked, mut lifecycle) = (0, 0, 0, 0);
     for f in &files {
         for bytes in spool::read_segment_file(f)?.frames {

@@ -32,8 +32,8 @@ enum Command {
         action: PolicyAction,
     },
     /// Receive agents' audit streams, verify them, write OCSF JSON lines.
-    Collector(portcullis_agent::collector::CollectorArgs),
-    /// Audit trail tools.
+    Collector(portcullis_agent::collector::CollectorCmd),
+    /// Audit trail tools (exit status 0 verified, 1 problems, 2 unreadable).
     Audit {
         #[command(subcommand)]
         action: portcullis_agent::audit::verify_cli::AuditAction,
@@ -189,6 +189,9 @@ fn main() -> ExitCode {
         // SAFETY: restoring a default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
+    if let Command::Audit { action } = cli.command {
+        return portcullis_agent::audit::verify_cli::run_action(action);
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -214,11 +217,11 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Demo => portcullis_agent::demo::run(),
         Command::Knock(args) => portcullis_agent::admission::knock::run_cli(args),
-        Command::Collector(args) => {
+        Command::Collector(cmd) => {
             portcullis_agent::logging::init_plain();
-            portcullis_agent::collector::run_cli(args)
+            portcullis_agent::collector::run_command(cmd)
         }
-        Command::Audit { action } => portcullis_agent::audit::verify_cli::run_action(action),
+        Command::Audit { .. } => unreachable!("handled in main: it has its own exit codes"),
         Command::Policy {
             action: PolicyAction::Validate { dir },
         } => portcullis_agent::policy::validate_cli(&dir),

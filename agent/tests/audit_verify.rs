@@ -12,9 +12,9 @@ use std::{
 use portcullis_agent::{
     audit::{
         chain::{self, Head, Sealed, Sealer},
+        evidence::{Report, SPOOL_MAGIC, VerifyOptions, verify_files},
         spool::frame_crc,
         verify::Trust,
-        verify_cli::{Report, SPOOL_MAGIC, VerifyOptions, verify_files},
     },
     collector::ocsf,
     nodekey::NodeKey,
@@ -173,11 +173,12 @@ fn write(dir: &Path, name: &str, lines: &[String]) -> PathBuf {
     p
 }
 
+/// Verification without keys: these tests are about the chain and the
+/// records; authenticity has its own tests.
 fn verify(files: &[PathBuf]) -> Report {
     verify_files(&VerifyOptions {
-        files: files.to_vec(),
-        trust: Trust::Tofu,
-        pinned: HashMap::new(),
+        allow_unsigned: true,
+        ..VerifyOptions::new(files.to_vec())
     })
     .unwrap()
 }
@@ -202,18 +203,64 @@ fn a_clean_trail_passes_with_per_node_summaries() {
             (12, 12, Some(12), 0)
         );
     }
-    // The binary agrees and exits 0.
+    // The binary, given the file alone and no key, says plainly that who
+    // wrote it was not checked, and fails (exit 1)...
     let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
         .args(["audit", "verify"])
         .arg(&f)
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains("authenticity NOT checked"), "{stdout}");
+    // ... unless told to accept that (exit 0, the same as warnings).
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "verify", "--allow-unsigned"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{stdout}");
     assert!(
-        stdout.contains("OK: 24 records, 2 nodes, 0 problems"),
+        stdout.contains("OK: 24 records, 2 nodes, 0 problems, 2 warnings"),
         "{stdout}"
     );
+    // The same report for machines.
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "verify", "--allow-unsigned", "--json"])
+        .arg(&f)
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["records"], 24);
+    assert_eq!(v["warnings"][0]["kind"], "unauthenticated");
+    let node = &v["nodes"][0];
+    assert_eq!(
+        (
+            &node["node_id"],
+            &node["first_seq"],
+            &node["last_seq"],
+            &node["checkpoints"],
+            &node["signed_head"]
+        ),
+        (
+            &Value::from("node-a"),
+            &Value::from(1),
+            &Value::from(12),
+            &Value::from(1),
+            &Value::from(12)
+        )
+    );
+    assert_eq!(node["key_source"], "trail (not authenticated)");
+    // Unreadable input: exit 2.
+    let out = Command::new(env!("CARGO_BIN_EXE_portcullis"))
+        .args(["audit", "verify"])
+        .arg(d.path().join("missing.jsonl"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 #[test]
@@ -371,6 +418,7 @@ fn a_bad_checkpoint_signature_and_a_pinned_key_mismatch_fail() {
         files: vec![f.clone()],
         trust: Trust::Pinned,
         pinned: HashMap::from([("node-a".to_owned(), other.public_key())]),
+        allow_unsigned: false,
     })
     .unwrap();
     let kinds: Vec<(u64, &str)> = r

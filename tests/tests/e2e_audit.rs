@@ -192,12 +192,33 @@ fn last_started(spool: &Path) -> v1::Lifecycle {
     found.expect("a STARTED event in the spool")
 }
 
-fn verify(binary: &Path, files: &[PathBuf]) -> std::process::Output {
+fn verify(binary: &Path, args: &[&str], paths: &[PathBuf]) -> std::process::Output {
     std::process::Command::new(binary)
         .args(["audit", "verify"])
-        .args(files)
+        .args(args)
+        .args(paths)
         .output()
         .expect("run audit verify")
+}
+
+fn said(out: &std::process::Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+/// A copy of a collector's output directory.
+fn copy_dir(from: &Path, to: &Path) {
+    fs::create_dir_all(to.join("keys")).unwrap();
+    for sub in ["", "keys"] {
+        for e in fs::read_dir(from.join(sub)).unwrap().flatten() {
+            if e.path().is_file() {
+                fs::copy(e.path(), to.join(sub).join(e.file_name())).unwrap();
+            }
+        }
+    }
 }
 
 #[test]
@@ -214,6 +235,20 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
     let node = format!("e2e-knock-{}", k.env.topo.index);
     let spool = k.env.state_dir().join("spool");
     let out_dir = TempDir::new("collector-out").expect("out dir");
+    // The operator enrolls the node with its public key before the
+    // collector accepts anything from it.
+    let enrolled = std::process::Command::new(&k.env.binary)
+        .args(["collector", "enroll", "--out"])
+        .arg(out_dir.path())
+        .arg(&node)
+        .arg(portcullis_agent::audit::chain::hex(&k.node_public_key))
+        .output()
+        .expect("run collector enroll");
+    assert!(
+        enrolled.status.success(),
+        "{}",
+        String::from_utf8_lossy(&enrolled.stderr)
+    );
     let mut collector = Collector::start(
         &k.env.binary,
         &k.env.topo.server,
@@ -368,16 +403,49 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
     );
 
     // The collector's output verifies as a whole (stopped first, so no line
-    // is being written while it is read).
+    // is being written while it is read): against its own record of the
+    // node's key and up to the heads it acknowledged, and together with
+    // the agent's spool, whose acknowledged events are the same events
+    // (corroboration, not duplicates).
     collector.terminate();
     let files = output_files(out_dir.path());
-    let ok = verify(&k.env.binary, &files);
+    let ok = verify(
+        &k.env.binary,
+        &[],
+        &[out_dir.path().to_owned(), spool.clone()],
+    );
     assert!(
         ok.status.success(),
-        "audit verify rejected the collector's output:\n{}{}",
-        String::from_utf8_lossy(&ok.stdout),
-        String::from_utf8_lossy(&ok.stderr)
+        "audit verify rejected the collector's output with the spool:\n{}",
+        said(&ok)
     );
+    let text = said(&ok);
+    assert!(
+        text.contains("key from collector (enrolled)") && text.contains(" corroborated"),
+        "{text}"
+    );
+
+    // Records cut from the end of the last file, at a line boundary: the
+    // collector acknowledged them, so they are missing.
+    let cut_dir = TempDir::new("cut").expect("dir");
+    copy_dir(out_dir.path(), cut_dir.path());
+    let last_file = output_files(cut_dir.path()).pop().expect("a file");
+    let text_last = fs::read_to_string(&last_file).unwrap();
+    let keep: Vec<&str> = text_last.lines().collect();
+    let keep = &keep[..keep.len().saturating_sub(keep.len() / 3 + 1)];
+    fs::write(
+        &last_file,
+        keep.join("\n") + if keep.is_empty() { "" } else { "\n" },
+    )
+    .unwrap();
+    let bad = verify(&k.env.binary, &[], &[cut_dir.path().to_owned()]);
+    assert_eq!(
+        bad.status.code(),
+        Some(1),
+        "truncation went unnoticed:\n{}",
+        said(&bad)
+    );
+    assert!(said(&bad).contains("missing: node"), "{}", said(&bad));
 
     // Deleting one line is found, and named.
     let tampered_dir = TempDir::new("tampered").expect("dir");
@@ -395,19 +463,19 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
         .collect();
     let tampered = tampered_dir.path().join("events.jsonl");
     fs::write(&tampered, kept.join("\n") + "\n").unwrap();
-    let bad = verify(&k.env.binary, std::slice::from_ref(&tampered));
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&bad.stdout),
-        String::from_utf8_lossy(&bad.stderr)
+    let bad = verify(
+        &k.env.binary,
+        &["--allow-unsigned"],
+        std::slice::from_ref(&tampered),
     );
+    let text = said(&bad);
     assert!(
         !bad.status.success(),
-        "a deleted line went unnoticed:\n{said}"
+        "a deleted line went unnoticed:\n{text}"
     );
     assert!(
-        said.contains(&format!(":{}", victim + 1)),
-        "audit verify does not name line {} (where the deleted event was):\n{said}",
+        text.contains(&format!(":{}", victim + 1)),
+        "audit verify does not name line {} (where the deleted event was):\n{text}",
         victim + 1
     );
     drop(collector);

@@ -1,10 +1,27 @@
-//! `portcullis audit verify FILE...`: checks collector output and agent
-//! spool segments offline.
+//! What `portcullis audit verify` checks: collector output and agent spool
+//! segments, offline.
 //!
-//! Input files are read in the order given; several nodes may be
-//! interleaved. A file starting with the spool magic `PCSPOOL1` is a spool
-//! segment (each frame is an event's canonical bytes); anything else is
-//! collector JSON lines.
+//! Inputs are read in the order given; several nodes may be interleaved. A
+//! file starting with the spool magic `PCSPOOL1` is a spool segment (each
+//! frame is an event's canonical bytes); anything else is collector JSON
+//! lines. A directory is a collector's output directory (its files in
+//! write order, its record of node keys, the heads it acknowledged) or an
+//! agent's spool directory (its segments in order).
+//!
+//! Completeness: for a collector directory, every node's chain must reach
+//! the head the collector acknowledged (`acked.log`, `state.json`) with
+//! that very event; anything short of it is a problem (records cut from
+//! the end of a file, or deleted).
+//!
+//! Authenticity: a node's checkpoint signatures prove its trail only with a
+//! key that does not come from the trail itself: `--keys`, or the
+//! collector's record (`keys/` of its directory). A node checked only
+//! against the key its own STARTED event publishes is reported as not
+//! authenticated, a problem unless `--allow-unsigned`.
+//!
+//! The same event in two inputs (the collector's output and the agent's
+//! spool, which keeps acknowledged events until its segment fills) is
+//! corroboration; two different events with one (node, seq) are a fork.
 //!
 //! For each JSON line: it must parse; an event record (`portcullis.record
 //! = "event"`) is recomputed from `portcullis.raw` with the collector's
@@ -27,11 +44,15 @@ use std::{
     path::{Path, PathBuf},
 };
 
+use prost::Message as _;
 use serde_json::Value;
 
-use super::chain::hex;
+use super::chain::{Head, event_hash, hex};
 use super::verify::{ChainVerifier, Disposition, Finding, FindingKind, Severity, Trust};
-use crate::collector::ocsf;
+use crate::collector::{
+    keys::{NodeKeys, Provenance},
+    ocsf, store,
+};
 
 /// The spool segment magic.
 pub const SPOOL_MAGIC: &[u8; 8] = b"PCSPOOL1";
@@ -79,10 +100,20 @@ pub struct NodeSummary {
     pub events: u64,
     pub first_seq: u64,
     pub last_seq: u64,
+    /// Checkpoints whose signature verified.
+    pub checkpoints: u64,
+    /// The signed head: the seq of the last verified checkpoint.
     pub last_checkpoint: Option<u64>,
     /// Events after the last verified checkpoint: not yet signed.
     pub unsigned: u64,
     pub declared_gaps: Vec<(u64, u64)>,
+    /// The same event found again in another input.
+    pub corroborated: u64,
+    /// The head the collector acknowledged, when its directory was given.
+    pub acknowledged: Option<u64>,
+    /// Where the key the checkpoints were checked with came from: `--keys`,
+    /// `collector (enrolled)`, ..., or `trail (not authenticated)`.
+    pub key_source: String,
 }
 
 /// The outcome of a verification.
@@ -105,16 +136,94 @@ impl Report {
 /// Options for [`verify_files`].
 #[derive(Clone, Debug)]
 pub struct VerifyOptions {
+    /// Files and directories, in order.
     pub files: Vec<PathBuf>,
     pub trust: Trust,
+    /// Keys the operator gave (`--keys`).
     pub pinned: HashMap<String, [u8; 32]>,
+    /// A node checked only against the key in its own trail is a warning,
+    /// not a problem.
+    pub allow_unsigned: bool,
+}
+
+impl VerifyOptions {
+    pub fn new(files: Vec<PathBuf>) -> VerifyOptions {
+        VerifyOptions {
+            files,
+            trust: Trust::Tofu,
+            pinned: HashMap::new(),
+            allow_unsigned: false,
+        }
+    }
+}
+
+/// Where an event was first seen: the file's index in [`Run::files`] plus
+/// one (0: nothing seen) and the line or frame.
+#[derive(Clone, Copy, Default, PartialEq, Eq)]
+struct Sighting {
+    hash: [u8; 16],
+    file: u32,
+    line: u32,
+}
+
+/// Event hashes per (node, seq), dense per node (16 bytes of SHA-256 each:
+/// a second event with the same prefix would take 2^128 work to forge).
+#[derive(Default)]
+struct SeqHashes {
+    base: u64,
+    seen: Vec<Sighting>,
+}
+
+impl SeqHashes {
+    fn get(&self, seq: u64) -> Option<Sighting> {
+        let i = seq.checked_sub(self.base)?;
+        let s = *self.seen.get(usize::try_from(i).ok()?)?;
+        (s.file != 0).then_some(s)
+    }
+
+    fn put(&mut self, seq: u64, s: Sighting) {
+        if self.seen.is_empty() {
+            self.base = seq;
+        }
+        if seq < self.base {
+            // Rare (a chain anchored late, then an earlier input): shift.
+            let shift = usize::try_from(self.base - seq).unwrap_or(usize::MAX);
+            let mut v = vec![Sighting::default(); shift];
+            v.append(&mut self.seen);
+            self.seen = v;
+            self.base = seq;
+        }
+        let Ok(i) = usize::try_from(seq - self.base) else {
+            return;
+        };
+        if i >= self.seen.len() {
+            self.seen.resize(i + 1, Sighting::default());
+        }
+        self.seen[i] = s;
+    }
+}
+
+fn short_hash(h: &[u8; 32]) -> [u8; 16] {
+    let mut out = [0u8; 16];
+    out.copy_from_slice(&h[..16]);
+    out
 }
 
 struct Run {
     verifier: ChainVerifier,
     report: Report,
-    /// First location of each (node, seq) accepted.
-    seen: HashMap<(String, u64), Location>,
+    /// Every event accepted, by (node, seq): corroboration or fork.
+    hashes: HashMap<String, SeqHashes>,
+    /// The files read so far, and whether each is a spool segment.
+    files: Vec<(PathBuf, bool)>,
+    corroborated: HashMap<String, u64>,
+    /// Where each node's key came from, when not from its trail.
+    key_source: HashMap<String, String>,
+    /// Provenance per node from a collector's record (records of nodes
+    /// trusted on first use say so).
+    provenance: HashMap<String, Provenance>,
+    /// Heads a collector acknowledged.
+    acknowledged: HashMap<String, Head>,
     /// Unexplained gaps as seen: classified at the end.
     gaps: Vec<(Location, String, u64, u64, String)>,
 }
@@ -162,35 +271,63 @@ impl Run {
 
     /// Checks one event's canonical bytes.
     fn event(&mut self, at: &Location, bytes: &[u8]) {
+        let here = Sighting {
+            hash: short_hash(&event_hash(bytes)),
+            file: u32::try_from(self.files.len()).unwrap_or(u32::MAX),
+            line: u32::try_from(at.line).unwrap_or(u32::MAX),
+        };
+        // The same (node, seq) seen before. The same bytes in the
+        // collector's output and in a spool corroborate each other; twice
+        // in one kind of input is a duplicate (the collector never writes
+        // an event twice, a spool never holds one twice); other bytes are a
+        // fork.
+        if let Ok(ev) = portcullis_proto::v1::Event::decode(bytes)
+            && let Some(first) = self.hashes.get(&ev.node_id).and_then(|h| h.get(ev.seq))
+        {
+            let (first_file, first_spool) = self.files[first.file as usize - 1].clone();
+            let first_at = Location {
+                file: first_file,
+                line: u64::from(first.line),
+                unit: if first_spool { "frame" } else { "line" },
+            };
+            let spool_now = self.files.last().is_some_and(|f| f.1);
+            if first.hash != here.hash {
+                self.issue(
+                    at,
+                    Severity::Error,
+                    "fork",
+                    format!(
+                        "node {} seq {}: other bytes (hash {}) than the event at {first_at}",
+                        ev.node_id,
+                        ev.seq,
+                        hex(&event_hash(bytes))
+                    ),
+                );
+            } else if first_spool == spool_now {
+                self.issue(
+                    at,
+                    Severity::Error,
+                    "duplicate",
+                    format!(
+                        "node {} seq {} again (same bytes as {first_at})",
+                        ev.node_id, ev.seq
+                    ),
+                );
+            } else {
+                *self.corroborated.entry(ev.node_id).or_default() += 1;
+            }
+            return;
+        }
         let v = self.verifier.accept(bytes);
         let findings = v.findings.clone();
         for f in &findings {
             self.finding(at, f);
         }
-        let Some(ev) = &v.event else { return };
-        let key = (ev.node_id.clone(), ev.seq);
-        match v.disposition {
-            Disposition::New => {
-                self.seen.insert(key, at.clone());
-            }
-            Disposition::Duplicate => {
-                let first = self
-                    .seen
-                    .get(&key)
-                    .map_or_else(|| "an earlier record".to_owned(), |l| l.to_string());
-                if findings.is_empty() {
-                    self.issue(
-                        at,
-                        Severity::Error,
-                        "duplicate",
-                        format!(
-                            "node {} seq {} again (same bytes as {first})",
-                            ev.node_id, ev.seq
-                        ),
-                    );
-                }
-            }
-            Disposition::Rejected => {}
+        if let (Disposition::New, Some(ev)) = (v.disposition, &v.event) {
+            self.hashes
+                .entry(ev.node_id.clone())
+                .or_default()
+                .put(ev.seq, here);
         }
     }
 }
@@ -203,21 +340,125 @@ fn parse_range(msg: &str) -> Option<(u64, u64)> {
     Some((a.parse().ok()?, b.parse().ok()?))
 }
 
-/// Verifies `opts.files`.
+/// What one input on the command line stands for.
+enum Input {
+    File(PathBuf),
+    /// A collector's output directory: its files, key record and
+    /// acknowledged heads.
+    Collector {
+        files: Vec<PathBuf>,
+        keys: HashMap<String, ([u8; 32], Provenance)>,
+        heads: HashMap<String, Head>,
+    },
+    Spool(Vec<PathBuf>),
+}
+
+fn io_at(path: &Path, e: std::io::Error) -> std::io::Error {
+    std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+fn expand(path: &Path) -> std::io::Result<Input> {
+    if !path.is_dir() {
+        return Ok(Input::File(path.to_owned()));
+    }
+    let files = store::output_files(path).map_err(|e| io_at(path, e))?;
+    if !files.is_empty() || path.join(store::STATE_FILE).exists() {
+        let keys_dir = path.join("keys");
+        let keys = if keys_dir.is_dir() {
+            NodeKeys::open(Some(&keys_dir))
+                .map_err(|e| io_at(&keys_dir, e))?
+                .all()
+                .clone()
+        } else {
+            HashMap::new()
+        };
+        let heads = store::acknowledged_heads(path).map_err(|e| io_at(path, e))?;
+        return Ok(Input::Collector { files, keys, heads });
+    }
+    let mut segs: Vec<(u64, PathBuf)> = fs::read_dir(path)
+        .map_err(|e| io_at(path, e))?
+        .flatten()
+        .map(|e| e.path())
+        .filter_map(|p| {
+            let n = p.file_name()?.to_str()?;
+            let first = n.strip_prefix("seg-")?.strip_suffix(".pcs")?.parse().ok()?;
+            Some((first, p))
+        })
+        .collect();
+    if segs.is_empty() {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!(
+                "{}: neither a collector output directory (events-*.jsonl, state.json) nor an agent spool (seg-*.pcs)",
+                path.display()
+            ),
+        ));
+    }
+    segs.sort();
+    Ok(Input::Spool(segs.into_iter().map(|(_, p)| p).collect()))
+}
+
+/// Verifies `opts.files` (files and directories).
 pub fn verify_files(opts: &VerifyOptions) -> std::io::Result<Report> {
+    let inputs: Vec<Input> = opts
+        .files
+        .iter()
+        .map(|p| expand(p))
+        .collect::<std::io::Result<_>>()?;
+    // Keys that do not come from the trails: the operator's, then each
+    // collector's record (the operator's win).
+    let mut pinned = HashMap::new();
+    let mut key_source = HashMap::new();
+    let mut provenance = HashMap::new();
+    let mut acknowledged: HashMap<String, Head> = HashMap::new();
+    for input in &inputs {
+        if let Input::Collector { keys, heads, .. } = input {
+            for (node, (key, prov)) in keys {
+                pinned.entry(node.clone()).or_insert(*key);
+                key_source
+                    .entry(node.clone())
+                    .or_insert_with(|| format!("collector ({})", prov.as_str()));
+                provenance.entry(node.clone()).or_insert(*prov);
+            }
+            for (node, h) in heads {
+                let e = acknowledged.entry(node.clone()).or_insert(Head::EMPTY);
+                if h.seq > e.seq {
+                    *e = *h;
+                }
+            }
+        }
+    }
+    for (node, key) in &opts.pinned {
+        pinned.insert(node.clone(), *key);
+        key_source.insert(node.clone(), "--keys".into());
+    }
     let mut run = Run {
-        verifier: ChainVerifier::new(opts.trust, opts.pinned.clone()),
+        verifier: ChainVerifier::new(opts.trust, pinned),
         report: Report::default(),
-        seen: HashMap::new(),
+        hashes: HashMap::new(),
+        files: Vec::new(),
+        corroborated: HashMap::new(),
+        key_source,
+        provenance,
+        acknowledged,
         gaps: Vec::new(),
     };
-    for file in &opts.files {
-        let bytes = fs::read(file)
-            .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", file.display())))?;
-        if bytes.starts_with(SPOOL_MAGIC) {
-            spool(&mut run, file)?;
-        } else {
-            json_lines(&mut run, file, &bytes);
+    let mut order: Vec<PathBuf> = Vec::new();
+    for input in &inputs {
+        let files: Vec<PathBuf> = match input {
+            Input::File(f) => vec![f.clone()],
+            Input::Collector { files, .. } | Input::Spool(files) => files.clone(),
+        };
+        for file in files {
+            let bytes = fs::read(&file).map_err(|e| io_at(&file, e))?;
+            let is_spool = bytes.starts_with(SPOOL_MAGIC);
+            run.files.push((file.clone(), is_spool));
+            if is_spool {
+                spool(&mut run, &file)?;
+            } else {
+                json_lines(&mut run, &file, &bytes);
+            }
+            order.push(file);
         }
     }
     // Gaps: declared (now or later) → warning; otherwise a problem.
@@ -243,25 +484,134 @@ pub fn verify_files(opts: &VerifyOptions) -> std::io::Result<Report> {
             );
         }
     }
-    let by_pos = |i: &Issue| (i.at.file.clone(), i.at.line);
-    // Input order: files in the order given, then line.
-    let order: HashMap<&PathBuf, usize> =
-        opts.files.iter().enumerate().map(|(i, f)| (f, i)).collect();
-    let key = |i: &Issue| (order.get(&i.at.file).copied().unwrap_or(0), by_pos(i).1);
+    completeness(&mut run);
+    authenticity(&mut run, opts.allow_unsigned);
+    // Input order: files in the order read, then line; what concerns no
+    // file (completeness, authenticity) last.
+    let order: HashMap<&PathBuf, usize> = order.iter().enumerate().map(|(i, f)| (f, i)).collect();
+    let key = |i: &Issue| {
+        (
+            order.get(&i.at.file).copied().unwrap_or(usize::MAX),
+            i.at.line,
+        )
+    };
     run.report.problems.sort_by_key(key);
     run.report.warnings.sort_by_key(key);
-    for st in run.verifier.nodes() {
+    let mut nodes: Vec<_> = run.verifier.nodes();
+    nodes.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+    for st in nodes {
         run.report.nodes.push(NodeSummary {
             node_id: st.node_id.clone(),
             events: st.events,
             first_seq: st.first_seq,
             last_seq: st.last_seq,
+            checkpoints: st.checkpoints,
             last_checkpoint: st.last_checkpoint,
             unsigned: st.since_checkpoint,
             declared_gaps: st.declared_gaps.clone(),
+            corroborated: run.corroborated.get(&st.node_id).copied().unwrap_or(0),
+            acknowledged: run.acknowledged.get(&st.node_id).map(|h| h.seq),
+            key_source: run
+                .key_source
+                .get(&st.node_id)
+                .cloned()
+                .unwrap_or_else(|| "trail (not authenticated)".into()),
         });
     }
     Ok(run.report)
+}
+
+/// Where no file is to blame (the input as a whole).
+fn whole_input() -> Location {
+    Location {
+        file: PathBuf::new(),
+        line: 0,
+        unit: "input",
+    }
+}
+
+/// Every node a collector acknowledged must be there up to that head, with
+/// the very event it acknowledged.
+fn completeness(run: &mut Run) {
+    let mut acked: Vec<(String, Head)> = run
+        .acknowledged
+        .iter()
+        .map(|(n, h)| (n.clone(), *h))
+        .collect();
+    acked.sort_by(|a, b| a.0.cmp(&b.0));
+    for (node, head) in acked {
+        if head.seq == 0 {
+            continue;
+        }
+        let held = run.verifier.node(&node).map_or(0, |s| s.last_seq);
+        match run.hashes.get(&node).and_then(|h| h.get(head.seq)) {
+            Some(s) if s.hash == short_hash(&head.hash) => {}
+            Some(_) => run.issue(
+                &whole_input(),
+                Severity::Error,
+                "not_acknowledged",
+                format!(
+                    "node {node} seq {}: the event here is not the one the collector acknowledged (hash {})",
+                    head.seq,
+                    hex(&head.hash)
+                ),
+            ),
+            None => run.issue(
+                &whole_input(),
+                Severity::Error,
+                "missing",
+                format!(
+                    "node {node}: the collector acknowledged events through seq {} but the input holds {}: records cut from the end or deleted",
+                    head.seq,
+                    if held == 0 {
+                        "none of them".to_owned()
+                    } else {
+                        format!("them only through seq {held}")
+                    }
+                ),
+            ),
+        }
+    }
+}
+
+/// A node checked only against the key its own trail publishes proves
+/// nothing about who wrote it.
+fn authenticity(run: &mut Run, allow_unsigned: bool) {
+    let mut nodes: Vec<String> = run
+        .verifier
+        .nodes()
+        .iter()
+        .map(|s| s.node_id.clone())
+        .collect();
+    nodes.sort();
+    for node in nodes {
+        match run.key_source.get(&node) {
+            Some(src) if src == "collector (tofu)" => run.issue(
+                &whole_input(),
+                Severity::Warning,
+                "tofu",
+                format!("node {node}: the collector trusted its key on first use, without enrollment"),
+            ),
+            Some(_) => {}
+            None => run.issue(
+                &whole_input(),
+                if allow_unsigned {
+                    Severity::Warning
+                } else {
+                    Severity::Error
+                },
+                "unauthenticated",
+                format!(
+                    "node {node}: authenticity NOT checked: no key for it from --keys or a collector's record, so its checkpoints were checked only against the key its own trail publishes{}",
+                    if allow_unsigned {
+                        " (--allow-unsigned)"
+                    } else {
+                        "; give --keys FILE or the collector's output directory, or --allow-unsigned to accept that"
+                    }
+                ),
+            ),
+        }
+    }
 }
 
 fn spool(run: &mut Run, file: &Path) -> std::io::Result<()> {
@@ -405,7 +755,20 @@ fn record(run: &mut Run, at: &Location, v: &Value) {
                     return;
                 }
             };
-            match ocsf::event_record(&bytes) {
+            // The trust the record must show: the collector's record of the
+            // node when given, else what the line says (unverifiable then,
+            // like everything of an unauthenticated node).
+            let node = p
+                .and_then(|p| p.get("node_id"))
+                .and_then(Value::as_str)
+                .unwrap_or("");
+            let line_trust = p.and_then(|p| p.get("trust")).and_then(Value::as_str);
+            let trust = match run.provenance.get(node) {
+                Some(Provenance::Tofu) => Some(Provenance::Tofu.as_str()),
+                Some(_) => None,
+                None => line_trust,
+            };
+            match ocsf::event_record_trusted(&bytes, trust) {
                 Err(e) => {
                     run.issue(
                         at,
@@ -452,123 +815,5 @@ fn short(v: &Value) -> String {
         format!("{}...", &s[..cut])
     } else {
         s
-    }
-}
-
-/// Prints the report as `portcullis audit verify` does; true when clean.
-pub fn print_report(r: &Report, out: &mut impl std::io::Write) -> std::io::Result<bool> {
-    if let Some(first) = r.problems.first() {
-        writeln!(out, "FIRST PROBLEM: {first}")?;
-    }
-    for p in r.problems.iter().skip(1) {
-        writeln!(out, "problem: {p}")?;
-    }
-    for w in &r.warnings {
-        let label = if w.severity == Severity::Info {
-            "note"
-        } else {
-            "warning"
-        };
-        writeln!(out, "{label}: {w}")?;
-    }
-    for n in &r.nodes {
-        let cp = n
-            .last_checkpoint
-            .map_or_else(|| "none".to_owned(), |s| format!("seq {s}"));
-        writeln!(
-            out,
-            "node {}: {} events, seqs {}..={}, last checkpoint {cp}, {} events after it (not yet signed){}",
-            n.node_id,
-            n.events,
-            n.first_seq,
-            n.last_seq,
-            n.unsigned,
-            if n.declared_gaps.is_empty() {
-                String::new()
-            } else {
-                format!(", declared gaps {:?}", n.declared_gaps)
-            }
-        )?;
-        if n.unsigned > 0 {
-            writeln!(
-                out,
-                "warning: node {}: the last {} events are not covered by a checkpoint signature yet",
-                n.node_id, n.unsigned
-            )?;
-        }
-    }
-    let clean = r.is_clean();
-    writeln!(
-        out,
-        "{}: {} records, {} nodes, {} problems, {} warnings",
-        if clean { "OK" } else { "FAILED" },
-        r.records,
-        r.nodes.len(),
-        r.problems.len(),
-        r.warnings.len()
-    )?;
-    Ok(clean)
-}
-
-/// `portcullis audit verify`: prints the report; Ok(true) when clean.
-pub fn run_cli(opts: &VerifyOptions) -> anyhow::Result<bool> {
-    let report = verify_files(opts)?;
-    let stdout = std::io::stdout();
-    Ok(print_report(&report, &mut stdout.lock())?)
-}
-
-/// `portcullis audit` subcommands.
-#[derive(clap::Subcommand, Debug)]
-pub enum AuditAction {
-    /// Verify collector JSON-lines files and agent spool segments: chains,
-    /// signatures, and that every record matches its event's bytes. Exits
-    /// non-zero on any problem.
-    Verify {
-        /// Files in order (collector output and/or spool segments).
-        #[arg(value_name = "FILE", required = true)]
-        files: Vec<PathBuf>,
-        /// Pinned node keys: lines `NODE_ID KEY` (hex or base64).
-        #[arg(long, value_name = "FILE")]
-        keys: Option<PathBuf>,
-        /// Check checkpoints only with --keys (otherwise a node's key is
-        /// learned from its first STARTED event).
-        #[arg(long)]
-        pinned_only: bool,
-    },
-}
-
-/// Runs an `audit` subcommand; an error when verification found problems.
-pub fn run_action(action: AuditAction) -> anyhow::Result<()> {
-    match action {
-        AuditAction::Verify {
-            files,
-            keys,
-            pinned_only,
-        } => {
-            let pinned = match &keys {
-                Some(p) => crate::collector::keys::load_keys_file(p)?,
-                None => HashMap::new(),
-            };
-            let opts = VerifyOptions {
-                files,
-                trust: if pinned_only {
-                    Trust::Pinned
-                } else {
-                    Trust::Tofu
-                },
-                pinned,
-            };
-            let report = verify_files(&opts)?;
-            let clean = print_report(&report, &mut std::io::stdout().lock())?;
-            if clean {
-                Ok(())
-            } else {
-                anyhow::bail!(
-                    "audit verify: {} problems; the first: {}",
-                    report.problems.len(),
-                    report.problems[0]
-                )
-            }
-        }
     }
 }

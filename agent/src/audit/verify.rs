@@ -200,6 +200,8 @@ pub struct NodeState {
     pub key_pinned: bool,
     /// The seq of the last checkpoint whose signature verified.
     pub last_checkpoint: Option<u64>,
+    /// Checkpoints whose signature verified.
+    pub checkpoints: u64,
     /// Events accepted after the last verified checkpoint: not yet signed.
     pub since_checkpoint: u64,
     /// Missing seq ranges nothing has declared (inclusive).
@@ -224,6 +226,7 @@ impl NodeState {
             key,
             key_pinned,
             last_checkpoint: None,
+            checkpoints: 0,
             since_checkpoint: 0,
             unexplained_gaps: Vec::new(),
             declared_gaps: Vec::new(),
@@ -667,6 +670,7 @@ impl ChainVerifier {
         st.events += 1;
         st.remember(seq, hash);
         if checkpoint_ok {
+            st.checkpoints += 1;
             st.last_checkpoint = Some(seq);
             st.since_checkpoint = 0;
         } else {

@@ -11,7 +11,16 @@
 //! - `state.json`: per-node heads (seq, hash) as of a position in the
 //!   files, written atomically (temporary file, fsync, rename) at each
 //!   rotation and at shutdown.
-//! - `keys/NODE.pub`: keys first seen (trust on first use).
+//! - `acked.log`: one line per node and write, `{"node","seq","hash"}`,
+//!   appended and fsynced after the records and before the acks go out:
+//!   the heads the collector acknowledged. Folded into `state.json` at each
+//!   rotation. `audit verify DIR` checks every node's chain up to them, so
+//!   records cut from the end of a file do not go unnoticed.
+//! - `keys/NODE.pub`: the key the collector trusts for each node and how
+//!   (pinned, enrolled, first use).
+//!
+//! The directory is 0700 and every file in it 0600 (records name
+//! identities and addresses), like the agent's spool.
 //!
 //! Durability: a batch is written and fsynced before it is acknowledged.
 //! On start the collector loads `state.json` and scans the records after
@@ -31,11 +40,12 @@ use std::{
 use serde_json::{Value, json};
 
 use crate::audit::chain::{Head, hex};
-use crate::collector::keys::parse_key;
+use crate::collector::keys::{parse_key, private_dir, private_file};
 
 /// Default size at which output files rotate.
 pub const DEFAULT_ROTATE_BYTES: u64 = 64 * 1024 * 1024;
-const STATE_FILE: &str = "state.json";
+pub const STATE_FILE: &str = "state.json";
+pub const ACKED_FILE: &str = "acked.log";
 
 /// What a store found when it opened.
 #[derive(Clone, Debug, Default)]
@@ -48,6 +58,10 @@ pub struct Recovery {
     pub torn: Option<(PathBuf, u64)>,
     /// Complete lines that were not valid JSON records (file, line), skipped.
     pub bad_lines: Vec<(PathBuf, u64)>,
+    /// Nodes whose acknowledged head is beyond what the files hold
+    /// (records lost or removed while the collector was down): node, the
+    /// acknowledged seq, the seq the files end at.
+    pub short: Vec<(String, u64, u64)>,
 }
 
 enum Sink {
@@ -60,6 +74,8 @@ struct DirSink {
     rotate_bytes: u64,
     /// The file being written: (name, handle, size, day number, counter).
     current: Option<(String, File, u64, i64, u64)>,
+    /// `acked.log`, appended after each write.
+    acked: File,
 }
 
 /// The collector's output and the heads it has persisted.
@@ -141,12 +157,61 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
     let tmp = path.with_extension("tmp");
     {
-        let mut f = File::create(&tmp)?;
+        let mut f = private_file(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
     }
     fs::rename(&tmp, path)?;
     sync_dir(dir)
+}
+
+fn open_private_append(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt as _;
+    OpenOptions::new()
+        .append(true)
+        .create(true)
+        .mode(0o600)
+        .open(path)
+}
+
+/// The heads the collector acknowledged, as its output directory records
+/// them: `state.json`'s, then every later line of `acked.log` (a torn last
+/// line, from a crash before the ack, is ignored).
+pub fn acknowledged_heads(dir: &Path) -> io::Result<HashMap<String, Head>> {
+    let mut heads = match fs::read(dir.join(STATE_FILE)) {
+        Ok(b) => serde_json::from_slice::<Value>(&b)
+            .ok()
+            .and_then(|v| v.get("nodes").and_then(parse_heads))
+            .ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "state.json: no valid `nodes`")
+            })?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => HashMap::new(),
+        Err(e) => return Err(e),
+    };
+    let text = match fs::read(dir.join(ACKED_FILE)) {
+        Ok(b) => b,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Vec::new(),
+        Err(e) => return Err(e),
+    };
+    for line in text.split(|&b| b == b'\n') {
+        let Ok(v) = serde_json::from_slice::<Value>(line) else {
+            continue;
+        };
+        let (Some(node), Some(seq), Some(hash)) = (
+            v.get("node").and_then(Value::as_str),
+            v.get("seq").and_then(Value::as_u64),
+            v.get("hash")
+                .and_then(Value::as_str)
+                .and_then(|h| parse_key(h).ok()),
+        ) else {
+            continue;
+        };
+        let e = heads.entry(node.to_owned()).or_insert(Head::EMPTY);
+        if seq > e.seq {
+            *e = Head { seq, hash };
+        }
+    }
+    Ok(heads)
 }
 
 fn heads_json(heads: &HashMap<String, Head>) -> Value {
@@ -187,7 +252,7 @@ impl Store {
     pub fn writer(w: Box<dyn Write + Send>, state_dir: Option<&Path>) -> io::Result<Store> {
         let mut heads = HashMap::new();
         if let Some(dir) = state_dir {
-            fs::create_dir_all(dir)?;
+            private_dir(dir)?;
             match fs::read(dir.join(STATE_FILE)) {
                 Ok(b) => {
                     let v: Value = serde_json::from_slice(&b)
@@ -210,8 +275,18 @@ impl Store {
     /// Opens (creating) an output directory, recovering the persisted heads
     /// and cutting a torn tail.
     pub fn open_dir(dir: &Path, rotate_bytes: u64) -> io::Result<(Store, Recovery)> {
-        fs::create_dir_all(dir)?;
+        private_dir(dir)?;
+        let acked_before = acknowledged_heads(dir)?;
         let files = output_files(dir)?;
+        // Files of an older collector may be world-readable: not any more.
+        {
+            use std::os::unix::fs::PermissionsExt as _;
+            for p in files.iter().chain([&dir.join(STATE_FILE)]) {
+                if p.exists() {
+                    fs::set_permissions(p, fs::Permissions::from_mode(0o600))?;
+                }
+            }
+        }
         let mut rec = Recovery::default();
         let mut heads = HashMap::new();
         // Where to start scanning: the state's position when it is valid.
@@ -278,10 +353,17 @@ impl Store {
                 }
             }
         }
+        for (node, acked) in &acked_before {
+            let held = heads.get(node).map_or(0, |h: &Head| h.seq);
+            if acked.seq > held {
+                rec.short.push((node.clone(), acked.seq, held));
+            }
+        }
         let mut sink = DirSink {
             dir: dir.to_owned(),
             rotate_bytes: rotate_bytes.max(1),
             current: None,
+            acked: open_private_append(&dir.join(ACKED_FILE))?,
         };
         if let Some(path) = files.last() {
             let name = path
@@ -341,24 +423,53 @@ impl Store {
                     };
                     let name = file_name(new_day, counter);
                     let path = d.dir.join(&name);
-                    let f = OpenOptions::new()
-                        .append(true)
-                        .create_new(true)
-                        .open(&path)?;
+                    let f = {
+                        use std::os::unix::fs::OpenOptionsExt as _;
+                        OpenOptions::new()
+                            .append(true)
+                            .create_new(true)
+                            .mode(0o600)
+                            .open(&path)?
+                    };
                     sync_dir(&d.dir)?;
                     d.current = Some((name.clone(), f, 0, new_day, counter));
                     // Everything before the new file is durable: record the
-                    // heads as of its start so a restart scans from here.
+                    // heads as of its start so a restart scans from here;
+                    // they include every acknowledged head, so acked.log
+                    // starts over.
                     let state =
                         json!({"file": name, "offset": 0, "nodes": heads_json(&self.heads)});
                     write_atomic(&d.dir.join(STATE_FILE), state.to_string().as_bytes())?;
+                    d.acked.set_len(0)?;
                 }
                 let (_, f, size, _, _) = d.current.as_mut().expect("opened above");
+                let before = *size;
                 if let Err(e) = f.write_all(data).and_then(|()| f.sync_data()) {
                     // Cut back what may have been written: nothing of a
                     // failed batch stays.
-                    let _ = f.set_len(*size);
+                    let _ = f.set_len(before);
                     return Err(e);
+                }
+                // The heads about to be acknowledged, durable before the
+                // acks: the witness `audit verify` checks the files against.
+                // If they cannot be recorded, the batch is not written
+                // either (its resend must not find it already there).
+                let mut log = Vec::with_capacity(heads.len() * 120);
+                for (node, h) in heads {
+                    log.extend_from_slice(
+                        json!({"node": node, "seq": h.seq, "hash": hex(&h.hash)})
+                            .to_string()
+                            .as_bytes(),
+                    );
+                    log.push(b'\n');
+                }
+                if !log.is_empty() {
+                    let log_len = d.acked.metadata()?.len();
+                    if let Err(e) = d.acked.write_all(&log).and_then(|()| d.acked.sync_data()) {
+                        let _ = d.acked.set_len(log_len);
+                        let _ = f.set_len(before).and_then(|()| f.sync_data());
+                        return Err(e);
+                    }
                 }
                 *size += data.len() as u64;
             }
