@@ -406,7 +406,17 @@ pub fn save(path: &Path, state: &State) -> Result<(), LedgerError> {
     tmp_name.push(".tmp");
     let tmp = dir.join(tmp_name);
     {
-        let mut f = fs::File::create(&tmp).map_err(|e| LedgerError::io(&tmp, "create", e))?;
+        // 0600: spend names identities and tenants.
+        let mut f = {
+            use std::os::unix::fs::OpenOptionsExt as _;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+        }
+        .map_err(|e| LedgerError::io(&tmp, "create", e))?;
         f.write_all(&text)
             .map_err(|e| LedgerError::io(&tmp, "write", e))?;
         f.sync_all()

@@ -381,6 +381,10 @@ fn ledger_is_written_atomically_and_reads_back() {
     let path = dir.ledger();
     assert!(path.exists());
     assert!(!path.with_file_name("ledger.json.tmp").exists());
+    // Spend names identities and tenants: owner only.
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600);
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
     assert_eq!(

@@ -129,7 +129,13 @@ pub fn save(spool_dir: &Path, mark: &DropMark) -> io::Result<()> {
     let p = path(spool_dir);
     let tmp = spool_dir.join(format!("{FILE}.tmp"));
     {
-        let mut f = fs::File::create(&tmp)?;
+        use std::os::unix::fs::OpenOptionsExt as _;
+        let mut f = fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(doc.to_string().as_bytes())?;
         f.sync_all()?;
     }
@@ -203,6 +209,9 @@ mod tests {
         assert_eq!(m.totals[Reason::NoAdmission as usize], 31);
         save(&dir, &m).unwrap();
         assert_eq!(load(&dir).unwrap(), Some(m.clone()));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = fs::metadata(path(&dir)).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
         fs::write(path(&dir), "{not json").unwrap();
         assert!(load(&dir).is_err(), "a damaged mark is an error, not zero");
         let _ = fs::remove_dir_all(&dir);
