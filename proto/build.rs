@@ -32,7 +32,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
 
     let fds = protox::compile(&files, [&root])?;
-    // Messages and the collector service (client and server stubs).
-    tonic_prost_build::configure().compile_fds(fds)?;
+    // Messages always; the collector service's client and server stubs only
+    // with the `grpc` feature (they need tonic and tokio).
+    let grpc = std::env::var_os("CARGO_FEATURE_GRPC").is_some();
+    tonic_prost_build::configure()
+        .build_client(grpc)
+        .build_server(grpc)
+        .compile_fds(fds)?;
     Ok(())
 }

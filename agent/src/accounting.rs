@@ -1,4 +1,4 @@
-//! Cost accounting (design.md, "Cost and budgets"): every second the kernel's
+//! Cost accounting (README.md, "Audit trail and cost"): every second the kernel's
 //! cumulative per-(identity, service) counters become deltas, the deltas
 //! become cost by the service's price table, and the cost adds up to
 //! month- and day-to-date spend per identity and tenant, kept in the ledger
@@ -22,7 +22,7 @@
 //! Deltas: the kernel counters are cumulative since their map was created.
 //! The ledger keeps the last value seen per (slot, service) with the
 //! identity that held the slot, and the counter instance
-//! ([`Maps::usage_instance`](crate::kernel::Maps::usage_instance)) they
+//! ([`Maps::usage_instance`](crate::loader::Maps::usage_instance)) they
 //! belong to. A delta is the growth since that value; it is the whole
 //! current value when the instance changed (new maps start from zero),
 //! when the slot now holds another identity (the agent zeroes a slot's
@@ -58,9 +58,11 @@ pub use ledger::LedgerError;
 use ledger::{Baseline, Counters, IdentityToDate, Line, Pending, State, ToDate};
 use price::Carry;
 
+use portcullis_trail::time::unix_ns;
+
 use crate::{
     config::{Config, Price, identity_key},
-    kernel::{clock::unix_ns, maps::Usage},
+    loader::maps::Usage,
 };
 
 /// The forecast extrapolates the cost of this many recent seconds.
@@ -250,7 +252,7 @@ impl Accountant {
     }
 
     /// One interval: `rows` are the cumulative counters
-    /// ([`Maps::usage`](crate::kernel::Maps::usage)) of the counter
+    /// ([`Maps::usage`](crate::loader::Maps::usage)) of the counter
     /// instance `instance`. Charges the growth since the last tick, rolls
     /// periods over, publishes spend and persists the ledger (when
     /// anything changed). On a ledger write error the in-memory state has

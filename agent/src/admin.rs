@@ -8,12 +8,14 @@ use anyhow::{Context, bail};
 use portcullis_common::Reason;
 
 use crate::{
-    admission::revocations::{self, Entry},
-    apply,
-    audit::spool,
+    admission::{
+        admitter::IdentityMatch,
+        revocations::{self, Entry},
+    },
     config::Config,
+    enforce::Enforcer,
     identity::IdentityName,
-    kernel::{Kernel, Maps, bpffs, maps::bytes_addr},
+    loader::{Kernel, Maps, bpffs, maps::bytes_addr},
 };
 
 /// The pinned maps need root (CAP_BPF and CAP_SYS_ADMIN, and the bpf
@@ -24,6 +26,11 @@ pub fn require_root(what: &str) -> anyhow::Result<()> {
         bail!("permission denied (run as root): {what} reads and writes the kernel's pinned maps");
     }
     Ok(())
+}
+
+/// Writes go through the enforcer, as the agent's do.
+fn enforcer(cfg: &Config) -> anyhow::Result<Enforcer> {
+    Ok(Enforcer::new(maps(cfg)?, std::sync::Arc::new(cfg.clone())))
 }
 
 fn maps(cfg: &Config) -> anyhow::Result<Maps> {
@@ -57,8 +64,8 @@ pub fn status(cfg: &Config) -> anyhow::Result<()> {
     }
     // What an operator enrolls on the collector.
     println!("node_id {}", cfg.agent.node_id);
-    match crate::nodekey::NodeKey::load(&cfg.agent.node_key) {
-        Ok(k) => println!("node_key {}", crate::audit::chain::hex(&k.public_key())),
+    match portcullis_trail::node_key::NodeKey::load(&cfg.agent.node_key) {
+        Ok(k) => println!("node_key {}", portcullis_trail::hex::hex(&k.public_key())),
         Err(e) => println!("node_key unreadable ({e})"),
     }
     let durability = bpffs::durability(&cfg.kernel.pin_dir)
@@ -106,7 +113,7 @@ pub fn status(cfg: &Config) -> anyhow::Result<()> {
     };
     let admissions = m.admissions();
     println!("admissions {}", admissions.len());
-    let now = crate::kernel::clock::monotonic_ns();
+    let now = crate::loader::clock::monotonic_ns();
     for (k, v) in admissions {
         let left = v.expires_ns.saturating_sub(now) / 1_000_000_000;
         println!(
@@ -145,11 +152,11 @@ fn spool_state(dir: &std::path::Path) -> anyhow::Result<(u64, u64)> {
         .map(|m| m.len())
         .sum();
     let last = match segments.last() {
-        Some(p) => spool::read_segment_file(p)
+        Some(p) => portcullis_trail::frame::read_segment_file(p)
             .with_context(|| format!("reading {}", p.display()))?
             .frames
             .last()
-            .and_then(|f| spool::peek_seq(f))
+            .and_then(|f| portcullis_trail::frame::peek_seq(f))
             .unwrap_or(0),
         None => 0,
     };
@@ -165,8 +172,7 @@ pub fn admit(
     source_port: u16,
 ) -> anyhow::Result<()> {
     let id = service_id(cfg, service)?;
-    let mut m = maps(cfg)?;
-    apply::admit(&mut m, cfg, identity, source, id, source_port, ttl)?;
+    enforcer(cfg)?.admit_named(identity, source, id, source_port, ttl)?;
     println!(
         "admitted {identity} from {source} to {service} for {}s",
         ttl.as_secs()
@@ -183,14 +189,13 @@ pub fn revoke_identity(cfg: &Config, identity: &str) -> anyhow::Result<()> {
             "--identity {identity:?}: not an identity name; use the name `agent status` shows (`alice`, or `acme/alice` for subject alice of tenant acme; a `/` or `%` inside a part is written %2F, %25)"
         );
     };
-    let mut m = maps(cfg)?;
-    if let Some(slot) = m.find_identity(name.key())? {
-        let n = m.revoke_identity(slot)?;
+    let e = enforcer(cfg)?;
+    if let Some((slot, n)) = e.revoke_identity(&name)? {
         println!("revoked identity {name} (slot {slot}); removed {n} admissions");
         return Ok(());
     }
-    let similar: Vec<String> = m
-        .live_identities()?
+    let similar: Vec<String> = e
+        .observe(|m| m.live_identities())?
         .into_iter()
         .map(|(_, _, n)| n)
         .filter(|n| IdentityName::parse(n).is_some_and(|p| p.subject == identity))
@@ -212,26 +217,9 @@ pub fn revoke_identity(cfg: &Config, identity: &str) -> anyhow::Result<()> {
     }
 }
 
-/// Revokes in the kernel every identity `matches` selects; returns the
-/// names revoked.
-fn revoke_matching(
-    m: &mut Maps,
-    matches: impl Fn(&IdentityName) -> bool,
-) -> anyhow::Result<Vec<(String, usize)>> {
-    let mut done = Vec::new();
-    for (slot, _, name) in m.live_identities()? {
-        if IdentityName::parse(&name).is_some_and(|n| matches(&n)) {
-            let n = m.revoke_identity(slot)?;
-            done.push((name, n));
-        }
-    }
-    Ok(done)
-}
-
 pub fn revoke_source(cfg: &Config, source: IpAddr, service: &str) -> anyhow::Result<()> {
     let id = service_id(cfg, service)?;
-    let mut m = maps(cfg)?;
-    let n = m.revoke_source(source, id)?;
+    let n = enforcer(cfg)?.revoke_source(source, id)?;
     println!("revoked {source} for {service}; removed {n} admissions");
     Ok(())
 }
@@ -255,11 +243,13 @@ pub fn revoke_token(cfg: &Config, entry: Entry) -> anyhow::Result<()> {
         "recorded {entry:?} in {}; the running agent applies it within a second",
         path.display()
     );
-    if let Ok(mut m) = Kernel::open_pinned_maps(&cfg.kernel.pin_dir) {
+    if let Ok(e) = enforcer(cfg) {
         let revoked = match &entry {
             // A subject in every tenant, and the bare one.
-            Entry::Subject(subject) => revoke_matching(&mut m, |n| n.subject == *subject)?,
-            Entry::Identity(id) => revoke_matching(&mut m, |n| n == id)?,
+            Entry::Subject(subject) => {
+                e.revoke_identities(&IdentityMatch::Subject(subject.clone()))?
+            }
+            Entry::Identity(id) => e.revoke_identities(&IdentityMatch::Identity(id.clone()))?,
             Entry::Jti(_) => Vec::new(),
         };
         for (name, n) in revoked {

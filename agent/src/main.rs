@@ -4,7 +4,7 @@ use std::{net::IpAddr, path::PathBuf, process::ExitCode, time::Duration};
 
 use clap::{Args, Parser, Subcommand};
 use portcullis_agent::{
-    admin, admission::revocations::Entry, config::Config, identity::IdentityName, runtime,
+    admin, admission::revocations::Entry, config::Config, daemon, identity::IdentityName,
 };
 
 #[derive(Parser)]
@@ -22,26 +22,19 @@ struct Cli {
 enum Command {
     /// Run the node agent (loads or adopts the kernel programs and enforces).
     Agent(AgentCmd),
-    /// Self-contained demo in network namespaces on the embedded defaults.
-    Demo,
     /// Knock: ask a node to admit this host to a service with a token.
-    Knock(portcullis_agent::admission::knock::KnockArgs),
+    Knock(portcullis_knock::KnockArgs),
     /// Check and test Cedar policies offline (for policy CI).
     Policy {
         #[command(subcommand)]
         action: PolicyAction,
     },
     /// Receive agents' audit streams, verify them, write OCSF JSON lines.
-    Collector(portcullis_agent::collector::CollectorCmd),
+    Collector(portcullis_collector::CollectorCmd),
     /// Audit trail tools (exit status 0 verified, 1 problems, 2 unreadable).
     Audit {
         #[command(subcommand)]
-        action: portcullis_agent::audit::verify_cli::AuditAction,
-    },
-    /// DEVELOPMENT ONLY: a local token issuer, so demos and tests need no IdP.
-    Token {
-        #[command(subcommand)]
-        action: TokenAction,
+        action: portcullis_collector::verify_cli::AuditAction,
     },
 }
 
@@ -59,43 +52,6 @@ enum PolicyAction {
         dir: PathBuf,
         #[arg(long, value_name = "FILE")]
         requests: PathBuf,
-    },
-}
-
-#[derive(Subcommand)]
-enum TokenAction {
-    /// Create a development issuer key (issuer.key, mode 0600) and its
-    /// public JWKS (jwks.json) in DIR. Never use it in production.
-    Keygen {
-        #[arg(long, value_name = "DIR")]
-        dir: PathBuf,
-    },
-    /// Print a signed access token (RFC 9068) from a development key.
-    Mint {
-        #[arg(long, value_name = "FILE")]
-        key: PathBuf,
-        #[arg(long)]
-        issuer: String,
-        #[arg(long)]
-        audience: String,
-        #[arg(long)]
-        subject: String,
-        #[arg(long)]
-        tenant: Option<String>,
-        /// `client_id` (RFC 9068 §2.2); default portcullis-dev.
-        #[arg(long)]
-        client_id: Option<String>,
-        /// Repeatable, e.g. --role analyst.
-        #[arg(long = "role")]
-        roles: Vec<String>,
-        /// Repeatable, e.g. --scope model:llm:invoke.
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-        ttl_secs: u64,
-        /// Bind the token to a proof key (RFC 7638 thumbprint, `cnf.jkt`).
-        #[arg(long)]
-        cnf_jkt: Option<String>,
     },
 }
 
@@ -185,12 +141,12 @@ fn main() -> ExitCode {
         // Rust ignores SIGPIPE, so `portcullis agent status | head -1`
         // would panic on the closed pipe; a one-shot command should end
         // quietly instead, as other Unix tools do. Daemons (agent,
-        // collector) and the demo (whose guards must run) keep ignoring it.
+        // collector) keep ignoring it.
         // SAFETY: restoring a default disposition before any thread starts.
         unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     }
     if let Command::Audit { action } = cli.command {
-        return portcullis_agent::audit::verify_cli::run_action(action);
+        return portcullis_collector::verify_cli::run_action(action);
     }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
@@ -204,23 +160,17 @@ fn main() -> ExitCode {
 fn writes_to_a_pipe_and_exits(c: &Command) -> bool {
     match c {
         Command::Agent(AgentCmd { action: None, run }) => run.print_example_config,
-        Command::Agent(_)
-        | Command::Knock(_)
-        | Command::Policy { .. }
-        | Command::Audit { .. }
-        | Command::Token { .. } => true,
-        Command::Demo | Command::Collector(_) => false,
+        Command::Agent(_) | Command::Knock(_) | Command::Policy { .. } | Command::Audit { .. } => {
+            true
+        }
+        Command::Collector(_) => false,
     }
 }
 
 fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Demo => portcullis_agent::demo::run(),
-        Command::Knock(args) => portcullis_agent::admission::knock::run_cli(args),
-        Command::Collector(cmd) => {
-            portcullis_agent::logging::init_plain();
-            portcullis_agent::collector::run_command(cmd)
-        }
+        Command::Knock(args) => portcullis_knock::run_cli(args),
+        Command::Collector(cmd) => portcullis_collector::run_command(cmd),
         Command::Audit { .. } => unreachable!("handled in main: it has its own exit codes"),
         Command::Policy {
             action: PolicyAction::Validate { dir },
@@ -228,50 +178,6 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         Command::Policy {
             action: PolicyAction::Test { dir, requests },
         } => portcullis_agent::policy::test_cli(&dir, &requests),
-        Command::Token {
-            action: TokenAction::Keygen { dir },
-        } => {
-            let out = portcullis_agent::devtoken::keygen(&dir)?;
-            println!("development issuer key: {}", out.key_path.display());
-            println!(
-                "public JWKS (tokens.jwks_file): {}",
-                out.jwks_path.display()
-            );
-            println!("kid: {}", out.kid);
-            eprintln!(
-                "warning: development only; production tokens come from your identity provider"
-            );
-            Ok(())
-        }
-        Command::Token {
-            action:
-                TokenAction::Mint {
-                    key,
-                    issuer,
-                    audience,
-                    subject,
-                    tenant,
-                    client_id,
-                    roles,
-                    scopes,
-                    ttl_secs,
-                    cnf_jkt,
-                },
-        } => {
-            let claims = portcullis_agent::devtoken::MintClaims {
-                issuer,
-                audience,
-                subject,
-                tenant,
-                client_id,
-                roles,
-                scopes,
-                ttl: Duration::from_secs(ttl_secs),
-                cnf_jkt,
-            };
-            println!("{}", portcullis_agent::devtoken::mint(&key, claims)?);
-            Ok(())
-        }
         Command::Agent(AgentCmd { action: None, run }) => {
             if run.print_example_config {
                 print!("{}", portcullis_agent::config::EXAMPLE);
@@ -286,9 +192,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            rt.block_on(runtime::run(
+            rt.block_on(daemon::run(
                 cfg,
-                runtime::RunOptions {
+                daemon::RunOptions {
                     ready_file: run.ready_file,
                 },
             ))

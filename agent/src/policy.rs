@@ -383,7 +383,7 @@ impl ContextKey {
         Some(ContextKey {
             hour: pick(0, hour),
             weekday: pick(1, weekday),
-            source: on(2).then(|| canonical(req.source)),
+            source: on(2).then(|| req.source.to_canonical()),
             method: on(3).then_some(req.method),
             token_age: pick(4, req.token_age.as_secs()),
             spend_month: pick(5, req.spend_month),
@@ -797,7 +797,7 @@ impl PolicySet {
                 }
             }
         };
-        let source = canonical(req.source);
+        let source = req.source.to_canonical();
         let source_expr = match schema {
             Some(_) => RestrictedExpression::new_ip(source.to_string()),
             None => {
@@ -912,12 +912,4 @@ fn utc_hour_weekday(t: SystemTime) -> Option<(u64, u64)> {
     let days = secs / 86_400;
     // 1970-01-01 was a Thursday (ISO 4).
     Some(((secs % 86_400) / 3_600, (days + 3) % 7 + 1))
-}
-
-/// IPv4-mapped IPv6 as IPv4, as the kernel and the admitter see it.
-fn canonical(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4),
-        v4 => v4,
-    }
 }

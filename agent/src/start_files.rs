@@ -74,7 +74,7 @@ impl StartFiles {
 
     fn undo(&self) {
         for m in &self.mounts {
-            crate::kernel::bpffs::unmount(m);
+            crate::loader::bpffs::unmount(m);
             tracing::info!(mount_point = %m.display(), "unmounted the bpffs the failed start mounted");
         }
         for p in &self.created {

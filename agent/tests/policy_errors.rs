@@ -2,10 +2,8 @@
 
 use std::path::Path;
 
-use portcullis_agent::{
-    netns::TempDir,
-    policy::{self, PolicyError, PolicySet},
-};
+use portcullis_agent::policy::{self, PolicyError, PolicySet};
+use portcullis_testkit::TempDir;
 
 const PERMIT: &str = "@id(\"all\") permit(principal, action, resource);\n";
 

@@ -8,10 +8,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use portcullis_agent::{
-    netns::TempDir,
-    policy::{self, Method, PolicySet, Principal, Request, Resource},
-};
+use portcullis_agent::policy::{self, Method, PolicySet, Principal, Request, Resource};
+use portcullis_testkit::TempDir;
 
 fn examples() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../examples/policy")

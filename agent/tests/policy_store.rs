@@ -6,10 +6,8 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use portcullis_agent::{
-    netns::TempDir,
-    policy::{Method, PolicySet, PolicyStore, Principal, Request, Resource},
-};
+use portcullis_agent::policy::{Method, PolicySet, PolicyStore, Principal, Request, Resource};
+use portcullis_testkit::TempDir;
 
 fn request(service: &str) -> Request {
     Request {

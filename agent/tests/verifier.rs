@@ -3,7 +3,7 @@
 
 #[test]
 fn verifier_accepts_all_programs() {
-    match portcullis_agent::kernel::Unattached::load() {
+    match portcullis_agent::loader::Unattached::load() {
         Ok(_) => {}
         Err(e) => panic!("eBPF object rejected: {e}"),
     }

@@ -1,23 +1,15 @@
-//! Test support for portcullis: crafted packets for BPF_PROG_TEST_RUN.
-//! (Network-namespace helpers live in `portcullis_agent::netns`, shared with
-//! the demo.)
+//! What the end-to-end tests share, and the two programs that exist only
+//! for demos and tests; none of it is part of a release.
+//!
+//! - [`e2e`]: an agent in a namespace topology with a config, its one-shot
+//!   subcommands, and the knock setup (`tests/e2e_*.rs`);
+//! - [`devtoken`]: a development token issuer (`portcullis-devtoken`);
+//! - [`demo`]: the self-contained demo (`portcullis-demo`);
+//! - [`pipeline`]: the knock path in process, for tests and benchmarks.
+//!
+//! The namespace harness itself is `portcullis-testkit` (`tests/kit`).
 
-pub mod bench_admission;
-pub mod bench_events;
-pub mod bench_policy;
-pub mod bench_support;
-pub mod packet;
-
-/// Keeps a measurement on one CPU (per-CPU maps, stable caches).
-pub fn pin_to_current_cpu() {
-    // SAFETY: plain libc calls on a zeroed cpu_set_t owned by this frame.
-    unsafe {
-        let cpu = libc::sched_getcpu();
-        if cpu < 0 {
-            return;
-        }
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(cpu as usize, &mut set);
-        let _ = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
-    }
-}
+pub mod demo;
+pub mod devtoken;
+pub mod e2e;
+pub mod pipeline;

@@ -1,4 +1,4 @@
-//! End to end: cost accounting (design.md, "Cost and budgets"). One
+//! End to end: cost accounting (README.md, "Audit trail and cost"). One
 //! identity admitted to two services with different prices moves a measured
 //! amount of traffic through the real XDP and TC programs; the kernel's
 //! per-(identity, service) counters, priced by the config, must give
@@ -9,7 +9,7 @@
 //! reads the ledger the agent itself keeps (its runtime ticks the
 //! accountant every second) and restarts the agent in between.
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::{
     io::{Read, Write},
@@ -17,13 +17,13 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use e2e_support::{Env, OK_TIMEOUT, PROTECTED_PORT, Settings, serial};
+use e2e::{Env, OK_TIMEOUT, PROTECTED_PORT, Settings, serial};
 use portcullis_agent::{
     accounting::{Accountant, SpendBook},
     config::Config,
-    kernel::Kernel,
-    netns::{echo_roundtrip, poll_until},
+    loader::Kernel,
 };
+use portcullis_testkit::{echo_roundtrip, poll_until};
 
 const MIB: u64 = 1 << 20;
 /// The second service, priced per connection only.
@@ -44,7 +44,7 @@ fn env(name: &str) -> Env {
     let env = Env::new(name, &Settings::default());
     let client = env.topo.client_addr(false);
     let settings = Settings::default().admit(client, 3600);
-    let mut text = e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings);
+    let mut text = e2e::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings);
     text = text.replacen(
         &format!("port = {PROTECTED_PORT}\n"),
         &format!(

@@ -1,5 +1,5 @@
-//! End to end: the audit stream with real processes (design.md, "Events
-//! and the collector"). The agent (knock admission on, one checkpoint and
+//! End to end: the audit stream with real processes (README.md, "Audit
+//! trail and cost"). The agent (knock admission on, one checkpoint and
 //! one report a second) and `portcullis collector` both run in the server
 //! namespace, talking over its loopback. A client knocks continuously, so
 //! events keep flowing while the test kills the agent with SIGKILL (and
@@ -8,7 +8,7 @@
 //! sequence number of the node exactly once, and `portcullis audit verify`
 //! must accept it, and name the place once a line is deleted.
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::{
     collections::BTreeMap,
@@ -21,17 +21,15 @@ use std::{
     time::{Duration, Instant},
 };
 
-use e2e_support::{
+use e2e::{
     SERVICE,
     knock::{KnockEnv, KnockSettings},
     serial,
 };
-use portcullis_agent::{
-    audit::spool::read_segment_file,
-    devtoken,
-    netns::{Netns, TempDir, poll_until},
-};
+use portcullis_e2e::devtoken;
 use portcullis_proto::v1;
+use portcullis_testkit::{Netns, TempDir, poll_until};
+use portcullis_trail::frame::read_segment_file;
 use prost::Message as _;
 
 const INVOKE: &str = "model:llm:invoke";
@@ -171,7 +169,7 @@ fn spool_head(spool: &Path) -> u64 {
     let last = segments(spool).pop().expect("a segment");
     let read = read_segment_file(&last).expect("read segment");
     let bytes = read.frames.last().expect("an event in the active segment");
-    portcullis_agent::audit::chain::Head::of(bytes)
+    portcullis_trail::chain::Head::of(bytes)
         .expect("decodes")
         .seq
 }
@@ -241,7 +239,7 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
         .args(["collector", "enroll", "--out"])
         .arg(out_dir.path())
         .arg(&node)
-        .arg(portcullis_agent::audit::chain::hex(&k.node_public_key))
+        .arg(portcullis_trail::hex::hex(&k.node_public_key))
         .output()
         .expect("run collector enroll");
     assert!(

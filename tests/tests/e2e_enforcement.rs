@@ -1,22 +1,22 @@
 //! End to end: the real agent, the real XDP/TC programs on a veth, real TCP
-//! and UDP between two network namespaces (design.md, "Guarantees").
+//! and UDP between two network namespaces (README.md, "Running the agent").
 //!
 //! Each test builds its own topology, bpffs and agent; the tests of this
-//! file run one at a time (`e2e_support::serial`) because several assert
+//! file run one at a time (`e2e::serial`) because several assert
 //! timing (expiry and revocation within a second, rates within 15%).
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::{
     net::{SocketAddr, UdpSocket},
     time::{Duration, Instant},
 };
 
-use e2e_support::{
+use e2e::{
     ECHO_TIMEOUT, EchoLoop, Env, IDENTITY, KNOCK_PORT, OK_TIMEOUT, OPEN_PORT, PROTECTED_PORT,
     SERVICE, Settings, serial,
 };
-use portcullis_agent::netns::{self, FloodPlan};
+use portcullis_testkit::FloodPlan;
 
 fn family(v6: bool) -> &'static str {
     if v6 { "v6" } else { "v4" }
@@ -41,7 +41,7 @@ fn unadmitted_is_dropped(v6: bool, xdp_mode: &'static str) {
     );
     env.assert_echo(v6, OPEN_PORT, "unprotected port on the same server");
     // No listener on an unprotected port: the stack answers (RST) as usual.
-    let closed = netns::try_connect(&env.topo.client, env.server(v6, 9), OK_TIMEOUT);
+    let closed = portcullis_testkit::try_connect(&env.topo.client, env.server(v6, 9), OK_TIMEOUT);
     assert_eq!(
         closed.expect_err("nothing listens on 9").kind(),
         std::io::ErrorKind::ConnectionRefused
@@ -99,7 +99,7 @@ fn env_with(name: &str, settings: impl FnOnce(&Env) -> Settings) -> Env {
     let s = settings(&env);
     std::fs::write(
         &env.config,
-        e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &s),
+        e2e::config_text(&env.topo, &env.bpffs, env.state_dir(), &s),
     )
     .unwrap();
     assert_eq!(env.start_agent(), "fresh");
@@ -279,8 +279,9 @@ fn connection_rate_is_enforced(v6: bool) {
         attempt_timeout: Duration::from_millis(200),
         max_pending: 512,
     };
-    let st = netns::connect_flood(&env.topo.client, env.server(v6, PROTECTED_PORT), plan)
-        .expect("flood");
+    let st =
+        portcullis_testkit::connect_flood(&env.topo.client, env.server(v6, PROTECTED_PORT), plan)
+            .expect("flood");
     let secs = st.elapsed.as_secs_f64();
     let expected = BURST + RATE * secs;
     eprintln!(

@@ -5,9 +5,9 @@
 //! across stops, crashes and restarts; the one-shot commands behave on a
 //! closed pipe and without root.
 //!
-//! The tests of this file run one at a time (`e2e_support::serial`).
+//! The tests of this file run one at a time (`e2e::serial`).
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::{
     collections::BTreeMap,
@@ -22,12 +22,12 @@ use std::{
     time::Duration,
 };
 
-use e2e_support::{
+use e2e::{
     DROPPED, Env, OK_TIMEOUT, PROTECTED_PORT, READY_TIMEOUT, Settings, parse_status, serial,
 };
-use portcullis_agent::netns::{self, AgentProcess, poll_until};
 use portcullis_common::Reason;
 use portcullis_proto::v1::{event::Body, lifecycle::Phase};
+use portcullis_testkit::{AgentProcess, poll_until};
 
 /// A pin directory on the namespace's own /sys/fs/bpf: `ip netns exec`
 /// (how the harness, and many operators, start the agent) gives the agent a
@@ -223,12 +223,12 @@ impl Unadmitted {
         let dst = env.server(false, PROTECTED_PORT);
         let flag = stop.clone();
         let thread = std::thread::spawn(move || {
-            netns::enter_path(&ns).expect("enter the client namespace");
+            portcullis_testkit::enter_path(&ns).expect("enter the client namespace");
             // Bounded: at most ten minutes even if never stopped.
             let end = std::time::Instant::now() + Duration::from_secs(600);
             while !flag.load(Ordering::Relaxed) && std::time::Instant::now() < end {
                 // One SYN each: the attempt gives up after 20 ms.
-                let _ = netns::connect_bound_here(
+                let _ = portcullis_testkit::connect_bound_here(
                     std::net::SocketAddr::new(src, 0),
                     dst,
                     Duration::from_millis(20),

@@ -10,7 +10,7 @@ use std::{
     time::Duration,
 };
 
-use portcullis_agent::netns::{
+use portcullis_testkit::{
     self, BpffsMount, FloodPlan, Netns, TempDir, Topology, echo_roundtrip, list_netns,
 };
 
@@ -24,7 +24,7 @@ fn netns_inode_of_thread() -> u64 {
 }
 
 fn host_links() -> String {
-    netns::ip(&["-o", "link", "show"]).expect("ip link")
+    portcullis_testkit::ip(&["-o", "link", "show"]).expect("ip link")
 }
 
 #[test]
@@ -44,7 +44,8 @@ fn netns_is_created_entered_and_removed() {
             "the caller's thread stays put"
         );
         // exec() runs commands inside: only lo exists there.
-        let out = netns::run_cmd(ns.exec("ip").args(["-o", "link", "show"])).expect("exec");
+        let out =
+            portcullis_testkit::run_cmd(ns.exec("ip").args(["-o", "link", "show"])).expect("exec");
         assert_eq!(out.lines().count(), 1, "only lo in a new namespace: {out}");
         // A panic inside run() reaches the caller.
         let caught = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -56,7 +57,11 @@ fn netns_is_created_entered_and_removed() {
         !list_netns().unwrap().contains(&name),
         "{name} removed on drop"
     );
-    assert!(!PathBuf::from(netns::NETNS_RUN_DIR).join(&name).exists());
+    assert!(
+        !PathBuf::from(portcullis_testkit::NETNS_RUN_DIR)
+            .join(&name)
+            .exists()
+    );
 }
 
 #[test]
@@ -66,7 +71,11 @@ fn topology_carries_tcp_v4_and_v6_and_cleans_up() {
         let topo = Topology::new("selftest").expect("topology");
         names = topo.netns_names().map(str::to_owned);
         ifaces = [topo.client_if.clone(), topo.server_if.clone()];
-        assert!(ifaces.iter().all(|i| i.len() <= netns::MAX_IFNAME));
+        assert!(
+            ifaces
+                .iter()
+                .all(|i| i.len() <= portcullis_testkit::MAX_IFNAME)
+        );
         let links = host_links();
         assert!(
             ifaces.iter().all(|i| !links.contains(i.as_str())),
@@ -74,20 +83,22 @@ fn topology_carries_tcp_v4_and_v6_and_cleans_up() {
         );
         for v6 in [false, true] {
             let addr = SocketAddr::new(topo.server_addr(v6), 8000);
-            let server = netns::tcp_echo_server(&topo.server, addr).expect("echo");
-            let mut s = netns::try_connect(&topo.client, addr, T).expect("connect");
+            let server = portcullis_testkit::tcp_echo_server(&topo.server, addr).expect("echo");
+            let mut s = portcullis_testkit::try_connect(&topo.client, addr, T).expect("connect");
             // The stream was made in the client namespace and still works
             // from this (host-namespace) thread.
             assert_eq!(s.local_addr().unwrap().ip(), topo.client_addr(v6));
             echo_roundtrip(&mut s, b"hello through the veth", T).expect("echo");
             let alt = topo.client_alt_addr(v6);
-            let mut s2 = netns::connect_from(&topo.client, alt, addr, T).expect("connect_from");
+            let mut s2 =
+                portcullis_testkit::connect_from(&topo.client, alt, addr, T).expect("connect_from");
             assert_eq!(s2.local_addr().unwrap().ip(), alt);
             echo_roundtrip(&mut s2, b"from the second address", T).expect("echo alt");
             assert!(server.accepted() >= 2);
             // A port with no listener answers with RST: refused, not a timeout.
             let closed = SocketAddr::new(topo.server_addr(v6), 9);
-            let e = netns::try_connect(&topo.client, closed, T).expect_err("nothing listens");
+            let e = portcullis_testkit::try_connect(&topo.client, closed, T)
+                .expect_err("nothing listens");
             assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
         }
         // Client and server really are two different namespaces.
@@ -118,19 +129,20 @@ fn connect_flood_without_agent_connects_every_attempt() {
     let topo = Topology::new("selftest").expect("topology");
     for v6 in [false, true] {
         let addr = SocketAddr::new(topo.server_addr(v6), 8000);
-        let server = netns::tcp_echo_server(&topo.server, addr).expect("echo");
+        let server = portcullis_testkit::tcp_echo_server(&topo.server, addr).expect("echo");
         let plan = FloodPlan {
             duration: Duration::from_millis(500),
             interval: Duration::from_millis(5),
             attempt_timeout: Duration::from_millis(200),
             max_pending: 64,
         };
-        let st = netns::connect_flood(&topo.client, addr, plan).expect("flood");
+        let st = portcullis_testkit::connect_flood(&topo.client, addr, plan).expect("flood");
         assert!(st.attempts >= 50, "{st:?}");
         assert_eq!(st.connected, st.attempts, "{st:?}");
         assert_eq!(st.timed_out + st.failed, 0, "{st:?}");
         // The server accepts all of them (bounded wait).
-        let all = netns::poll_until(T, || (server.accepted() >= st.connected).then_some(()));
+        let all =
+            portcullis_testkit::poll_until(T, || (server.accepted() >= st.connected).then_some(()));
         assert!(
             all.is_some(),
             "accepted {} of {}",
@@ -147,7 +159,7 @@ fn bpffs_mount_is_private_and_removed() {
         let m = BpffsMount::new().expect("mount");
         path = m.path().to_path_buf();
         assert!(
-            portcullis_agent::kernel::bpffs::is_bpffs(&path).unwrap(),
+            portcullis_agent::loader::bpffs::is_bpffs(&path).unwrap(),
             "{} is a bpffs",
             path.display()
         );
@@ -168,7 +180,7 @@ fn guards_clean_up_after_a_panic() {
         names.extend(topo.netns_names().map(str::to_owned));
         let tmp = TempDir::new("selftest").expect("tmp");
         dir = tmp.path().to_path_buf();
-        let _server = netns::tcp_echo_server(
+        let _server = portcullis_testkit::tcp_echo_server(
             &topo.server,
             SocketAddr::new(IpAddr::V4(topo.server_v4), 8000),
         )

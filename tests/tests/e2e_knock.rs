@@ -1,14 +1,14 @@
-//! End to end: admission by knock (design.md, "Admission"). The real agent
+//! End to end: admission by knock (README.md, "Admission: tokens and knocks"). The real agent
 //! with a `[tokens]` section runs in the server namespace; tokens come from
 //! the development issuer (`portcullis_agent::devtoken`) in a temporary
 //! directory; clients knock with the real `portcullis knock` CLI, or send
 //! datagrams built with the client library (`build_knock`) from sockets in
 //! the client namespace. IPv4 and IPv6.
 //!
-//! The tests of this file run one at a time (`e2e_support::serial`): several
+//! The tests of this file run one at a time (`e2e::serial`): several
 //! bound how long something takes.
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::{
     io,
@@ -19,15 +19,13 @@ use std::{
     time::{Duration, Instant, SystemTime},
 };
 
-use e2e_support::{
+use e2e::{
     DROPPED, OK_TIMEOUT, PROTECTED_PORT, SERVICE,
     knock::{KnockEnv, KnockService, KnockSettings, close_with_rst},
     serial,
 };
-use portcullis_agent::{
-    kernel::clock,
-    netns::{self, echo_roundtrip},
-};
+use portcullis_agent::loader::clock;
+use portcullis_testkit::echo_roundtrip;
 
 const INVOKE: &str = "model:llm:invoke";
 const TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -220,7 +218,7 @@ fn replayed_knock_is_ignored(v6: bool) {
     // Let the kernel clock move on (jiffies), so that any new grant would
     // carry a later expiry.
     assert!(
-        netns::poll_until(Duration::from_secs(2), || {
+        portcullis_testkit::poll_until(Duration::from_secs(2), || {
             (clock::monotonic_ns() > granted_at + 50_000_000).then_some(())
         })
         .is_some()
@@ -334,7 +332,7 @@ fn flow_scoped_knock(v6: bool) {
     );
 
     assert!(
-        netns::poll_until(Duration::from_secs(5), || (!k.flow_scoped_flag())
+        portcullis_testkit::poll_until(Duration::from_secs(5), || (!k.flow_scoped_flag())
             .then_some(()))
         .is_some(),
         "the agent clears CFG_FLOW_SCOPED once no flow-scoped admission is left"
@@ -386,7 +384,7 @@ fn expired_untrusted_and_tampered_tokens_are_refused() {
     // Wait (bounded) until the token is past its exp (<= minted + 2 s).
     let dead = minted + Duration::from_millis(2050);
     assert!(
-        netns::poll_until(Duration::from_secs(5), || (SystemTime::now() >= dead)
+        portcullis_testkit::poll_until(Duration::from_secs(5), || (SystemTime::now() >= dead)
             .then_some(()))
         .is_some()
     );
@@ -524,7 +522,7 @@ fn knock_flood_from_one_source_does_not_delay_another() {
             n
         })
     };
-    let flooding = netns::poll_until(Duration::from_secs(5), || {
+    let flooding = portcullis_testkit::poll_until(Duration::from_secs(5), || {
         (sent.load(Ordering::Relaxed) >= STARTED).then_some(())
     })
     .is_some();

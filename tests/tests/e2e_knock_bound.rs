@@ -3,25 +3,23 @@
 //! spoofed sources. The real agent, the real `portcullis knock` CLI and the
 //! kernel in network namespaces, IPv4.
 //!
-//! The tests of this file run one at a time (`e2e_support::serial`).
+//! The tests of this file run one at a time (`e2e::serial`).
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
     time::Duration,
 };
 
-use e2e_support::{
+use e2e::{
     OK_TIMEOUT, PROTECTED_PORT, SERVICE,
     knock::{KnockEnv, KnockSettings, SUBJECT, TENANT, random_nonce, strip_ansi},
     serial,
 };
-use portcullis_agent::{
-    admission::knock::{KnockOptions, PopKey, build_knock},
-    devtoken,
-    netns::{self, poll_until},
-};
+use portcullis_e2e::devtoken;
+use portcullis_knock::{KnockOptions, PopKey, build_knock};
+use portcullis_testkit::poll_until;
 
 const INVOKE: &str = "model:llm:invoke";
 const TOKEN_TTL: Duration = Duration::from_secs(300);
@@ -127,7 +125,7 @@ fn a_claimed_address_is_admitted_and_no_other() {
         .env
         .connect_alt(false, PROTECTED_PORT, OK_TIMEOUT)
         .expect("the claimed address connects");
-    netns::echo_roundtrip(&mut s, b"nat", OK_TIMEOUT).expect("echo");
+    portcullis_testkit::echo_roundtrip(&mut s, b"nat", OK_TIMEOUT).expect("echo");
     k.env.assert_dropped(
         false,
         PROTECTED_PORT,
@@ -235,7 +233,7 @@ fn spoofed_knocks(k: &KnockEnv, token: &str, first: u32, count: u32) {
                 p.extend_from_slice(&src.octets());
                 p.extend_from_slice(&dst.octets());
                 p.extend_from_slice(&40000u16.to_be_bytes());
-                p.extend_from_slice(&e2e_support::KNOCK_PORT.to_be_bytes());
+                p.extend_from_slice(&e2e::KNOCK_PORT.to_be_bytes());
                 p.extend_from_slice(&(8 + payload.len() as u16).to_be_bytes());
                 p.extend_from_slice(&[0, 0]);
                 p.extend_from_slice(payload);

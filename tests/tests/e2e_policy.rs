@@ -3,16 +3,16 @@
 //! allowing it, its next knock is refused by policy, and a broken policy
 //! edit keeps the previous set. Real agent, real XDP, two namespaces.
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::time::{Duration, Instant};
 
-use e2e_support::{
+use e2e::{
     EchoLoop, PROTECTED_PORT, SERVICE,
     knock::{KnockEnv, KnockSettings},
     serial,
 };
-use portcullis_agent::netns::TempDir;
+use portcullis_testkit::TempDir;
 
 const PERMIT: &str = r#"@id("permit-all")
 permit(principal, action, resource);

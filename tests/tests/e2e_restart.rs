@@ -1,13 +1,13 @@
 //! End to end: fail static across agent crashes and restarts, adoption of
-//! the pinned state, and `agent detach` (design.md, "Fail closed and fail
-//! static").
+//! the pinned state, and `agent detach` (README.md, "Running the
+//! agent").
 
-mod e2e_support;
+use portcullis_e2e::e2e;
 
 use std::time::{Duration, Instant};
 
-use e2e_support::{EchoLoop, Env, OK_TIMEOUT, PROTECTED_PORT, Settings, serial};
-use portcullis_agent::netns::echo_roundtrip;
+use e2e::{EchoLoop, Env, OK_TIMEOUT, PROTECTED_PORT, Settings, serial};
+use portcullis_testkit::echo_roundtrip;
 
 /// Admitted traffic flows and unadmitted traffic is dropped, for both
 /// address families.
@@ -36,7 +36,7 @@ fn enforcement_survives_kill9_restart_adopts_and_detach_opens() {
         .admit(env.topo.client_addr(true), 3600);
     std::fs::write(
         &env.config,
-        e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings),
+        e2e::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings),
     )
     .unwrap();
     assert_eq!(env.start_agent(), "fresh");
@@ -146,7 +146,7 @@ fn restart_while_unadmitted_stays_closed_and_static_admissions_are_not_reinstall
     let settings = Settings::default().admit(env.topo.client_addr(false), 3600);
     std::fs::write(
         &env.config,
-        e2e_support::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings),
+        e2e::config_text(&env.topo, &env.bpffs, env.state_dir(), &settings),
     )
     .unwrap();
     assert_eq!(env.start_agent(), "fresh");
@@ -155,10 +155,7 @@ fn restart_while_unadmitted_stays_closed_and_static_admissions_are_not_reinstall
     // Revoke the static admission, then restart: adoption must not bring it
     // back (static admissions are installed only on a fresh load).
     let source = env.topo.client_addr(false).to_string();
-    env.cli_ok(
-        "revoke",
-        &["--source", &source, "--service", e2e_support::SERVICE],
-    );
+    env.cli_ok("revoke", &["--source", &source, "--service", e2e::SERVICE]);
     env.assert_dropped(false, PROTECTED_PORT, false, "after revoke");
     env.agent().kill9().expect("kill -9");
     env.agent = None;
@@ -196,7 +193,7 @@ fn a_failing_test_leaves_no_agent_pins_mount_or_namespace_behind() {
     assert!(!mounts.contains(mount.to_str().unwrap()), "bpffs unmounted");
     assert!(!mount.exists(), "mount point removed");
     assert!(!config.exists(), "config directory removed");
-    let listed = portcullis_agent::netns::list_netns().unwrap();
+    let listed = portcullis_testkit::list_netns().unwrap();
     for n in &names {
         assert!(!listed.contains(n), "{n} deleted");
     }

@@ -47,7 +47,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Build and run `portcullis demo`; extra arguments go to the demo
+    /// Build and run `portcullis-demo` with the release node binary; extra arguments go to the demo
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
@@ -119,9 +119,9 @@ fn test(args: &[String]) -> Result<()> {
         "test",
         "it loads BPF programs and creates network namespaces",
     )?;
-    // The end-to-end tests run the real `portcullis` binary from
-    // target/release, so build it first rather than rely on cargo test's
-    // side effects.
+    // The end-to-end tests run the real `portcullis` (and
+    // `portcullis-collector`) binaries from target/release, so build them
+    // first rather than rely on cargo test's side effects.
     build()?;
     run(cargo().args(["test", "--release"]).args(args))
 }
@@ -170,7 +170,7 @@ fn bench_run(name: &str, args: &[String]) -> Result<()> {
             "run",
             "--release",
             "-p",
-            "portcullis-tests",
+            "portcullis-bench",
             "--bin",
             "portcullis-bench",
         ])
@@ -180,10 +180,11 @@ fn bench_run(name: &str, args: &[String]) -> Result<()> {
 
 fn demo(args: &[String]) -> Result<()> {
     build()?;
-    let binary = target_dir().join("release").join("portcullis");
-    run(Command::new(binary)
+    let release = target_dir().join("release");
+    run(Command::new(release.join("portcullis-demo"))
         .current_dir(workspace_root())
-        .arg("demo")
+        .arg("--agent-bin")
+        .arg(release.join("portcullis"))
         .args(args))
 }
 

@@ -6,12 +6,13 @@ use std::{
 
 use portcullis_common::IdentityStats;
 
-use super::{period::days_from_civil, *};
+use super::*;
 use crate::{
     config::{Config, identity_key, service_id},
     identity::IdentityName,
-    kernel::maps::Usage,
+    loader::maps::Usage,
 };
+use portcullis_trail::time::days_from_civil;
 
 const MIB: u64 = 1 << 20;
 const DAY: i64 = 86_400;

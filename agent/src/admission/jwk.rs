@@ -250,12 +250,12 @@ pub(crate) fn clip(s: &str) -> String {
 /// base64url without padding, canonical only (RFC 7515 §2: "with all
 /// trailing '=' characters omitted"; RFC 4648 §3.5: non-zero pad bits are
 /// refused). `+`, `/`, `=`, whitespace: refused.
-pub(crate) fn b64url_decode(s: &str) -> Result<Vec<u8>, String> {
+pub fn b64url_decode(s: &str) -> Result<Vec<u8>, String> {
     URL_SAFE_NO_PAD.decode(s).map_err(|e| e.to_string())
 }
 
 /// base64url without padding (RFC 7515 §2).
-pub(crate) fn b64url_encode(bytes: &[u8]) -> String {
+pub fn b64url_encode(bytes: &[u8]) -> String {
     URL_SAFE_NO_PAD.encode(bytes)
 }
 

@@ -44,11 +44,11 @@ use portcullis_proto::v1::lifecycle::Phase;
 use portcullis_proto::v1::{Gap, Lifecycle, SpoolPressure, event::Body};
 use tokio::sync::{oneshot, watch};
 
-use super::chain::{self, Sealed, Sealer};
 use super::spool::{Recovery, Spool, SpoolError};
 use crate::config::{AuditSection, OnFull};
-use crate::kernel::clock::precise_monotonic_ns;
-use crate::nodekey::NodeKey;
+use crate::loader::clock::precise_monotonic_ns;
+use portcullis_trail::chain::{self, Sealed, Sealer};
+use portcullis_trail::node_key::NodeKey;
 
 /// Most events sealed and written in one batch (one fsync).
 pub const BATCH_CAP: usize = 4096;
@@ -820,9 +820,9 @@ mod tests {
     use tokio::task::JoinHandle;
 
     use super::*;
-    use crate::audit::chain::{GENESIS, checkpoint_message, event_hash, verify_signature};
-    use crate::audit::spool::read_segment_file;
-    use crate::netns::TempDir;
+    use portcullis_testkit::TempDir;
+    use portcullis_trail::chain::{GENESIS, checkpoint_message, event_hash, verify_signature};
+    use portcullis_trail::frame::read_segment_file;
 
     fn cfg(dir: &Path, max: u64, segment: u64, on_full: OnFull) -> AuditSection {
         AuditSection {
@@ -1044,7 +1044,11 @@ mod tests {
         let all = held(&a);
         assert_chained(&all, 1, GENESIS);
         assert_eq!(verify_checkpoint(&key, &all[39].0), 6);
-        assert_eq!(a.stats().durable_seq, 40);
+        // The spool holds it before the writer publishes its new head.
+        eventually("the timed checkpoint reported durable", || {
+            a.stats().durable_seq == 40
+        })
+        .await;
         a.shutdown("test").await.unwrap();
         task.await.unwrap();
     }
@@ -1286,8 +1290,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_full_disk_degrades_then_the_same_events_are_written() {
-        let disk =
-            crate::netns::TmpfsMount::new(64 << 10).expect("mount a tmpfs (tests run as root)");
+        let disk = portcullis_testkit::TmpfsMount::new(64 << 10)
+            .expect("mount a tmpfs (tests run as root)");
         let mnt = disk.path().to_path_buf();
         let key = Arc::new(NodeKey::generate().unwrap());
         // The bound is far above the disk: the disk fills first.

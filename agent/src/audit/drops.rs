@@ -13,7 +13,8 @@ use std::{
 use portcullis_common::{DropEvent, Reason};
 use portcullis_proto::v1::{DropSummary, ReasonCount, SourceCount, TableFill};
 
-use crate::kernel::{clock::unix_ns, maps::bytes_addr};
+use crate::loader::maps::bytes_addr;
+use portcullis_trail::time::unix_ns;
 
 /// Sources listed per summary.
 pub const TOP_SOURCES: usize = 10;

@@ -40,6 +40,7 @@ use portcullis_proto::v1::{
     AgentMessage, CollectorMessage, Event, EventBatch, Hello, Proof, agent_message,
     collector_client::CollectorClient, collector_message,
 };
+use portcullis_trail::{chain, node_key::NodeKey};
 use prost::Message as _;
 use tokio::sync::{mpsc, watch};
 use tonic::{
@@ -48,12 +49,8 @@ use tonic::{
 };
 
 use crate::{
-    audit::{
-        auditor::{AuditError, Auditor},
-        chain,
-    },
+    audit::auditor::{AuditError, Auditor},
     config::{CollectorTarget, CollectorTls},
-    nodekey::NodeKey,
 };
 
 /// Stream protocol version sent in `Hello`.

@@ -11,6 +11,8 @@ use std::{
 use anyhow::{Context as _, bail};
 use serde::Deserialize;
 
+use portcullis_trail::time::days_from_civil;
+
 use super::{ACTIONS, Method, PolicySet, Principal, Request, Resource};
 
 /// Does any `model:<service|*>:<action>` scope grant `action` on `service`?
@@ -311,7 +313,10 @@ pub(super) fn parse_rfc3339(s: &str) -> Option<SystemTime> {
     if hour > 23 || minute > 59 || second > 59 {
         return None;
     }
-    let secs = days_from_civil(year, month, day) * 86_400 + hour * 3_600 + minute * 60 + second;
+    let secs = days_from_civil(year, month as u32, day as u32) * 86_400
+        + hour * 3_600
+        + minute * 60
+        + second;
     let secs = u64::try_from(secs).ok()?;
     SystemTime::UNIX_EPOCH.checked_add(Duration::from_secs(secs))
 }
@@ -330,15 +335,6 @@ fn days_in_month(y: i64, m: i64) -> i64 {
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (years >= 1).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    // Whole years before y, then the days of y's earlier months.
-    let py = y - 1;
-    let before_year = py * 365 + py / 4 - py / 100 + py / 400;
-    let month_days: i64 = (1..m).map(|mm| days_in_month(y, mm)).sum();
-    // 719_162 days from 0001-01-01 to 1970-01-01.
-    before_year + month_days + (d - 1) - 719_162
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,365 @@
+//! Upkeep of knock admission while the agent runs: the revocations file,
+//! the policy directory and the token keys are re-read every second, and
+//! what changed is applied (admission decides, the enforcer cuts, the
+//! trail records).
+
+use std::{path::PathBuf, sync::Arc, time::SystemTime};
+
+use anyhow::Context as _;
+use portcullis_proto::v1::{self, event::Body};
+
+use crate::{
+    admission::{
+        admitter::Admitter,
+        jwk::JwksFile,
+        revocations::{Change, RevocationFile},
+        token::{TokenPolicy, Verifier},
+    },
+    audit::{auditor::Auditor, drops::DropAccumulator},
+    config::{Config, TokensSection},
+    daemon::knock_service::KnockService,
+    enforce::Enforcer,
+    loader::KernelError,
+    policy::{PolicySet, PolicyStore},
+};
+
+/// What applying a revocation change did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Revoked {
+    pub subjects: usize,
+    /// `id:` entries: one identity in one tenant.
+    pub named: usize,
+    pub jtis: usize,
+    pub identities: usize,
+    pub admissions: usize,
+    /// One audit record per revoked jti, subject or identity.
+    pub events: Vec<v1::Revocation>,
+}
+
+/// Applies a change of the revocations file: admission refuses the tokens
+/// from now on, and what they already admitted is cut in the kernel (flows
+/// die on their next packet). The kernel's names find identities admitted
+/// before this agent started, or statically, too.
+pub fn apply_revocations(
+    admitter: &Admitter,
+    enforcer: &Enforcer,
+    change: &Change,
+    now: SystemTime,
+) -> Result<Revoked, KernelError> {
+    let mut done = Revoked::default();
+    for t in admitter.revoke(change, now) {
+        let mut event = v1::Revocation {
+            target_kind: t.kind.into(),
+            target: t.target.clone(),
+            reason: "revocations file".into(),
+            ..Default::default()
+        };
+        let mut removed = 0;
+        for at in &t.admissions {
+            removed += enforcer.revoke_admission(at)?;
+        }
+        if let Some(m) = &t.identities {
+            for (name, n) in enforcer.revoke_identities(m)? {
+                removed += n;
+                done.identities += 1;
+                event.identities.push(name);
+            }
+        }
+        event.admissions_removed = u32::try_from(removed).unwrap_or(u32::MAX);
+        done.admissions += removed;
+        match t.kind {
+            "jti" => done.jtis += 1,
+            "subject" => done.subjects += 1,
+            _ => done.named += 1,
+        }
+        done.events.push(event);
+    }
+    Ok(done)
+}
+
+/// Decides every live knock-granted admission again under the current
+/// policy set and revokes, in the kernel, those it now denies.
+pub fn reevaluate(
+    admitter: &Admitter,
+    enforcer: &Enforcer,
+    now: SystemTime,
+) -> Result<usize, KernelError> {
+    let denied = admitter.reevaluate(now);
+    for at in &denied {
+        enforcer.revoke_admission(at)?;
+        admitter.forget(at);
+    }
+    Ok(denied.len())
+}
+
+/// What knock admission needs from files: loaded and checked before the
+/// kernel is touched, so a bad key set or policy stops the agent without
+/// loading anything.
+pub struct KnockParts {
+    pub jwks: Arc<JwksFile>,
+    pub jwks_path: PathBuf,
+    pub verifier: Arc<Verifier>,
+    pub policies: Arc<PolicyStore>,
+}
+
+impl KnockParts {
+    pub fn load(cfg: &Config, tokens: &TokensSection) -> anyhow::Result<KnockParts> {
+        let jwks = Arc::new(
+            JwksFile::load(&tokens.jwks_file, tokens.allow_hs256)
+                .with_context(|| format!("tokens.jwks_file {}", tokens.jwks_file.display()))?,
+        );
+        let verifier = Arc::new(Verifier::new(TokenPolicy::from(tokens), jwks.clone()));
+        let policies = Arc::new(open_policies(cfg)?);
+        Ok(KnockParts {
+            jwks,
+            jwks_path: tokens.jwks_file.clone(),
+            verifier,
+            policies,
+        })
+    }
+}
+
+/// The configured policy set, validated against the schema and the
+/// configured services; without `[policy]`, the built-in scope-only set.
+/// A bad set at start-up stops the agent: it never runs open.
+fn open_policies(cfg: &Config) -> anyhow::Result<PolicyStore> {
+    let Some(dir) = &cfg.policy_dir else {
+        return Ok(PolicyStore::fixed(PolicySet::default_set()));
+    };
+    let store = PolicyStore::open(dir).with_context(|| format!("policy.dir {}", dir.display()))?;
+    // Checked now and before every reload's swap: a policy naming a model
+    // this node does not serve is a mistake, not a no-op.
+    let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
+    store
+        .set_services(&known)
+        .with_context(|| format!("policy.dir {}", dir.display()))?;
+    let set = store.current();
+    tracing::info!(event = "policy_loaded", version = set.version(), policies = set.len(), dir = %dir.display(), "policy set loaded");
+    Ok(store)
+}
+
+/// The knock side of a running agent: its service and the files it
+/// re-reads.
+pub struct Knocks {
+    pub service: Arc<KnockService>,
+    pub enforcer: Arc<Enforcer>,
+    pub auditor: Auditor,
+    pub jwks: Arc<JwksFile>,
+    pub jwks_path: PathBuf,
+    pub revocations: Option<RevocationFile>,
+}
+
+impl Knocks {
+    fn admitter(&self) -> &Admitter {
+        self.service.admitter()
+    }
+
+    /// Re-reads the revocations file and applies what changed.
+    pub fn revocations(&self) {
+        let Some(file) = &self.revocations else {
+            return;
+        };
+        let change = match file.reload() {
+            Ok(Some(change)) => change,
+            Ok(None) => return,
+            Err(e) => {
+                tracing::warn!(event = "revocations_reload_failed", error = %e, "keeping the previous revocations");
+                return;
+            }
+        };
+        match apply_revocations(self.admitter(), &self.enforcer, &change, SystemTime::now()) {
+            Ok(mut done)
+                if done != Revoked::default()
+                    || !change.removed.subjects.is_empty()
+                    || !change.removed.identities.is_empty() =>
+            {
+                for ev in done.events.drain(..) {
+                    self.audit(Body::Revocation(ev));
+                }
+                tracing::info!(
+                    event = "revocation",
+                    jtis = done.jtis,
+                    subjects = done.subjects,
+                    named_identities = done.named,
+                    identities = done.identities,
+                    admissions = done.admissions,
+                    unrevoked_subjects = change.removed.subjects.len(),
+                    "revocations applied"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => {
+                tracing::error!(event = "revocation_failed", error = %e, "revocation not applied to the kernel")
+            }
+        }
+    }
+
+    /// Records an event that must not be deferred; a failure is logged
+    /// (the auditor counts it too).
+    fn audit(&self, body: Body) {
+        if let Err(e) = self.auditor.record(body) {
+            tracing::error!(event = "audit_failed", error = %e, "event not recorded");
+        }
+    }
+
+    /// Re-reads the policy directory; on a swap, decides every live
+    /// admission again and revokes what the new set denies.
+    fn policies(&self) {
+        let store = self.admitter().policies();
+        let old_version = store.current().version().to_string();
+        match store.reload_if_changed() {
+            Ok(None) => {}
+            Ok(Some(set)) => {
+                tracing::info!(
+                    event = "policy_change",
+                    version = set.version(),
+                    policies = set.len(),
+                    "policy set swapped"
+                );
+                self.audit(Body::PolicyChange(v1::PolicyChange {
+                    old_version,
+                    new_version: set.version().to_string(),
+                    policies: u32::try_from(set.len()).unwrap_or(u32::MAX),
+                    accepted: true,
+                    error: String::new(),
+                }));
+                match reevaluate(self.admitter(), &self.enforcer, SystemTime::now()) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        tracing::info!(
+                            event = "revocation",
+                            reason = "policy_change",
+                            admissions = n,
+                            version = set.version(),
+                            "admissions the new policy denies were revoked"
+                        );
+                        self.audit(Body::Revocation(v1::Revocation {
+                            target_kind: "policy".into(),
+                            target: set.version().to_string(),
+                            reason: "the new policy set denies them".into(),
+                            admissions_removed: u32::try_from(n).unwrap_or(u32::MAX),
+                            identities: Vec::new(),
+                        }));
+                    }
+                    Err(e) => {
+                        tracing::error!(event = "revocation_failed", error = %e, "policy revocation not applied to the kernel")
+                    }
+                }
+            }
+            Err(e) => {
+                tracing::warn!(
+                    event = "policy_reload_failed",
+                    error = %e,
+                    "keeping the previous policy set"
+                );
+                // Audited once per failing edit: the store does not retry
+                // an unchanged bad file.
+                self.audit(Body::PolicyChange(v1::PolicyChange {
+                    old_version: old_version.clone(),
+                    new_version: String::new(),
+                    policies: u32::try_from(store.current().len()).unwrap_or(u32::MAX),
+                    accepted: false,
+                    error: e.to_string(),
+                }));
+            }
+        }
+    }
+
+    /// Every second: revocations, policies, token keys, expired state.
+    pub fn upkeep(&self) {
+        self.revocations();
+        self.policies();
+        match self.jwks.reload_if_changed() {
+            Ok(true) => {
+                tracing::info!(
+                    event = "jwks_reloaded",
+                    path = %self.jwks_path.display(),
+                    keys = self.jwks.current().len(),
+                    refused = self.jwks.current().skipped().len(),
+                    "token keys reloaded"
+                );
+                audit_key_set(&self.auditor, &self.jwks, &self.jwks_path, None);
+            }
+            Ok(false) => {}
+            Err(e) => {
+                tracing::warn!(
+                    event = "jwks_reload_failed",
+                    path = %self.jwks_path.display(),
+                    error = %e,
+                    "keeping the previous token keys"
+                );
+                audit_key_set(
+                    &self.auditor,
+                    &self.jwks,
+                    &self.jwks_path,
+                    Some(e.to_string()),
+                );
+            }
+        }
+        self.admitter().purge(SystemTime::now());
+    }
+
+    /// Logs refusals per reason since the last report and adds them to the
+    /// interval's drop summary.
+    pub fn report(
+        &self,
+        last: Vec<(&'static str, u64)>,
+        drops: &mut DropAccumulator,
+    ) -> Vec<(&'static str, u64)> {
+        let now = self.service.counters().snapshot();
+        for (reason, n) in &now {
+            let before = last
+                .iter()
+                .find(|(r, _)| r == reason)
+                .map_or(0, |(_, n)| *n);
+            drops.add_refusals(reason, n.saturating_sub(before));
+            if *n > before {
+                tracing::info!(
+                    event = "knocks_refused",
+                    reason,
+                    count = n - before,
+                    "knocks refused"
+                );
+            }
+        }
+        now
+    }
+}
+
+/// Audits the token keys in force and the ones the file holds but the
+/// product refused (or that the file was rejected and the old set stays).
+pub fn audit_key_set(
+    auditor: &Auditor,
+    jwks: &JwksFile,
+    path: &std::path::Path,
+    error: Option<String>,
+) {
+    let set = jwks.current();
+    let refused: Vec<v1::RefusedKey> = set
+        .skipped()
+        .iter()
+        .map(|k| v1::RefusedKey {
+            kid: k.kid.clone().unwrap_or_default(),
+            index: u32::try_from(k.index).unwrap_or(u32::MAX),
+            reason: k.reason.to_string(),
+        })
+        .collect();
+    for k in set.skipped() {
+        let kid = k.kid.as_deref().unwrap_or("");
+        if k.reason.is_unsupported() {
+            tracing::info!(event = "jwk_skipped", path = %path.display(), kid, index = k.index, reason = %k.reason, "token key not for this product; skipped");
+        } else {
+            tracing::warn!(event = "jwk_refused", path = %path.display(), kid, index = k.index, reason = %k.reason, "token key refused; the other keys are used");
+        }
+    }
+    let ev = v1::KeySetChange {
+        path: path.display().to_string(),
+        keys: u32::try_from(set.len()).unwrap_or(u32::MAX),
+        refused: if error.is_some() { Vec::new() } else { refused },
+        accepted: error.is_none(),
+        error: error.unwrap_or_default(),
+    };
+    if let Err(e) = auditor.record(Body::KeySetChange(ev)) {
+        tracing::error!(event = "audit_failed", error = %e, "key set change not audited");
+    }
+}

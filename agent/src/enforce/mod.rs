@@ -1,0 +1,201 @@
+//! The one place that writes the kernel's maps: the configuration, the
+//! admissions admission decided, revocations, and the kernel's own upkeep
+//! (expiry, the event budget, flow counts, idle identity slots). What to
+//! write is decided elsewhere (`agent/src/admission/`, `agent/src/config/`);
+//! how a map is written is the loader's (`agent/src/loader/maps.rs`).
+//! Readers (reports, status) look through [`Enforcer::observe`].
+
+pub mod configure;
+
+use std::{
+    net::IpAddr,
+    sync::{Arc, Mutex, MutexGuard},
+    time::Duration,
+};
+
+use crate::{
+    admission::{admitter::IdentityMatch, grants::AdmissionRef},
+    config::Config,
+    identity::IdentityName,
+    loader::{KernelError, Maps, Origin, clock, maps::FlowCensus},
+};
+
+pub use configure::kernel_options;
+
+/// Why the kernel did not take an admission.
+#[derive(Debug, thiserror::Error)]
+pub enum AdmitError {
+    #[error("all identity slots are in use")]
+    SlotsExhausted,
+    /// A kernel table is full.
+    #[error("the kernel table {map} is full; raise {knob}")]
+    TableFull {
+        map: &'static str,
+        knob: &'static str,
+    },
+    #[error("kernel write failed: {0}")]
+    Kernel(KernelError),
+}
+
+impl AdmitError {
+    /// Stable reason name, for counters and audit records.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            AdmitError::SlotsExhausted => "identity_slots_exhausted",
+            AdmitError::TableFull { .. } => "table_full",
+            AdmitError::Kernel(_) => "kernel_error",
+        }
+    }
+}
+
+impl From<KernelError> for AdmitError {
+    fn from(e: KernelError) -> Self {
+        match e {
+            KernelError::IdentitiesExhausted(_) => AdmitError::SlotsExhausted,
+            KernelError::TableFull { map, knob } => AdmitError::TableFull { map, knob },
+            other => AdmitError::Kernel(other),
+        }
+    }
+}
+
+/// One admission to write.
+#[derive(Debug, Clone, Copy)]
+pub struct Admission<'a> {
+    /// The identity's name (`IdentityName::display`), kept in the kernel.
+    pub name: &'a str,
+    /// Whose `[identities.NAME]` limits apply.
+    pub limits_of: &'a str,
+    pub source: IpAddr,
+    pub service: u32,
+    /// 0: any source port.
+    pub source_port: u16,
+    pub ttl: Duration,
+}
+
+/// The kernel's maps, written only through here.
+pub struct Enforcer {
+    maps: Mutex<Maps>,
+    cfg: Arc<Config>,
+}
+
+impl Enforcer {
+    pub fn new(maps: Maps, cfg: Arc<Config>) -> Enforcer {
+        Enforcer {
+            maps: Mutex::new(maps),
+            cfg,
+        }
+    }
+
+    fn maps(&self) -> MutexGuard<'_, Maps> {
+        // A panic while holding the lock leaves the maps as the kernel
+        // holds them: nothing in memory to repair.
+        self.maps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reads (counters, samples, table fill, usage) under the maps' lock.
+    /// Draining the sampled-drop ring is the only change a reader makes.
+    pub fn observe<T>(&self, read: impl FnOnce(&mut Maps) -> T) -> T {
+        read(&mut self.maps())
+    }
+
+    /// Node knobs, services and identity limits; static admissions on a
+    /// fresh load. Returns how many static admissions were installed.
+    pub fn configure(&self, origin: Origin) -> Result<usize, KernelError> {
+        configure::configure(&mut self.maps(), &self.cfg, origin)
+    }
+
+    /// Writes (or extends) an admission; returns the identity's slot.
+    pub fn admit(&self, a: &Admission<'_>) -> Result<u32, AdmitError> {
+        let mut maps = self.maps();
+        let limits = self.cfg.identity_limits(a.limits_of);
+        let (slot, _) = maps.upsert_identity(configure::identity_value(a.name, &limits), a.name)?;
+        maps.admit(
+            slot,
+            a.source,
+            a.service,
+            a.source_port,
+            clock::expiry_after(a.ttl),
+        )?;
+        Ok(slot)
+    }
+
+    /// A break-glass or static admission: the identity's own limits.
+    pub fn admit_named(
+        &self,
+        identity: &str,
+        source: IpAddr,
+        service: u32,
+        source_port: u16,
+        ttl: Duration,
+    ) -> Result<(), KernelError> {
+        configure::admit(
+            &mut self.maps(),
+            &self.cfg,
+            identity,
+            source,
+            service,
+            source_port,
+            ttl,
+        )
+    }
+
+    /// Removes one admission; returns how many entries went.
+    pub fn revoke_admission(&self, at: &AdmissionRef) -> Result<usize, KernelError> {
+        self.maps().revoke_admission(at.0, at.1, at.2)
+    }
+
+    /// Removes every admission of `source` to `service`.
+    pub fn revoke_source(&self, source: IpAddr, service: u32) -> Result<usize, KernelError> {
+        self.maps().revoke_source(source, service)
+    }
+
+    /// Revokes every kernel identity `m` covers (their flows die on the next
+    /// packet); returns each revoked name with the admissions it lost.
+    pub fn revoke_identities(
+        &self,
+        m: &IdentityMatch,
+    ) -> Result<Vec<(String, usize)>, KernelError> {
+        let mut maps = self.maps();
+        let mut done = Vec::new();
+        for (slot, _, name) in maps.live_identities()? {
+            if IdentityName::parse(&name).is_some_and(|n| m.matches(&n)) {
+                let n = maps.revoke_identity(slot)?;
+                done.push((name, n));
+            }
+        }
+        Ok(done)
+    }
+
+    /// Revokes the identity named exactly `name`, if the kernel holds it:
+    /// its slot and the admissions removed.
+    pub fn revoke_identity(
+        &self,
+        name: &IdentityName,
+    ) -> Result<Option<(u32, usize)>, KernelError> {
+        let mut maps = self.maps();
+        match maps.find_identity(name.key())? {
+            Some(slot) => Ok(Some((slot, maps.revoke_identity(slot)?))),
+            None => Ok(None),
+        }
+    }
+
+    /// Removes admissions past their expiry.
+    pub fn expire(&self) -> Result<usize, KernelError> {
+        self.maps().reap_expired(clock::monotonic_ns())
+    }
+
+    /// Refills the per-second budget of sampled drop events.
+    pub fn reset_event_budget(&self) -> Result<(), KernelError> {
+        self.maps().reset_event_budget()
+    }
+
+    /// Recounts each identity's live flows, removing idle ones.
+    pub fn recount_flows(&self) -> Result<FlowCensus, KernelError> {
+        self.maps().recount_flows(clock::monotonic_ns())
+    }
+
+    /// Frees identity slots nothing refers to.
+    pub fn reclaim_idle(&self) -> Result<usize, KernelError> {
+        self.maps().reclaim_idle(clock::monotonic_ns())
+    }
+}
