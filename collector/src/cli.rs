@@ -7,7 +7,8 @@ use portcullis_trail::{chain::key_id, keys};
 
 use crate::{
     enroll::enroll,
-    service::{CollectorOptions, Listen, Output, TlsFiles, TrustMode, check_listen, serve},
+    options::{CollectorOptions, Output, TlsFiles, TrustMode},
+    service::{Listen, check_listen, serve},
     store,
 };
 

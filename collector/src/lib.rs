@@ -2,7 +2,8 @@
 //! node's chain, and writes OCSF JSON lines (to rotating files or stdout)
 //! for a SIEM to read; and `audit verify`, which checks a trail offline.
 //!
-//! - [`service`]: options, [`Collector::open`] and [`Collector::serve`];
+//! - [`options`]: what the collector is told;
+//! - [`service`]: [`Collector::open`] and [`Collector::serve`];
 //! - [`server`]: the gRPC `Collector` service (handshake, batches, acks);
 //! - [`store`]: output files, rotation, persisted heads, crash recovery;
 //! - [`guard`]: bounded findings about failed handshakes;
@@ -17,12 +18,12 @@ pub mod cli;
 pub mod enroll;
 pub mod evidence;
 pub mod guard;
+pub mod options;
 pub mod server;
 pub mod service;
 pub mod store;
 pub mod verify_cli;
 
 pub use cli::{CollectorAction, CollectorArgs, CollectorCmd, run_command};
-pub use service::{
-    Collector, CollectorOptions, Listen, Output, Stats, TlsFiles, TrustMode, check_listen, serve,
-};
+pub use options::{CollectorOptions, Output, TlsFiles, TrustMode};
+pub use service::{Collector, Listen, Stats, check_listen, serve};

@@ -64,7 +64,7 @@ mod handshake;
 
 use crate::{
     guard::HandshakeGuard,
-    service::{CollectorOptions, Output, TrustMode},
+    options::{CollectorOptions, Output, TrustMode},
     store::Store,
 };
 use portcullis_trail::{

@@ -37,7 +37,7 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Check formatting and run clippy with warnings denied
+    /// Check formatting, run clippy with warnings denied, check crate dependencies
     Lint,
     /// setup, then lint, then test
     Ci,
@@ -135,7 +135,54 @@ fn lint() -> Result<()> {
         "--",
         "-D",
         "warnings",
-    ]))
+    ]))?;
+    check_dependencies()
+}
+
+/// What must never be in a crate's dependency tree: the collector and the
+/// knock client run where there is no BPF, the knock client inside model
+/// server clients, and the trail format must build anywhere.
+const FORBIDDEN: &[(&str, &[&str])] = &[
+    (
+        "portcullis-collector",
+        &["aya", "aya-obj", "portcullis-ebpf"],
+    ),
+    (
+        "portcullis-knock",
+        &["aya", "aya-obj", "portcullis-ebpf", "cedar-policy"],
+    ),
+    (
+        "portcullis-trail",
+        &[
+            "aya",
+            "aya-obj",
+            "portcullis-ebpf",
+            "tokio",
+            "tonic",
+            "cedar-policy",
+        ],
+    ),
+];
+
+/// `cargo tree -p CRATE` (all edge kinds, dev-dependencies included) holds
+/// none of the crate's forbidden packages.
+fn check_dependencies() -> Result<()> {
+    for (krate, forbidden) in FORBIDDEN {
+        let tree =
+            capture(cargo().args(["tree", "-p", krate, "--prefix", "none", "--format", "{p}"]))?;
+        let found: Vec<&str> = tree
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .filter(|name| forbidden.contains(name))
+            .collect();
+        if !found.is_empty() {
+            bail!(
+                "{krate} depends on {found:?}, which it must not (see `cargo tree -p {krate} -i NAME`)"
+            );
+        }
+        println!("lint: {krate} has none of {forbidden:?}");
+    }
+    Ok(())
 }
 
 fn bench(what: Bench, args: &[String]) -> Result<()> {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use tonic::Status;
 
 use super::{PROTOCOL, Session, Shared, invalid};
-use crate::service::TrustMode;
+use crate::options::TrustMode;
 use portcullis_proto::v1::{agent_message::Msg, collector_message};
 use portcullis_trail::{
     chain,
