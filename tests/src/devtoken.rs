@@ -67,28 +67,48 @@ pub struct KeygenOutput {
 /// The `client_id` of development tokens unless one is given.
 pub const DEV_CLIENT_ID: &str = "portcullis-dev";
 
-/// What [`mint`] puts in a token.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// What [`mint`] puts in a token (also the flags of `portcullis-devtoken
+/// mint`).
+#[derive(Debug, Clone, PartialEq, Eq, clap::Args)]
 pub struct MintClaims {
     /// `iss`.
+    #[arg(long)]
     pub issuer: String,
     /// `aud`.
+    #[arg(long)]
     pub audience: String,
     /// `sub`.
+    #[arg(long)]
     pub subject: String,
     /// `tenant`, if any.
+    #[arg(long)]
     pub tenant: Option<String>,
-    /// `client_id` (RFC 9068 §2.2, required); `None`: `portcullis-dev`.
+    /// `client_id` (RFC 9068 §2.2, required); default portcullis-dev.
+    #[arg(long)]
     pub client_id: Option<String>,
-    /// `roles` (omitted when empty).
+    /// `roles` (omitted when empty); repeatable, e.g. --role analyst.
+    #[arg(long = "role")]
     pub roles: Vec<String>,
-    /// Scopes, joined with spaces into `scope` (omitted when empty), e.g.
-    /// `model:llm:invoke`.
+    /// Scopes, joined with spaces into `scope` (omitted when empty);
+    /// repeatable, e.g. --scope model:llm:invoke.
+    #[arg(long = "scope")]
     pub scopes: Vec<String>,
-    /// Lifetime: `exp` = `iat` + `ttl`.
+    /// Lifetime: `exp` = `iat` + `ttl` (1 to 86400 seconds).
+    #[arg(long = "ttl-secs", value_name = "SECS", default_value = "300", value_parser = ttl_secs)]
     pub ttl: Duration,
     /// `cnf.jkt`: bind the token to the key with this RFC 7638 thumbprint.
+    #[arg(long)]
     pub cnf_jkt: Option<String>,
+}
+
+/// `--ttl-secs`: whole seconds, 1 to 86400.
+fn ttl_secs(s: &str) -> Result<Duration, String> {
+    match s.parse::<u64>() {
+        Ok(n @ 1..=86_400) => Ok(Duration::from_secs(n)),
+        _ => Err(format!(
+            "{s:?} is not a whole number of seconds from 1 to 86400"
+        )),
+    }
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> DevTokenError + '_ {

@@ -77,9 +77,14 @@ impl Running {
 }
 
 fn dir_opts(dir: &Path) -> CollectorOptions {
+    rotating_opts(dir, store::DEFAULT_ROTATE_BYTES)
+}
+
+/// Output files in `dir`, rotated at `rotate_bytes`.
+fn rotating_opts(dir: &Path, rotate_bytes: u64) -> CollectorOptions {
     CollectorOptions::new(Output::Dir {
         dir: dir.to_owned(),
-        rotate_bytes: store::DEFAULT_ROTATE_BYTES,
+        rotate_bytes,
     })
 }
 
@@ -562,11 +567,7 @@ async fn dedupes_across_reconnects_and_restarts_and_repairs_a_torn_tail() {
 #[tokio::test]
 async fn rotates_by_size_in_write_order() {
     let dir = TempDir::new("rotate").unwrap();
-    let run = Running::start(CollectorOptions::new(Output::Dir {
-        dir: dir.path().to_path_buf(),
-        rotate_bytes: 4096,
-    }))
-    .await;
+    let run = Running::start(rotating_opts(dir.path(), 4096)).await;
     let mut a = Agent::new("node-a");
     let mut b = Agent::new("node-b");
     let ea = a.chain(30);
@@ -1011,11 +1012,7 @@ async fn a_thousand_failed_handshakes_write_bounded_findings() {
 async fn verify_dir_catches_truncation_and_a_forged_slice() {
     use std::os::unix::fs::PermissionsExt as _;
     let dir = TempDir::new("forge").unwrap();
-    let run = Running::start(CollectorOptions::new(Output::Dir {
-        dir: dir.path().to_path_buf(),
-        rotate_bytes: 1,
-    }))
-    .await;
+    let run = Running::start(rotating_opts(dir.path(), 1)).await;
     let mut a = Agent::new("node-a");
     let mut evs = vec![a.started()];
     for round in 0..6 {

@@ -266,11 +266,7 @@ impl Kernel {
             .map_err(|e| KernelError::program("object", format!("{e:#}")))?;
         let mut any_replaced = false;
         {
-            let xdp: &mut Xdp = ebpf
-                .program_mut(programs::INGRESS)
-                .ok_or_else(|| KernelError::program(programs::INGRESS, "missing in object"))?
-                .try_into()
-                .map_err(|e| KernelError::program(programs::INGRESS, e))?;
+            let xdp: &mut Xdp = program(&mut ebpf, programs::INGRESS)?;
             xdp.load()
                 .map_err(|e| KernelError::program(programs::INGRESS, verifier(e)))?;
             for iface in &opts.interfaces {
@@ -278,11 +274,7 @@ impl Kernel {
             }
         }
         if opts.egress {
-            let tc: &mut SchedClassifier = ebpf
-                .program_mut(programs::EGRESS)
-                .ok_or_else(|| KernelError::program(programs::EGRESS, "missing in object"))?
-                .try_into()
-                .map_err(|e| KernelError::program(programs::EGRESS, e))?;
+            let tc: &mut SchedClassifier = program(&mut ebpf, programs::EGRESS)?;
             tc.load()
                 .map_err(|e| KernelError::program(programs::EGRESS, verifier(e)))?;
             for iface in &opts.interfaces {
@@ -387,19 +379,11 @@ impl Unattached {
 
     fn finish(ebpf: &mut Ebpf) -> Result<(), KernelError> {
         for name in [programs::INGRESS, programs::BASELINE_DROP] {
-            let p: &mut Xdp = ebpf
-                .program_mut(name)
-                .ok_or_else(|| KernelError::program(name, "missing in object"))?
-                .try_into()
-                .map_err(|e| KernelError::program(name, e))?;
+            let p: &mut Xdp = program(ebpf, name)?;
             p.load()
                 .map_err(|e| KernelError::program(name, verifier(e)))?;
         }
-        let tc: &mut SchedClassifier = ebpf
-            .program_mut(programs::EGRESS)
-            .ok_or_else(|| KernelError::program(programs::EGRESS, "missing in object"))?
-            .try_into()
-            .map_err(|e| KernelError::program(programs::EGRESS, e))?;
+        let tc: &mut SchedClassifier = program(ebpf, programs::EGRESS)?;
         tc.load()
             .map_err(|e| KernelError::program(programs::EGRESS, verifier(e)))?;
         Ok(())
@@ -430,6 +414,17 @@ fn sized_loader(opts: &Options) -> EbpfLoader<'static> {
         .map_max_entries(names::ADMISSIONS, opts.max_admissions)
         .map_max_entries(names::KNOCK_SRC, opts.max_knock_sources);
     loader
+}
+
+/// The object's program `name` as its type.
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, KernelError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    ebpf.program_mut(name)
+        .ok_or_else(|| KernelError::program(name, "missing in object"))?
+        .try_into()
+        .map_err(|e| KernelError::program(name, e))
 }
 
 /// Verifier rejections carry the log in the alternate Display form.

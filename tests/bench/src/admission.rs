@@ -92,7 +92,7 @@ out = ["jwks " + json.dumps({"keys": jwks}, separators=(",", ":"))]
 now = int(time.time())
 for alg, kid, key, _ in keys:
     for _ in range(count):
-        claims = {"iss": iss, "aud": aud, "sub": "bench", "tenant": "acme", "iat": now,
+        claims = {"iss": iss, "aud": aud, "sub": "bench", "tenant": "acme", "client_id": "bench", "iat": now,
                   "nbf": now, "exp": now + 1800, "jti": secrets.token_urlsafe(16),
                   "scope": "model:llm:invoke"}
         token = jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": "at+jwt"})

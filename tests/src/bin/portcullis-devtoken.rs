@@ -2,7 +2,7 @@
 //! and tests need no identity provider (see `tests/src/devtoken.rs`). It is
 //! not part of a release: production tokens come from an identity provider.
 
-use std::{path::PathBuf, process::ExitCode, time::Duration};
+use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 use portcullis_e2e::devtoken;
@@ -29,28 +29,8 @@ enum TokenAction {
     Mint {
         #[arg(long, value_name = "FILE")]
         key: PathBuf,
-        #[arg(long)]
-        issuer: String,
-        #[arg(long)]
-        audience: String,
-        #[arg(long)]
-        subject: String,
-        #[arg(long)]
-        tenant: Option<String>,
-        /// `client_id` (RFC 9068 §2.2); default portcullis-dev.
-        #[arg(long)]
-        client_id: Option<String>,
-        /// Repeatable, e.g. --role analyst.
-        #[arg(long = "role")]
-        roles: Vec<String>,
-        /// Repeatable, e.g. --scope model:llm:invoke.
-        #[arg(long = "scope")]
-        scopes: Vec<String>,
-        #[arg(long, default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
-        ttl_secs: u64,
-        /// Bind the token to a proof key (RFC 7638 thumbprint, `cnf.jkt`).
-        #[arg(long)]
-        cnf_jkt: Option<String>,
+        #[command(flatten)]
+        claims: Box<devtoken::MintClaims>,
     },
 }
 
@@ -79,30 +59,8 @@ fn run(action: TokenAction) -> anyhow::Result<()> {
             );
             Ok(())
         }
-        TokenAction::Mint {
-            key,
-            issuer,
-            audience,
-            subject,
-            tenant,
-            client_id,
-            roles,
-            scopes,
-            ttl_secs,
-            cnf_jkt,
-        } => {
-            let claims = devtoken::MintClaims {
-                issuer,
-                audience,
-                subject,
-                tenant,
-                client_id,
-                roles,
-                scopes,
-                ttl: Duration::from_secs(ttl_secs),
-                cnf_jkt,
-            };
-            println!("{}", devtoken::mint(&key, claims)?);
+        TokenAction::Mint { key, claims } => {
+            println!("{}", devtoken::mint(&key, *claims)?);
             Ok(())
         }
     }
