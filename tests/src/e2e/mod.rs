@@ -1,6 +1,6 @@
 //! Shared setup for the end-to-end tests (`e2e_*.rs`): a topology, a private
 //! bpffs, an agent config and the agent process, plus the agent's one-shot
-//! subcommands. Every e2e test file includes it with `mod e2e_support;`.
+//! subcommands. The e2e tests use it as `portcullis_e2e::e2e`.
 //!
 //! The agent binary is `target/<profile>/portcullis`, built by
 //! `cargo build --release` (a plain `cargo test --release` of the whole
