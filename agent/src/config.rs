@@ -23,7 +23,6 @@ use std::time::Duration;
 use portcullis_common::{PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
-pub use gcra::Gcra;
 pub use ids::{fnv1a32, identity_key, service_id};
 
 /// A complete, commented configuration documenting every key with its
@@ -1206,7 +1205,8 @@ mod tests {
             egress_bytes_burst: 5,
             max_flows: 7,
         };
-        let gcra = limits.to_gcra();
+        let gcra = limits.kernel_identity(1);
+        assert_eq!((gcra.key, gcra.max_flows), (1, 7));
         assert_eq!(gcra.conn_cost_ns, 100_000_000);
         assert_eq!(gcra.conn_burst_ns, 2_000_000_000);
         assert_eq!(
@@ -1224,7 +1224,7 @@ mod tests {
             bytes_burst: u64::MAX,
             ..limits
         }
-        .to_gcra();
+        .kernel_identity(1);
         assert_eq!(odd.conn_cost_ns, 333_333_333);
         assert_eq!(odd.conn_burst_ns, 333_333_333 * u64::from(u32::MAX));
         assert_eq!(odd.in_byte_cost, 1_000_000_000 << 16);

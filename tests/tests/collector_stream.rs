@@ -758,6 +758,27 @@ fn nearly_full_disk() -> (TmpfsMount, std::path::PathBuf, std::path::PathBuf) {
     (disk, out, ballast)
 }
 
+/// Space returns (the ballast goes); the agent reconnects, is told to
+/// resume after what was acknowledged, resends the rest, and the collector
+/// stops.
+async fn resend_once_space_returns(
+    run: Running,
+    a: &Agent,
+    evs: &[Sealed],
+    ballast: &Path,
+    acked: u64,
+) {
+    std::fs::remove_file(ballast).unwrap();
+    let (mut s, resume) = Stream::handshake(&run, a).await;
+    assert_eq!(resume, acked);
+    let from = usize::try_from(acked).unwrap();
+    for chunk in evs[from..].chunks(10) {
+        s.batch(chunk).await.expect("written once space is back");
+    }
+    drop(s);
+    run.stop().await;
+}
+
 /// Disk full at the collector: the batch that does not fit is refused
 /// (nothing acknowledged that is not on disk, nothing half-written kept),
 /// and once space returns the agent's resend lands exactly once.
@@ -790,16 +811,7 @@ async fn collector_disk_full_refuses_without_acking_then_recovers() {
         (1..=acked).collect::<Vec<_>>()
     );
 
-    // Space returns; the agent reconnects and resends from the resume point.
-    std::fs::remove_file(&ballast).unwrap();
-    let (mut s, resume) = Stream::handshake(&run, &a).await;
-    assert_eq!(resume, acked);
-    let from = usize::try_from(acked).unwrap();
-    for chunk in evs[from..].chunks(10) {
-        s.batch(chunk).await.expect("written once space is back");
-    }
-    drop(s);
-    run.stop().await;
+    resend_once_space_returns(run, &a, &evs, &ballast, acked).await;
     assert_eq!(
         event_seqs(&records(&out), "node-full"),
         (1..=200).collect::<Vec<_>>()
@@ -845,15 +857,7 @@ async fn collector_disk_full_with_batches_in_flight_loses_and_repeats_nothing() 
         "exactly what was acknowledged is on disk"
     );
 
-    std::fs::remove_file(&ballast).unwrap();
-    let (mut s, resume) = Stream::handshake(&run, &a).await;
-    assert_eq!(resume, acked);
-    let from = usize::try_from(acked).unwrap();
-    for chunk in evs[from..].chunks(10) {
-        s.batch(chunk).await.expect("written once space is back");
-    }
-    drop(s);
-    run.stop().await;
+    resend_once_space_returns(run, &a, &evs, &ballast, acked).await;
     let recs = records(&out);
     assert_eq!(
         event_seqs(&recs, "node-pipe"),

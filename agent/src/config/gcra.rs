@@ -3,41 +3,30 @@
 //! number of nanoseconds of budget, and the burst is how far the budget may
 //! run ahead of real time. A cost of 0 means unlimited.
 
-use portcullis_common::{BYTE_COST_SHIFT, KernelConfig};
+use portcullis_common::{BYTE_COST_SHIFT, Identity, KernelConfig};
 
 use super::{KnockSection, Limits};
 
 const NS_PER_SEC: u64 = 1_000_000_000;
 
-/// One identity's rate limits in kernel units (the rate fields of
-/// `portcullis_common::Identity`).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Gcra {
-    /// Nanoseconds of budget one new connection costs.
-    pub conn_cost_ns: u64,
-    pub conn_burst_ns: u64,
-    /// Nanoseconds per ingress byte, fixed point with `BYTE_COST_SHIFT`
-    /// fraction bits.
-    pub in_byte_cost: u64,
-    pub in_burst_ns: u64,
-    /// Nanoseconds per egress byte, same fixed point.
-    pub out_byte_cost: u64,
-    pub out_burst_ns: u64,
-}
-
 impl Limits {
-    pub fn to_gcra(&self) -> Gcra {
+    /// The identity entry the kernel enforces these limits with: the GCRA
+    /// costs and bursts, and the flow cap (`key` names the identity).
+    pub fn kernel_identity(&self, key: u64) -> Identity {
         let (conn_cost_ns, conn_burst_ns) = event_gcra(self.conn_per_sec, self.conn_burst);
         let (in_byte_cost, in_burst_ns) = byte_gcra(self.bytes_per_sec, self.bytes_burst);
         let (out_byte_cost, out_burst_ns) =
             byte_gcra(self.egress_bytes_per_sec, self.egress_bytes_burst);
-        Gcra {
+        Identity {
+            key,
             conn_cost_ns,
             conn_burst_ns,
             in_byte_cost,
             in_burst_ns,
             out_byte_cost,
             out_burst_ns,
+            max_flows: self.max_flows,
+            ..Identity::default()
         }
     }
 }

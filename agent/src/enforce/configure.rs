@@ -46,18 +46,7 @@ pub(crate) fn service_entries(cfg: &Config) -> Vec<ServiceEntry> {
 }
 
 pub(crate) fn identity_value(name: &str, limits: &Limits) -> Identity {
-    let g = limits.to_gcra();
-    Identity {
-        key: identity_key(name),
-        conn_cost_ns: g.conn_cost_ns,
-        conn_burst_ns: g.conn_burst_ns,
-        in_byte_cost: g.in_byte_cost,
-        in_burst_ns: g.in_burst_ns,
-        out_byte_cost: g.out_byte_cost,
-        out_burst_ns: g.out_burst_ns,
-        max_flows: limits.max_flows,
-        ..Identity::default()
-    }
+    limits.kernel_identity(identity_key(name))
 }
 
 /// Writes (or refreshes) an identity with its configured limits. `name` is
