@@ -13,7 +13,7 @@ use crate::{
         revocations::{self, Entry},
     },
     config::Config,
-    enforce::Enforcer,
+    enforce::{CutTarget, Enforcer},
     identity::IdentityName,
     loader::{Kernel, Maps, bpffs, maps::bytes_addr},
 };
@@ -61,6 +61,13 @@ pub fn status(cfg: &Config) -> anyhow::Result<()> {
     let counts = m.reason_counts()?;
     for r in Reason::ALL {
         println!("{} {}", r.name(), counts[r as usize]);
+    }
+    // What shadow-mode services would have dropped (passed instead).
+    for r in Reason::ALL {
+        let n = counts[(portcullis_common::SHADOW_COUNTERS + r as u32) as usize];
+        if n > 0 {
+            println!("shadow_{} {n}", r.name());
+        }
     }
     // What an operator enrolls on the collector.
     println!("node_id {}", cfg.agent.node_id);
@@ -244,16 +251,23 @@ pub fn revoke_token(cfg: &Config, entry: Entry) -> anyhow::Result<()> {
         path.display()
     );
     if let Ok(e) = enforcer(cfg) {
-        let revoked = match &entry {
+        let m = match &entry {
             // A subject in every tenant, and the bare one.
-            Entry::Subject(subject) => {
-                e.revoke_identities(&IdentityMatch::Subject(subject.clone()))?
-            }
-            Entry::Identity(id) => e.revoke_identities(&IdentityMatch::Identity(id.clone()))?,
-            Entry::Jti(_) => Vec::new(),
+            Entry::Subject(subject) => Some(IdentityMatch::Subject(subject.clone())),
+            Entry::Identity(id) => Some(IdentityMatch::Identity(id.clone())),
+            Entry::Jti(_) => None,
         };
-        for (name, n) in revoked {
-            println!("revoked kernel identity {name}; removed {n} admissions");
+        if let Some(m) = m {
+            let cut = e.cut(CutTarget::Identities(&m))?;
+            for name in &cut.identities {
+                println!("revoked kernel identity {name}");
+            }
+            if !cut.identities.is_empty() {
+                println!(
+                    "removed {} admissions and {} flows",
+                    cut.admissions, cut.flows
+                );
+            }
         }
     }
     Ok(())

@@ -7,6 +7,7 @@
 //! cross-references. Every error names the key (`services[1].port`) and
 //! says the fix. [`EXAMPLE`] documents every key with its default.
 
+mod control;
 mod gcra;
 mod ids;
 mod raw;
@@ -23,6 +24,7 @@ use std::time::Duration;
 use portcullis_common::{PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
+pub use control::{ControlSection, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role};
 pub use ids::{fnv1a32, identity_key, service_id};
 
 /// A complete, commented configuration documenting every key with its
@@ -46,6 +48,7 @@ pub struct Config {
     pub policy_dir: Option<PathBuf>,
     pub audit: AuditSection,
     pub accounting: AccountingSection,
+    pub control: ControlSection,
 }
 
 /// `[audit]`: the local spool every event is written to before anything
@@ -299,6 +302,35 @@ pub struct Service {
     /// source addresses or flow-scoped ports); a knock beyond it is refused
     /// (`identity_quota`), so one identity cannot fill the node's table.
     pub max_sources_per_identity: u32,
+    /// `enforce` (default) or `shadow`: pass what would be dropped, count
+    /// it apart (a rollout's dry run). Switchable at run time.
+    pub mode: ServiceMode,
+}
+
+/// A service's enforcement mode.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ServiceMode {
+    #[default]
+    Enforce,
+    Shadow,
+}
+
+impl ServiceMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceMode::Enforce => "enforce",
+            ServiceMode::Shadow => "shadow",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<ServiceMode> {
+        match s {
+            "enforce" => Some(ServiceMode::Enforce),
+            "shadow" => Some(ServiceMode::Shadow),
+            _ => None,
+        }
+    }
 }
 
 /// Default for [`Service::max_sources_per_identity`].

@@ -5,6 +5,8 @@ pub mod admin;
 pub mod admission;
 pub mod audit;
 pub mod config;
+pub mod control;
+pub mod ctl;
 pub mod daemon;
 pub mod enforce;
 pub mod identity;

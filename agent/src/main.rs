@@ -29,6 +29,8 @@ enum Command {
         #[command(subcommand)]
         action: PolicyAction,
     },
+    /// Manage a running agent through its control API.
+    Ctl(portcullis_agent::ctl::CtlCmd),
     /// Receive agents' audit streams, verify them, write OCSF JSON lines.
     Collector(portcullis_collector::CollectorCmd),
     /// Audit trail tools (exit status 0 verified, 1 problems, 2 unreadable).
@@ -148,6 +150,19 @@ fn main() -> ExitCode {
     if let Command::Audit { action } = cli.command {
         return portcullis_collector::verify_cli::run_action(action);
     }
+    if let Command::Ctl(cmd) = cli.command {
+        // A client: one thread is plenty.
+        return match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt.block_on(portcullis_agent::ctl::run(cmd)),
+            Err(e) => {
+                eprintln!("portcullis ctl: {e}");
+                ExitCode::FAILURE
+            }
+        };
+    }
     match dispatch(cli) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
@@ -160,9 +175,11 @@ fn main() -> ExitCode {
 fn writes_to_a_pipe_and_exits(c: &Command) -> bool {
     match c {
         Command::Agent(AgentCmd { action: None, run }) => run.print_example_config,
-        Command::Agent(_) | Command::Knock(_) | Command::Policy { .. } | Command::Audit { .. } => {
-            true
-        }
+        Command::Agent(_)
+        | Command::Knock(_)
+        | Command::Policy { .. }
+        | Command::Audit { .. }
+        | Command::Ctl(_) => true,
         Command::Collector(_) => false,
     }
 }
@@ -171,7 +188,9 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Knock(args) => portcullis_knock::run_cli(args),
         Command::Collector(cmd) => portcullis_collector::run_command(cmd),
-        Command::Audit { .. } => unreachable!("handled in main: it has its own exit codes"),
+        Command::Audit { .. } | Command::Ctl(_) => {
+            unreachable!("handled in main: they have their own exit codes")
+        }
         Command::Policy {
             action: PolicyAction::Validate { dir },
         } => portcullis_agent::policy::validate_cli(&dir),

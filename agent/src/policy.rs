@@ -75,9 +75,10 @@ pub const NAMESPACE: &str = "Portcullis";
 const MAX_SLICES: usize = 4096;
 
 /// How admission was asked for (`context.method`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
 pub enum Method {
     /// A UDP knock (`"knock"`).
+    #[default]
     Knock,
     /// The control API's admit call (`"admit_rpc"`).
     AdmitRpc,

@@ -15,7 +15,9 @@
 /// 3: `bad_flags` and `flow_quota` reasons, `Identity::max_flows`, the
 /// per-identity flow counters (`PCL_FLOW_CNT`) and identity names
 /// (`PCL_IDENT_NAME`).
-pub const LAYOUT_VERSION: u32 = 3;
+/// 4: shadow mode: `PORT_TCP_SHADOW`/`PORT_UDP_SHADOW`, `ServiceRef::flags`,
+/// and `PCL_DROPS` twice as long (`SHADOW_COUNTERS`).
+pub const LAYOUT_VERSION: u32 = 4;
 
 /// Address family tags used in keys (addresses are always 16 bytes; IPv4 is
 /// stored IPv4-mapped, `::ffff:a.b.c.d`, RFC 4291 §2.5.5.2).
@@ -152,6 +154,12 @@ pub enum Reason {
     FlowQuota = 15,
 }
 
+/// `PCL_DROPS` holds the counters of every reason, then at this offset the
+/// same reasons for packets of shadow-mode services that passed instead.
+pub const SHADOW_COUNTERS: u32 = Reason::COUNT;
+/// Length of `PCL_DROPS`.
+pub const DROP_COUNTERS: u32 = 2 * Reason::COUNT;
+
 impl Reason {
     pub const COUNT: u32 = 16;
     pub const ALL: [Reason; Self::COUNT as usize] = [
@@ -226,6 +234,10 @@ pub const PORT_UDP_BY_ADDR: u32 = 2;
 /// UDP datagrams to this port are knocks: pre-auth rate limited, then passed
 /// to the agent's socket.
 pub const PORT_KNOCK: u32 = 4;
+/// The wildcard TCP (UDP) service of this port is in shadow mode: what it
+/// would drop passes and is counted at `SHADOW_COUNTERS + reason`.
+pub const PORT_TCP_SHADOW: u32 = 8;
+pub const PORT_UDP_SHADOW: u32 = 16;
 
 /// `PCL_SERVICES` key: an address-specific service.
 #[repr(C)]
@@ -243,7 +255,13 @@ pub struct ServiceKey {
 pub struct ServiceRef {
     pub id: u32,
     pub col: u32,
+    /// `SERVICE_SHADOW`.
+    pub flags: u32,
+    pub _pad: u32,
 }
+
+/// `ServiceRef::flags`: the service is in shadow mode.
+pub const SERVICE_SHADOW: u32 = 1;
 
 /// `PCL_ADMIT` key. `src_port` 0 covers every source port; a non-zero port
 /// is a flow-scoped admission for exactly one 5-tuple.
@@ -495,7 +513,7 @@ mod tests {
         assert_eq!(size_of::<IdentityName>(), 128);
         assert_eq!(size_of::<FlowKey>(), 40);
         assert_eq!(size_of::<Flow>(), 32);
-        assert_eq!(size_of::<ServiceRef>(), 8);
+        assert_eq!(size_of::<ServiceRef>(), 16);
         assert_eq!(size_of::<IdentityStats>(), 48);
         assert_eq!(size_of::<DropEvent>(), 56);
         assert_eq!(size_of::<KernelConfig>(), 40);

@@ -6,13 +6,13 @@
 use aya_ebpf::{bindings::xdp_action, helpers::bpf_ktime_get_coarse_ns, programs::XdpContext};
 use portcullis_common::{
     ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, Flow, FlowKey, IDENTITY_LIVE,
-    PORT_KNOCK, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PROTO_UDP, Reason, ServiceKey,
-    usage_row,
+    PORT_KNOCK, PORT_TCP_BY_ADDR, PORT_TCP_SHADOW, PORT_UDP_BY_ADDR, PORT_UDP_SHADOW, PROTO_TCP,
+    PROTO_UDP, Reason, SERVICE_SHADOW, ServiceKey, usage_row,
 };
 
 use crate::{
     ADMISSIONS, CONFIG, FLOW_COUNT, FLOWS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES,
-    SERVICES, USAGE, count, events,
+    SERVICES, USAGE, count, count_shadow, events,
     parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, parse},
     ratelimit::{byte_cost, conform},
 };
@@ -33,11 +33,12 @@ pub fn decide(ctx: &XdpContext) -> u32 {
     let Some(port) = PORTS.get(pkt.dport as u32) else {
         return xdp_action::XDP_PASS;
     };
-    let (service, col, by_addr) = if pkt.proto == PROTO_TCP {
+    let (service, col, by_addr, shadow) = if pkt.proto == PROTO_TCP {
         (
             port.tcp_service,
             port.tcp_col as u32,
             port.flags & PORT_TCP_BY_ADDR != 0,
+            port.flags & PORT_TCP_SHADOW != 0,
         )
     } else {
         if port.flags & PORT_KNOCK != 0 {
@@ -47,9 +48,14 @@ pub fn decide(ctx: &XdpContext) -> u32 {
             port.udp_service,
             port.udp_col as u32,
             port.flags & PORT_UDP_BY_ADDR != 0,
+            port.flags & PORT_UDP_SHADOW != 0,
         )
     };
-    let svc = Svc { id: service, col };
+    let svc = Svc {
+        id: service,
+        col,
+        shadow,
+    };
     let svc = if by_addr {
         lookup_by_addr(&pkt).unwrap_or(svc)
     } else {
@@ -61,17 +67,19 @@ pub fn decide(ctx: &XdpContext) -> u32 {
     if pkt.first_fragment {
         // Fragments cannot be judged per packet; a legitimate client of a
         // model port has no reason to fragment (PMTU discovery avoids it).
-        return drop(Reason::Fragment, Some(&pkt), svc.id);
+        return refuse(Reason::Fragment, &pkt, svc);
     }
     let len = (end - data) as u64;
     enforce(&pkt, svc, len)
 }
 
-/// The protected service a packet is for: its id and usage column.
+/// The protected service a packet is for: its id, usage column and mode.
 #[derive(Clone, Copy)]
 struct Svc {
     id: u32,
     col: u32,
+    /// Shadow mode: what would drop passes, counted apart.
+    shadow: bool,
 }
 
 #[inline(always)]
@@ -85,6 +93,7 @@ fn lookup_by_addr(pkt: &Summary) -> Option<Svc> {
     unsafe { SERVICES.get(&key) }.map(|r| Svc {
         id: r.id,
         col: r.col,
+        shadow: r.flags & SERVICE_SHADOW != 0,
     })
 }
 
@@ -130,7 +139,7 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
         && !revalidating
         && (flags & TCP_FLAG_ACK == 0 || flags & (TCP_FLAG_SYN | TCP_FLAG_RST) != 0)
     {
-        return drop(Reason::BadFlags, Some(pkt), service);
+        return refuse(Reason::BadFlags, pkt, svc);
     }
     // No flow, a SYN, or a flow whose cached expiry passed: the admission
     // decides.
@@ -172,7 +181,7 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
                     if revalidating {
                         let _ = FLOWS.remove(&key);
                     }
-                    return drop(Reason::NoAdmission, Some(pkt), service);
+                    return refuse(Reason::NoAdmission, pkt, svc);
                 }
             }
         }
@@ -184,7 +193,7 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
         return drop_for(adm.identity, Reason::Expired, pkt, svc);
     }
     let Some(ident) = IDENTITIES.get(adm.identity) else {
-        return drop(Reason::Revoked, Some(pkt), service);
+        return refuse(Reason::Revoked, pkt, svc);
     };
     if ident.state != IDENTITY_LIVE || ident.epoch != adm.epoch {
         if revalidating {
@@ -212,7 +221,7 @@ fn enforce(pkt: &Summary, svc: Svc, len: u64) -> u32 {
     }
     if new_conn {
         let Some(rate) = RATES.get_ptr_mut(adm.identity) else {
-            return drop(Reason::Revoked, Some(pkt), service);
+            return refuse(Reason::Revoked, pkt, svc);
         };
         if !conform(
             unsafe { &raw mut (*rate).conn_tat },
@@ -312,7 +321,7 @@ fn admit_packet(
 ) -> u32 {
     if byte_cost_q16 != 0 {
         let Some(rate) = RATES.get_ptr_mut(slot) else {
-            return drop(Reason::Revoked, Some(pkt), svc.id);
+            return refuse(Reason::Revoked, pkt, svc);
         };
         if !conform(
             unsafe { &raw mut (*rate).in_tat },
@@ -371,12 +380,26 @@ fn drop(reason: Reason, pkt: Option<&Summary>, service: u32) -> u32 {
     xdp_action::XDP_DROP
 }
 
+/// A drop of a packet for a protected service: in shadow mode it passes
+/// instead, counted under its reason's shadow counter. The shadow check is
+/// the drop path's only extra cost (one branch on a flag already loaded).
+#[inline(always)]
+fn refuse(reason: Reason, pkt: &Summary, svc: Svc) -> u32 {
+    if svc.shadow {
+        count_shadow(reason);
+        return xdp_action::XDP_PASS;
+    }
+    drop(reason, Some(pkt), svc.id)
+}
+
 /// A drop attributed to a known identity also lands in its counters for
 /// the service.
 #[inline(always)]
 fn drop_for(slot: u32, reason: Reason, pkt: &Summary, svc: Svc) -> u32 {
-    if let Some(st) = USAGE.get_ptr_mut(usage_row(slot, svc.col)) {
+    if !svc.shadow
+        && let Some(st) = USAGE.get_ptr_mut(usage_row(slot, svc.col))
+    {
         unsafe { (*st).dropped += 1 };
     }
-    drop(reason, Some(pkt), svc.id)
+    refuse(reason, pkt, svc)
 }

@@ -17,9 +17,10 @@ use aya_ebpf::{
 };
 use portcullis_common::{
     Admission, AdmissionKey, DEFAULT_MAX_ADMISSIONS, DEFAULT_MAX_FLOWS, DEFAULT_MAX_KNOCK_SOURCES,
-    EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityName, IdentityStats,
-    KernelConfig, MAX_IDENTITIES, MAX_SERVICES, MAX_USAGE_SERVICES, Meta, PORT_TABLE_SIZE,
-    PortEntry, RateState, Reason, ServiceKey, ServiceRef, USAGE_ROWS,
+    DROP_COUNTERS, EVENT_RING_BYTES, EventBudget, Flow, FlowKey, Identity, IdentityName,
+    IdentityStats, KernelConfig, MAX_IDENTITIES, MAX_SERVICES, MAX_USAGE_SERVICES, Meta,
+    PORT_TABLE_SIZE, PortEntry, RateState, Reason, SHADOW_COUNTERS, ServiceKey, ServiceRef,
+    USAGE_ROWS,
 };
 
 /// Destination port → services on it (one array lookup decides the
@@ -69,7 +70,7 @@ static USAGE: PerCpuArray<IdentityStats> = PerCpuArray::with_max_entries(USAGE_R
 static USAGE_COLS: Array<u32> = Array::with_max_entries(MAX_USAGE_SERVICES, 0);
 
 #[map(name = "PCL_DROPS")]
-static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Reason::COUNT, 0);
+static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNTERS, 0);
 
 /// Per-source knock pre-auth buckets (GCRA state). LRU so spoofed sources
 /// recycle entries instead of growing anything.
@@ -116,6 +117,15 @@ pub fn portcullis_baseline_drop(_ctx: XdpContext) -> u32 {
 #[inline(always)]
 fn count(reason: Reason) {
     if let Some(c) = DROPS.get_ptr_mut(reason as u32) {
+        unsafe { *c += 1 };
+    }
+}
+
+/// Adds one to the counter of what a shadow-mode service would have
+/// dropped for `reason`.
+#[inline(always)]
+fn count_shadow(reason: Reason) {
+    if let Some(c) = DROPS.get_ptr_mut(SHADOW_COUNTERS + reason as u32) {
         unsafe { *c += 1 };
     }
 }

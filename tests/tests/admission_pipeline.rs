@@ -221,7 +221,14 @@ async fn revoking_a_subject_cuts_its_admissions_and_refuses_its_tokens() {
         },
         ..Change::default()
     };
-    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, SystemTime::now()).unwrap();
+    let done = apply_revocations(
+        &f.p.admitter,
+        &f.p.enforcer,
+        &change,
+        "test",
+        SystemTime::now(),
+    )
+    .unwrap();
     assert_eq!((done.subjects, done.identities, done.admissions), (1, 1, 1));
     assert!(!admitted(&f, 1, service_id("llm")));
     let again =
@@ -253,7 +260,14 @@ async fn revoking_a_jti_cuts_that_tokens_admissions_only() {
         },
         ..Change::default()
     };
-    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, SystemTime::now()).unwrap();
+    let done = apply_revocations(
+        &f.p.admitter,
+        &f.p.enforcer,
+        &change,
+        "test",
+        SystemTime::now(),
+    )
+    .unwrap();
     assert_eq!((done.jtis, done.admissions), (1, 1));
     assert!(!admitted(&f, 1, service_id("llm")));
     assert!(
@@ -465,7 +479,7 @@ async fn one_identity_cannot_fill_the_admissions_table() {
         },
         ..Change::default()
     };
-    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, now).unwrap();
+    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, "test", now).unwrap();
     assert_eq!(done.admissions, 9);
     assert_eq!(f.p.admitter.tracked_admissions(), 1, "alice's only");
     assert_eq!(f.p.enforcer.observe(|m| m.admissions().len()), 1);
@@ -555,7 +569,7 @@ async fn identities_are_unambiguous_and_revocable_by_name() {
         },
         ..Change::default()
     };
-    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, now).unwrap();
+    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, "test", now).unwrap();
     assert_eq!((done.named, done.identities, done.admissions), (1, 1, 1));
     assert!(!admitted(&f, 1, service_id("llm")) && admitted(&f, 2, service_id("llm")));
     let e = knock("alice", "acme", 4).await.unwrap_err();
@@ -568,7 +582,7 @@ async fn identities_are_unambiguous_and_revocable_by_name() {
         },
         ..Change::default()
     };
-    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, now).unwrap();
+    let done = apply_revocations(&f.p.admitter, &f.p.enforcer, &change, "test", now).unwrap();
     assert_eq!(done.admissions, 1);
     assert!(!admitted(&f, 2, service_id("llm")) && admitted(&f, 3, service_id("llm")));
 }

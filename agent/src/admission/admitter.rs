@@ -25,7 +25,7 @@ use crate::{
         jwk::sha256,
         nonces::NonceCache,
         pop::verify_pop,
-        refusal::{Attempt, Denied, Refusal},
+        refusal::{Attempt, Denied, Refusal, audit_method},
         revocations::Change,
         token::{Claims, Verifier},
     },
@@ -47,6 +47,8 @@ pub struct Decided {
     pub model_version: String,
     pub source: IpAddr,
     pub source_port: u16,
+    /// A knock, or the control API's `Admit`.
+    pub method: Method,
     /// Fixed when decided: time spent recording it only shortens it.
     pub expires: SystemTime,
     pub ttl: Duration,
@@ -66,7 +68,7 @@ impl Decided {
             model_version: self.model_version.clone(),
             source: self.source.to_string(),
             source_port: u32::from(self.source_port),
-            method: v1::AdmissionMethod::Knock as i32,
+            method: audit_method(self.method) as i32,
             policies: self.policies.clone(),
             policy_version: self.policy_version.clone(),
             jti_sha256: self.claims.jti_hash().to_vec(),
@@ -89,6 +91,7 @@ impl Decided {
             source_port: self.source_port,
             policies: self.policies.clone(),
             policy_version: self.policy_version.clone(),
+            method: self.method,
         }
     }
 
@@ -106,6 +109,16 @@ impl Decided {
     pub fn tenant(&self) -> Option<&str> {
         self.claims.tenant.as_deref()
     }
+}
+
+/// What was asked for, by a knock or an `Admit` call.
+struct Asked {
+    service: String,
+    source: IpAddr,
+    source_port: u16,
+    method: Method,
+    nonce: [u8; 16],
+    request_len: usize,
 }
 
 struct ServiceInfo {
@@ -150,6 +163,8 @@ pub enum IdentityMatch {
     Subject(String),
     /// One identity in its own tenant.
     Identity(IdentityName),
+    /// Every identity of a tenant.
+    Tenant(String),
 }
 
 impl IdentityMatch {
@@ -157,6 +172,7 @@ impl IdentityMatch {
         match self {
             IdentityMatch::Subject(s) => &name.subject == s,
             IdentityMatch::Identity(n) => name == n,
+            IdentityMatch::Tenant(t) => name.tenant.as_deref() == Some(t.as_str()),
         }
     }
 }
@@ -244,8 +260,62 @@ impl Admitter {
         self.nonces
             .check_and_insert(k.nonce, Instant::now())
             .map_err(Denied::bare)?;
-        // From here the token is verified: refusals name who was refused.
+        // A claimed address (client behind NAT) is only honoured with a
+        // proof of possession, which verify_pop demanded above.
         let source = k.client_addr.unwrap_or(peer.ip()).to_canonical();
+        self.decide_verified(
+            claims,
+            Asked {
+                service: k.service,
+                source,
+                source_port: k.source_port,
+                method: Method::Knock,
+                nonce: k.nonce,
+                request_len: datagram.len(),
+            },
+            now,
+        )
+    }
+
+    /// The control API's `Admit`: a trusted gateway asks for `source` with
+    /// the client's token. The same token checks, scope, quota and policy
+    /// as a knock (policies see `context.method == "admit_rpc"`); a token
+    /// bound to a key (`cnf`, RFC 7800 §3) needs the client's proof of
+    /// possession, which only a knock carries, so it is refused here.
+    pub fn check_rpc(
+        &self,
+        token: &str,
+        service: &str,
+        source: IpAddr,
+        source_port: u16,
+        now: SystemTime,
+    ) -> Result<Decided, Denied> {
+        let claims = self.verifier.verify(token, now).map_err(Denied::bare)?;
+        if claims.cnf.is_some() {
+            return Err(Denied::bare(knock::KnockError::PopMissing));
+        }
+        self.decide_verified(
+            claims,
+            Asked {
+                service: service.to_string(),
+                source: source.to_canonical(),
+                source_port,
+                method: Method::AdmitRpc,
+                nonce: [0; 16],
+                request_len: 0,
+            },
+            now,
+        )
+    }
+
+    /// Everything after the token verified: refusals name who was refused.
+    fn decide_verified(
+        &self,
+        claims: Arc<Claims>,
+        k: Asked,
+        now: SystemTime,
+    ) -> Result<Decided, Denied> {
+        let source = k.source;
         let mut attempt = Attempt {
             subject: claims.subject.clone(),
             tenant: claims.tenant.clone(),
@@ -253,6 +323,7 @@ impl Admitter {
             service: k.service.clone(),
             source: Some(source),
             source_port: k.source_port,
+            method: k.method,
             ..Attempt::default()
         };
         let deny = |refusal: Refusal, attempt: Attempt| Denied {
@@ -284,11 +355,9 @@ impl Admitter {
         ) {
             return Err(deny(refusal, attempt));
         }
-        // A claimed address (client behind NAT) is only honoured with a
-        // proof of possession, which verify_pop demanded above.
         // Policy decides within what the token's scope allows: it can
         // narrow a token, never widen it.
-        let decision = self.decide(&claims, &k.service, svc, source, Method::Knock, now);
+        let decision = self.decide(&claims, &k.service, svc, source, k.method, now);
         if !decision.allow {
             attempt.policies = decision.determining.clone();
             attempt.policy_version = decision.version.clone();
@@ -313,10 +382,11 @@ impl Admitter {
             model_version: svc.model.version.clone(),
             source,
             source_port: k.source_port,
+            method: k.method,
             expires,
             ttl,
             nonce: k.nonce,
-            request_len: datagram.len(),
+            request_len: k.request_len,
             policies: decision.determining,
             policy_version: decision.version,
         })
@@ -342,7 +412,7 @@ impl Admitter {
                 claims: d.claims.clone(),
                 identity: d.identity.clone(),
                 service: d.service.clone(),
-                method: Method::Knock,
+                method: d.method,
                 expires: d.expires,
                 generation: 0,
             },
@@ -416,6 +486,25 @@ impl Admitter {
                 (!d.allow).then_some(at)
             })
             .collect()
+    }
+
+    /// Stops tracking the admissions `pred` selects (cut in the kernel by
+    /// the control API); returns them.
+    pub fn forget_where(
+        &self,
+        pred: impl Fn(&AdmissionRef, &IdentityName) -> bool,
+    ) -> Vec<AdmissionRef> {
+        self.grants().take(|at, g| pred(at, &g.identity))
+    }
+
+    /// Whether a live knock-granted admission came from the token `jti`.
+    pub fn holds_jti(&self, jti: &str) -> bool {
+        self.grants().iter().any(|(_, g)| g.claims.jti == jti)
+    }
+
+    /// Whether a live knock-granted admission belongs to `identity`.
+    pub fn holds_identity(&self, identity: &IdentityName) -> bool {
+        self.grants().iter().any(|(_, g)| &g.identity == identity)
     }
 
     /// Stops tracking an admission the kernel no longer holds.

@@ -6,7 +6,7 @@ use std::net::IpAddr;
 use portcullis_knock::KnockError;
 use portcullis_proto::v1;
 
-use crate::{admission::token::TokenError, identity::IdentityName};
+use crate::{admission::token::TokenError, identity::IdentityName, policy::Method};
 
 /// A decision against a knock.
 #[derive(Debug, thiserror::Error)]
@@ -69,6 +69,16 @@ pub struct Attempt {
     pub source_port: u16,
     pub policies: Vec<String>,
     pub policy_version: String,
+    /// A knock or the control API's `Admit`.
+    pub method: Method,
+}
+
+/// How the audit trail names an admission method.
+pub fn audit_method(m: Method) -> v1::AdmissionMethod {
+    match m {
+        Method::Knock => v1::AdmissionMethod::Knock,
+        Method::AdmitRpc => v1::AdmissionMethod::Control,
+    }
 }
 
 impl Attempt {
@@ -82,7 +92,7 @@ impl Attempt {
             model_version: self.model_version.clone(),
             source: self.source.map(|s| s.to_string()).unwrap_or_default(),
             source_port: u32::from(self.source_port),
-            method: v1::AdmissionMethod::Knock as i32,
+            method: audit_method(self.method) as i32,
             policies: self.policies.clone(),
             policy_version: self.policy_version.clone(),
             jti_sha256: self.jti_hash.to_vec(),

@@ -40,9 +40,10 @@ use std::sync::mpsc;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
+use bytes::Bytes;
 use portcullis_proto::v1::lifecycle::Phase;
 use portcullis_proto::v1::{Gap, Lifecycle, SpoolPressure, event::Body};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::{broadcast, oneshot, watch};
 
 use super::spool::{Recovery, Spool, SpoolError};
 use crate::config::{AuditSection, OnFull};
@@ -155,7 +156,15 @@ struct Shared {
     deferred: AtomicU64,
     rejected: AtomicU64,
     dropped: AtomicU64,
+    /// Durable events for `Watch` clients: each event's bytes are moved
+    /// (not copied) into a shared buffer every subscriber reads. The
+    /// sender never waits; a subscriber that falls behind learns it.
+    watchers: broadcast::Sender<(u64, Bytes)>,
 }
+
+/// Durable events a lagging `Watch` forwarder may fall behind by before it
+/// is told so.
+const WATCH_BACKLOG: usize = 4096;
 
 impl Shared {
     fn spool(&self) -> MutexGuard<'_, Spool> {
@@ -217,6 +226,7 @@ impl Auditor {
             deferred: AtomicU64::new(0),
             rejected: AtomicU64::new(0),
             dropped: AtomicU64::new(0),
+            watchers: broadcast::channel(WATCH_BACKLOG).0,
         });
         let (tx, rx) = mpsc::channel();
         let mut writer = Writer {
@@ -293,6 +303,11 @@ impl Auditor {
         let (tx, rx) = oneshot::channel();
         self.send(body, Some(tx))?;
         rx.await.unwrap_or(Err(AuditError::Closed))
+    }
+
+    /// Every event made durable from now on: its seq and canonical bytes.
+    pub fn subscribe(&self) -> broadcast::Receiver<(u64, Bytes)> {
+        self.shared.watchers.subscribe()
     }
 
     /// False while the spool is full (or failing) and `on_full =
@@ -666,6 +681,14 @@ impl Writer {
         match res {
             Ok(()) => {
                 let last = self.batch.last().map_or(0, |s| s.seq);
+                if self.shared.watchers.receiver_count() > 0 {
+                    for sealed in self.batch.drain(..) {
+                        let _ = self
+                            .shared
+                            .watchers
+                            .send((sealed.seq, Bytes::from(sealed.bytes)));
+                    }
+                }
                 self.batch.clear();
                 self.shared
                     .queued

@@ -18,12 +18,12 @@ use std::{
     path::{Path, PathBuf},
 };
 
-use portcullis_common::Reason;
+use portcullis_common::DROP_COUNTERS;
 use portcullis_proto::v1::{DropSummary, Event, event::Body};
 use prost::Message;
 use serde_json::{Value, json};
 
-use super::auditor::Auditor;
+use super::{auditor::Auditor, drops::counter_name};
 
 const FILE: &str = "drop-marks.json";
 /// Events read from the spool per call while looking for the last summary.
@@ -49,10 +49,10 @@ impl DropMark {
         if s.counters_instance.is_empty() || s.kernel_totals.is_empty() {
             return None;
         }
-        let mut totals = vec![0u64; Reason::COUNT as usize];
+        let mut totals = vec![0u64; DROP_COUNTERS as usize];
         for rc in &s.kernel_totals {
-            if let Some(r) = Reason::ALL.iter().find(|r| r.name() == rc.reason) {
-                totals[*r as usize] = rc.packets;
+            if let Some(i) = counter_index(&rc.reason) {
+                totals[i] = rc.packets;
             }
         }
         let end = s
@@ -72,7 +72,7 @@ impl DropMark {
     pub fn baseline_for(mark: Option<&DropMark>, instance: &str) -> Vec<u64> {
         match mark {
             Some(m) if m.instance == instance => m.totals.clone(),
-            _ => vec![0u64; Reason::COUNT as usize],
+            _ => vec![0u64; DROP_COUNTERS as usize],
         }
     }
 }
@@ -97,10 +97,12 @@ pub fn load(spool_dir: &Path) -> io::Result<Option<DropMark>> {
     };
     let v: Value = serde_json::from_str(&text).map_err(|e| bad(&e.to_string()))?;
     let totals_json = v["totals"].as_object().ok_or_else(|| bad("no totals"))?;
-    let mut totals = vec![0u64; Reason::COUNT as usize];
-    for r in Reason::ALL {
-        if let Some(n) = totals_json.get(r.name()).and_then(Value::as_u64) {
-            totals[r as usize] = n;
+    let mut totals = vec![0u64; DROP_COUNTERS as usize];
+    for (i, slot) in totals.iter_mut().enumerate() {
+        if let Some(n) =
+            counter_name(i).and_then(|name| totals_json.get(&name).and_then(Value::as_u64))
+        {
+            *slot = n;
         }
     }
     Ok(Some(DropMark {
@@ -114,11 +116,18 @@ pub fn load(spool_dir: &Path) -> io::Result<Option<DropMark>> {
     }))
 }
 
+/// The index of the counter named `name` (see [`counter_name`]).
+fn counter_index(name: &str) -> Option<usize> {
+    (0..DROP_COUNTERS as usize).find(|i| counter_name(*i).as_deref() == Some(name))
+}
+
 /// Writes the mark file atomically (temp file, fsync, rename, fsync dir).
 pub fn save(spool_dir: &Path, mark: &DropMark) -> io::Result<()> {
-    let totals: serde_json::Map<String, Value> = Reason::ALL
+    let totals: serde_json::Map<String, Value> = mark
+        .totals
         .iter()
-        .map(|r| (r.name().to_owned(), json!(mark.totals[*r as usize])))
+        .enumerate()
+        .filter_map(|(i, n)| counter_name(i).map(|name| (name, json!(n))))
         .collect();
     let doc = json!({
         "seq": mark.seq,
@@ -178,6 +187,7 @@ pub fn recover(spool_dir: &Path, auditor: &Auditor) -> io::Result<Option<DropMar
 #[cfg(test)]
 mod tests {
     use super::*;
+    use portcullis_common::{Reason, SHADOW_COUNTERS};
     use portcullis_proto::v1::ReasonCount;
 
     fn summary(instance: &str, no_admission: u64) -> DropSummary {
@@ -193,6 +203,10 @@ mod tests {
                     reason: "no_admission".into(),
                     packets: no_admission,
                 },
+                ReasonCount {
+                    reason: "shadow_no_admission".into(),
+                    packets: 4,
+                },
             ],
             counters_instance: instance.into(),
             ..DropSummary::default()
@@ -207,6 +221,8 @@ mod tests {
         let m = DropMark::of(42, &summary("boot/7", 31)).unwrap();
         assert_eq!(m.at_unix_ns, 1_500);
         assert_eq!(m.totals[Reason::NoAdmission as usize], 31);
+        let shadow = (SHADOW_COUNTERS + Reason::NoAdmission as u32) as usize;
+        assert_eq!(m.totals[shadow], 4, "shadow counters are kept too");
         save(&dir, &m).unwrap();
         assert_eq!(load(&dir).unwrap(), Some(m.clone()));
         use std::os::unix::fs::PermissionsExt as _;

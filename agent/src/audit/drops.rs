@@ -10,11 +10,28 @@ use std::{
     time::{Duration, SystemTime},
 };
 
-use portcullis_common::{DropEvent, Reason};
+use portcullis_common::{DROP_COUNTERS, DropEvent, Reason, SHADOW_COUNTERS};
 use portcullis_proto::v1::{DropSummary, ReasonCount, SourceCount, TableFill};
 
 use crate::loader::maps::bytes_addr;
 use portcullis_trail::time::unix_ns;
+
+/// The name of `PCL_DROPS[i]`: the reason's, or `shadow_<reason>` for what
+/// a shadow-mode service would have dropped.
+pub fn counter_name(i: usize) -> Option<String> {
+    let i = u32::try_from(i).ok().filter(|i| *i < DROP_COUNTERS)?;
+    match i.checked_sub(SHADOW_COUNTERS) {
+        Some(r) => Reason::from_u32(r).map(|r| format!("shadow_{}", r.name())),
+        None => Reason::from_u32(i).map(|r| r.name().to_string()),
+    }
+}
+
+/// Whether counter `i` counts packets the kernel dropped (or, for a
+/// shadow-mode service, would have).
+fn counts_drops(i: usize) -> bool {
+    let r = (i as u32) % SHADOW_COUNTERS;
+    Reason::from_u32(r).is_some_and(Reason::is_drop)
+}
 
 /// Sources listed per summary.
 pub const TOP_SOURCES: usize = 10;
@@ -87,14 +104,13 @@ impl DropAccumulator {
     /// the totals the next summary reports.
     pub fn add_counts(&mut self, before: &[u64], now: &[u64]) {
         self.totals = now.to_vec();
-        for r in Reason::ALL {
-            let i = r as usize;
-            let (Some(b), Some(n)) = (before.get(i), now.get(i)) else {
+        for i in 0..DROP_COUNTERS as usize {
+            let (Some(n), Some(name)) = (now.get(i), counter_name(i)) else {
                 continue;
             };
-            let delta = n.saturating_sub(*b);
-            if delta > 0 && r.is_drop() {
-                *self.reasons.entry(r.name().to_string()).or_default() += delta;
+            let delta = n.saturating_sub(before.get(i).copied().unwrap_or(0));
+            if delta > 0 && counts_drops(i) {
+                *self.reasons.entry(name).or_default() += delta;
             }
         }
     }
@@ -193,11 +209,15 @@ impl DropAccumulator {
             reasons,
             top_sources,
             sampled: self.sampled,
-            kernel_totals: Reason::ALL
+            // Every reason; shadow counters once they count anything.
+            kernel_totals: self
+                .totals
                 .iter()
-                .filter_map(|r| {
-                    self.totals.get(*r as usize).map(|n| ReasonCount {
-                        reason: r.name().to_string(),
+                .enumerate()
+                .filter(|(i, n)| *i < SHADOW_COUNTERS as usize || **n > 0)
+                .filter_map(|(i, n)| {
+                    counter_name(i).map(|reason| ReasonCount {
+                        reason,
                         packets: *n,
                     })
                 })
@@ -325,5 +345,28 @@ mod tests {
         let s = acc.summary(t0).expect("80% full is news");
         assert!(!s.since_restart);
         assert_eq!(s.kernel_totals[0].packets, 5, "totals carry over a reset");
+    }
+
+    #[test]
+    fn shadow_counters_are_reported_with_their_mark() {
+        let mut d = DropAccumulator::new(SystemTime::UNIX_EPOCH);
+        let before = vec![0u64; DROP_COUNTERS as usize];
+        let mut now = before.clone();
+        now[Reason::NoAdmission as usize] = 2;
+        now[(SHADOW_COUNTERS + Reason::NoAdmission as u32) as usize] = 7;
+        now[(SHADOW_COUNTERS + Reason::Passed as u32) as usize] = 0;
+        d.add_counts(&before, &now);
+        let s = d
+            .summary(SystemTime::UNIX_EPOCH + Duration::from_secs(1))
+            .unwrap();
+        let get =
+            |v: &[ReasonCount], name: &str| v.iter().find(|r| r.reason == name).map(|r| r.packets);
+        assert_eq!(get(&s.reasons, "no_admission"), Some(2));
+        assert_eq!(get(&s.reasons, "shadow_no_admission"), Some(7));
+        assert_eq!(get(&s.kernel_totals, "shadow_no_admission"), Some(7));
+        // Shadow counters that never moved stay out of the totals.
+        assert_eq!(get(&s.kernel_totals, "shadow_expired"), None);
+        assert_eq!(counter_name(DROP_COUNTERS as usize), None);
+        assert_eq!(counter_name(0).as_deref(), Some("passed"));
     }
 }

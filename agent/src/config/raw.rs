@@ -13,7 +13,8 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
-use super::{Action, ConfigError, LogFormat, OnFull, Protocol, XdpMode};
+use super::control::RawControl;
+use super::{Action, ConfigError, LogFormat, OnFull, Protocol, ServiceMode, XdpMode};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -38,6 +39,8 @@ pub(super) struct RawConfig {
     pub audit: RawAudit,
     #[serde(default)]
     pub accounting: RawAccounting,
+    #[serde(default)]
+    pub control: RawControl,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -166,6 +169,7 @@ pub(super) struct RawService {
     pub cost_tier: Option<String>,
     pub price: Option<RawPrice>,
     pub max_sources_per_identity: Option<i64>,
+    pub mode: Option<ServiceMode>,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -228,6 +232,7 @@ fn locate(doc: &Table) -> String {
                 _ => None,
             }),
             "accounting" => probe::<RawAccounting>(key, value, no_nested),
+            "control" => probe::<RawControl>(key, value, no_nested),
             // Not a section of the file at all.
             _ => Some(key.clone()),
         })

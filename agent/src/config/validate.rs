@@ -64,6 +64,7 @@ pub(super) fn validate(
         .transpose()?;
     let audit = audit(&raw.audit)?;
     let accounting = accounting(&raw.accounting)?;
+    let control = super::control::validate(&raw.control)?;
     Ok(Config {
         agent,
         kernel,
@@ -76,6 +77,7 @@ pub(super) fn validate(
         policy_dir,
         audit,
         accounting,
+        control,
     })
 }
 
@@ -772,6 +774,7 @@ fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
             super::DEFAULT_MAX_SOURCES_PER_IDENTITY,
             1..=1_048_576,
         )?,
+        mode: raw.mode.unwrap_or_default(),
     })
 }
 

@@ -223,6 +223,29 @@ impl KnockService {
         self.finish(decided).await
     }
 
+    /// The control API's `Admit`: the knock's decisions for a token a
+    /// gateway presents for `source`, then the same durable record and
+    /// kernel write as a knock ([`finish`](Self::finish)).
+    pub async fn admit_rpc(
+        &self,
+        token: &str,
+        service: &str,
+        source: IpAddr,
+        source_port: u16,
+        now: SystemTime,
+    ) -> Result<Granted, Refused> {
+        let decided = self
+            .admitter
+            .check_rpc(token, service, source, source_port, now)
+            .map_err(|d| self.refused(d.into()))?;
+        if !self.auditor.admissions_allowed() {
+            self.auditor.note_refused_admission();
+            self.counters.refused(KnockRefusal::AuditFull.reason());
+            return Err(Refused::after(&decided, KnockRefusal::AuditFull));
+        }
+        self.finish(decided).await
+    }
+
     /// Step 1: the decision, and the spool's room for its record. Cheap
     /// enough to run in the receive loop.
     pub fn check(

@@ -33,6 +33,7 @@ use crate::{
         export::{self, ExportStatus},
     },
     config::Config,
+    control,
     enforce::{self, Enforcer},
     loader::{self, Kernel, LinkWatch, Origin},
     policy::PolicySet,
@@ -147,6 +148,29 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             return Err(e);
         }
     };
+    // The control API last: everything it acts on exists. A socket another
+    // agent serves on stops this one (nothing of the kernel's changes).
+    let control = match control::bind(&cfg.control).await {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = auditor.shutdown(&format!("start failed: {e:#}")).await;
+            let _ = audit_task.await;
+            return Err(e);
+        }
+    };
+    let (control_stop, control_stopped) = tokio::sync::watch::channel(false);
+    let control_task = control.map(|listening| {
+        let node = Arc::new(control::Node {
+            cfg: cfg.clone(),
+            enforcer: enforcer.clone(),
+            auditor: auditor.clone(),
+            knocks: knocks.clone(),
+            origin,
+            pin_durability: durability.describe(),
+            book: book.clone(),
+        });
+        tokio::spawn(listening.serve(node, control_stopped))
+    });
     files.commit();
     if let Some(path) = &opts.ready_file {
         write_ready(path, origin_word(origin))?;
@@ -230,6 +254,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     }
     reports::account(&enforcer, &mut acct);
     reports::report_cost(&auditor, &mut acct, SystemTime::now());
+    // Control calls end before the trail does: each one's record is in it.
+    if let Some(t) = control_task {
+        let _ = control_stop.send(true);
+        let _ = t.await;
+    }
     // The STOPPING event and a final checkpoint are durable before exit;
     // whatever the collector has not acknowledged is sent after restart.
     if let Err(e) = auditor.shutdown(&stop_reason).await {
@@ -259,7 +288,7 @@ struct Started {
     links: LinkWatch,
     /// Lives as long as the agent runs.
     _programs: Option<aya::Ebpf>,
-    knocks: Option<Knocks>,
+    knocks: Option<Arc<Knocks>>,
     drops: DropAccumulator,
     last: Vec<u64>,
 }
@@ -315,11 +344,12 @@ async fn start(
                 jwks: parts.jwks,
                 jwks_path: tokens.jwks_file.clone(),
                 revocations: tokens.revocations_file.clone().map(RevocationFile::new),
+                revoking: std::sync::Mutex::new(()),
             };
             // Revocations count before the first knock is heard.
             knocks.revocations();
             tokio::spawn(service.listen(sock));
-            Some(knocks)
+            Some(Arc::new(knocks))
         }
         (None, true, _) => {
             tracing::warn!(

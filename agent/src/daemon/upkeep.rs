@@ -12,13 +12,13 @@ use crate::{
     admission::{
         admitter::Admitter,
         jwk::JwksFile,
-        revocations::{Change, RevocationFile},
+        revocations::{self, Change, Entry, RevocationFile},
         token::{TokenPolicy, Verifier},
     },
     audit::{auditor::Auditor, drops::DropAccumulator},
     config::{Config, TokensSection},
     daemon::knock_service::KnockService,
-    enforce::Enforcer,
+    enforce::{CutTarget, Enforcer},
     loader::KernelError,
     policy::{PolicySet, PolicyStore},
 };
@@ -32,47 +32,47 @@ pub struct Revoked {
     pub jtis: usize,
     pub identities: usize,
     pub admissions: usize,
+    pub flows: usize,
     /// One audit record per revoked jti, subject or identity.
     pub events: Vec<v1::Revocation>,
 }
 
-/// Applies a change of the revocations file: admission refuses the tokens
-/// from now on, and what they already admitted is cut in the kernel (flows
-/// die on their next packet). The kernel's names find identities admitted
-/// before this agent started, or statically, too.
+/// Applies a change of revocations (the file's, or the control API's):
+/// admission refuses the tokens from now on, and what they already
+/// admitted is cut in the kernel (flows removed, the identities' epochs
+/// bumped). The kernel's names find identities admitted before this agent
+/// started, or statically, too. `reason` goes into each record.
 pub fn apply_revocations(
     admitter: &Admitter,
     enforcer: &Enforcer,
     change: &Change,
+    reason: &str,
     now: SystemTime,
 ) -> Result<Revoked, KernelError> {
     let mut done = Revoked::default();
     for t in admitter.revoke(change, now) {
-        let mut event = v1::Revocation {
-            target_kind: t.kind.into(),
-            target: t.target.clone(),
-            reason: "revocations file".into(),
-            ..Default::default()
-        };
-        let mut removed = 0;
-        for at in &t.admissions {
-            removed += enforcer.revoke_admission(at)?;
-        }
+        let mut cut = enforcer.cut(CutTarget::Admissions(&t.admissions))?;
         if let Some(m) = &t.identities {
-            for (name, n) in enforcer.revoke_identities(m)? {
-                removed += n;
-                done.identities += 1;
-                event.identities.push(name);
-            }
+            let c = enforcer.cut(CutTarget::Identities(m))?;
+            cut.admissions += c.admissions;
+            cut.flows += c.flows;
+            cut.identities = c.identities;
         }
-        event.admissions_removed = u32::try_from(removed).unwrap_or(u32::MAX);
-        done.admissions += removed;
+        done.identities += cut.identities.len();
+        done.admissions += cut.admissions;
+        done.flows += cut.flows;
         match t.kind {
             "jti" => done.jtis += 1,
             "subject" => done.subjects += 1,
             _ => done.named += 1,
         }
-        done.events.push(event);
+        done.events.push(v1::Revocation {
+            target_kind: t.kind.into(),
+            target: t.target.clone(),
+            reason: reason.into(),
+            admissions_removed: u32::try_from(cut.admissions).unwrap_or(u32::MAX),
+            identities: cut.identities,
+        });
     }
     Ok(done)
 }
@@ -147,6 +147,9 @@ pub struct Knocks {
     pub jwks: Arc<JwksFile>,
     pub jwks_path: PathBuf,
     pub revocations: Option<RevocationFile>,
+    /// One revocation change at a time (the file's reload, the control
+    /// API's), so each is applied and audited exactly once.
+    pub revoking: std::sync::Mutex<()>,
 }
 
 impl Knocks {
@@ -159,37 +162,78 @@ impl Knocks {
         let Some(file) = &self.revocations else {
             return;
         };
-        let change = match file.reload() {
-            Ok(Some(change)) => change,
-            Ok(None) => return,
+        let _one_at_a_time = self.revoking.lock().unwrap_or_else(|p| p.into_inner());
+        match file.reload() {
+            Ok(Some(change)) => {
+                let _ = self.apply_change(&change, "revocations file");
+            }
+            Ok(None) => {}
             Err(e) => {
                 tracing::warn!(event = "revocations_reload_failed", error = %e, "keeping the previous revocations");
-                return;
+            }
+        }
+    }
+
+    /// The control API's revocation of a token (`jti`) or an identity:
+    /// recorded in `tokens.revocations_file` when there is one (so it
+    /// outlives this agent; the file's next reload then has nothing new),
+    /// applied and audited before returning.
+    pub fn revoke_entry(&self, entry: Entry, reason: &str) -> anyhow::Result<Revoked> {
+        let _one_at_a_time = self.revoking.lock().unwrap_or_else(|p| p.into_inner());
+        let change = match &self.revocations {
+            Some(file) => {
+                revocations::append(file.path(), &entry)?;
+                file.reload()?.unwrap_or_default()
+            }
+            None => {
+                let mut change = Change::default();
+                match entry {
+                    Entry::Jti(j) => change.added.jtis.insert(j),
+                    Entry::Subject(s) => change.added.subjects.insert(s),
+                    Entry::Identity(n) => change.added.identities.insert(n),
+                };
+                change
             }
         };
-        match apply_revocations(self.admitter(), &self.enforcer, &change, SystemTime::now()) {
-            Ok(mut done)
+        self.apply_change(&change, reason)
+            .context("the revocation was recorded but not applied to the kernel")
+    }
+
+    /// Applies a change, audits one record per target and logs a summary.
+    fn apply_change(&self, change: &Change, reason: &str) -> Result<Revoked, KernelError> {
+        match apply_revocations(
+            self.admitter(),
+            &self.enforcer,
+            change,
+            reason,
+            SystemTime::now(),
+        ) {
+            Ok(mut done) => {
                 if done != Revoked::default()
                     || !change.removed.subjects.is_empty()
-                    || !change.removed.identities.is_empty() =>
-            {
-                for ev in done.events.drain(..) {
-                    self.audit(Body::Revocation(ev));
+                    || !change.removed.identities.is_empty()
+                {
+                    for ev in done.events.drain(..) {
+                        self.audit(Body::Revocation(ev));
+                    }
+                    tracing::info!(
+                        event = "revocation",
+                        reason,
+                        jtis = done.jtis,
+                        subjects = done.subjects,
+                        named_identities = done.named,
+                        identities = done.identities,
+                        admissions = done.admissions,
+                        flows = done.flows,
+                        unrevoked_subjects = change.removed.subjects.len(),
+                        "revocations applied"
+                    );
                 }
-                tracing::info!(
-                    event = "revocation",
-                    jtis = done.jtis,
-                    subjects = done.subjects,
-                    named_identities = done.named,
-                    identities = done.identities,
-                    admissions = done.admissions,
-                    unrevoked_subjects = change.removed.subjects.len(),
-                    "revocations applied"
-                );
+                Ok(done)
             }
-            Ok(_) => {}
             Err(e) => {
-                tracing::error!(event = "revocation_failed", error = %e, "revocation not applied to the kernel")
+                tracing::error!(event = "revocation_failed", error = %e, "revocation not applied to the kernel");
+                Err(e)
             }
         }
     }

@@ -5,7 +5,7 @@
 //!
 //! [`Enforcer`]: super::Enforcer
 
-use std::net::IpAddr;
+use std::{collections::BTreeSet, net::IpAddr};
 
 use portcullis_common::Identity;
 
@@ -33,7 +33,9 @@ pub fn kernel_options(k: &KernelSection) -> loader::Options {
     }
 }
 
-pub(crate) fn service_entries(cfg: &Config) -> Vec<ServiceEntry> {
+/// The kernel's view of the configured services; `shadow` says which are
+/// in shadow mode now (the config's modes, or as switched since).
+pub(crate) fn service_entries(cfg: &Config, shadow: &BTreeSet<u32>) -> Vec<ServiceEntry> {
     cfg.services
         .iter()
         .map(|s| ServiceEntry {
@@ -41,6 +43,7 @@ pub(crate) fn service_entries(cfg: &Config) -> Vec<ServiceEntry> {
             proto: s.protocol.number(),
             port: s.port,
             addr: s.address,
+            shadow: shadow.contains(&s.id),
         })
         .collect()
 }
@@ -65,10 +68,11 @@ pub(crate) fn upsert_identity(
 pub(crate) fn configure(
     maps: &mut Maps,
     cfg: &Config,
+    shadow: &BTreeSet<u32>,
     origin: Origin,
 ) -> Result<usize, KernelError> {
     maps.set_kernel_config(cfg.knock.kernel_config(cfg.kernel.events_per_sec))?;
-    maps.sync_services(&service_entries(cfg), cfg.knock.port)?;
+    maps.sync_services(&service_entries(cfg, shadow), cfg.knock.port)?;
     for name in cfg.identities.keys() {
         // Refresh limits only for identities the kernel already knows:
         // declaring limits does not admit anyone.

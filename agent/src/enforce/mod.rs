@@ -8,14 +8,17 @@
 pub mod configure;
 
 use std::{
+    collections::BTreeSet,
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
 
+use portcullis_common::IDENTITY_LIVE;
+
 use crate::{
     admission::{admitter::IdentityMatch, grants::AdmissionRef},
-    config::Config,
+    config::{Config, ServiceMode},
     identity::IdentityName,
     loader::{KernelError, Maps, Origin, clock, maps::FlowCensus},
 };
@@ -58,6 +61,28 @@ impl From<KernelError> for AdmitError {
     }
 }
 
+/// What a revocation cuts in the kernel.
+#[derive(Debug, Clone, Copy)]
+pub enum CutTarget<'a> {
+    /// Kernel identities (their epoch bumps: every flow dies).
+    Identities(&'a IdentityMatch),
+    /// Knock-granted admissions.
+    Admissions(&'a [AdmissionRef]),
+    /// Every admission of a source address.
+    Source(IpAddr),
+    /// Every admission to a service.
+    Service(u32),
+}
+
+/// What a revocation removed from the kernel.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Cut {
+    pub admissions: usize,
+    pub flows: usize,
+    /// Kernel identities revoked.
+    pub identities: Vec<String>,
+}
+
 /// One admission to write.
 #[derive(Debug, Clone, Copy)]
 pub struct Admission<'a> {
@@ -76,14 +101,60 @@ pub struct Admission<'a> {
 pub struct Enforcer {
     maps: Mutex<Maps>,
     cfg: Arc<Config>,
+    /// Ids of the services in shadow mode now: the config's, then as
+    /// switched at run time. Changed only with the maps' lock held.
+    shadow: Mutex<BTreeSet<u32>>,
 }
 
 impl Enforcer {
     pub fn new(maps: Maps, cfg: Arc<Config>) -> Enforcer {
+        let shadow = cfg
+            .services
+            .iter()
+            .filter(|s| s.mode == ServiceMode::Shadow)
+            .map(|s| s.id)
+            .collect();
         Enforcer {
             maps: Mutex::new(maps),
             cfg,
+            shadow: Mutex::new(shadow),
         }
+    }
+
+    fn shadow(&self) -> MutexGuard<'_, BTreeSet<u32>> {
+        self.shadow.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The mode a configured service is in now.
+    pub fn mode(&self, service: u32) -> ServiceMode {
+        if self.shadow().contains(&service) {
+            ServiceMode::Shadow
+        } else {
+            ServiceMode::Enforce
+        }
+    }
+
+    /// Switches a configured service between enforcing and shadow mode in
+    /// the kernel; returns the mode it was in.
+    pub fn set_mode(&self, service: u32, mode: ServiceMode) -> Result<ServiceMode, KernelError> {
+        let mut maps = self.maps();
+        let mut shadow = self.shadow();
+        let was = if shadow.contains(&service) {
+            ServiceMode::Shadow
+        } else {
+            ServiceMode::Enforce
+        };
+        let mut next = shadow.clone();
+        match mode {
+            ServiceMode::Shadow => next.insert(service),
+            ServiceMode::Enforce => next.remove(&service),
+        };
+        maps.sync_services(
+            &configure::service_entries(&self.cfg, &next),
+            self.cfg.knock.port,
+        )?;
+        *shadow = next;
+        Ok(was)
     }
 
     fn maps(&self) -> MutexGuard<'_, Maps> {
@@ -101,7 +172,9 @@ impl Enforcer {
     /// Node knobs, services and identity limits; static admissions on a
     /// fresh load. Returns how many static admissions were installed.
     pub fn configure(&self, origin: Origin) -> Result<usize, KernelError> {
-        configure::configure(&mut self.maps(), &self.cfg, origin)
+        let mut maps = self.maps();
+        let shadow = self.shadow().clone();
+        configure::configure(&mut maps, &self.cfg, &shadow, origin)
     }
 
     /// Writes (or extends) an admission; returns the identity's slot.
@@ -139,6 +212,35 @@ impl Enforcer {
         )
     }
 
+    /// Revokes `target` under one hold of the maps, so the counts are
+    /// exactly what this call removed.
+    pub fn cut(&self, target: CutTarget<'_>) -> Result<Cut, KernelError> {
+        let mut maps = self.maps();
+        let before = maps.flows_removed();
+        let mut cut = Cut::default();
+        match target {
+            CutTarget::Identities(m) => {
+                for (slot, id, name) in maps.live_identities()? {
+                    if id.state == IDENTITY_LIVE
+                        && IdentityName::parse(&name).is_some_and(|n| m.matches(&n))
+                    {
+                        cut.admissions += maps.revoke_identity(slot)?;
+                        cut.identities.push(name);
+                    }
+                }
+            }
+            CutTarget::Admissions(ats) => {
+                for at in ats {
+                    cut.admissions += maps.revoke_admission(at.0, at.1, at.2)?;
+                }
+            }
+            CutTarget::Source(ip) => cut.admissions = maps.revoke_source_everywhere(ip)?,
+            CutTarget::Service(id) => cut.admissions = maps.revoke_service(id)?,
+        }
+        cut.flows = usize::try_from(maps.flows_removed() - before).unwrap_or(usize::MAX);
+        Ok(cut)
+    }
+
     /// Removes one admission; returns how many entries went.
     pub fn revoke_admission(&self, at: &AdmissionRef) -> Result<usize, KernelError> {
         self.maps().revoke_admission(at.0, at.1, at.2)
@@ -147,23 +249,6 @@ impl Enforcer {
     /// Removes every admission of `source` to `service`.
     pub fn revoke_source(&self, source: IpAddr, service: u32) -> Result<usize, KernelError> {
         self.maps().revoke_source(source, service)
-    }
-
-    /// Revokes every kernel identity `m` covers (their flows die on the next
-    /// packet); returns each revoked name with the admissions it lost.
-    pub fn revoke_identities(
-        &self,
-        m: &IdentityMatch,
-    ) -> Result<Vec<(String, usize)>, KernelError> {
-        let mut maps = self.maps();
-        let mut done = Vec::new();
-        for (slot, _, name) in maps.live_identities()? {
-            if IdentityName::parse(&name).is_some_and(|n| m.matches(&n)) {
-                let n = maps.revoke_identity(slot)?;
-                done.push((name, n));
-            }
-        }
-        Ok(done)
     }
 
     /// Revokes the identity named exactly `name`, if the kernel holds it:

@@ -9,11 +9,12 @@ use std::{
 
 use aya::maps::{Array, HashMap, Map, MapData, PerCpuArray, RingBuf};
 use portcullis_common::{
-    ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, DropEvent, EventBudget, Flow, FlowKey,
-    IDENTITY_FREE, IDENTITY_LIVE, IDENTITY_NAME_BYTES, IDENTITY_REVOKED, Identity, IdentityName,
-    IdentityStats, KernelConfig, MAX_IDENTITIES, MAX_USAGE_SERVICES, Meta, PORT_KNOCK,
-    PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_UDP_BY_ADDR, PROTO_TCP, PortEntry, RateState, Reason,
-    ServiceKey, ServiceRef, maps as names, usage_row,
+    ADMIT_ONE_USE, Admission, AdmissionKey, CFG_FLOW_SCOPED, DROP_COUNTERS, DropEvent, EventBudget,
+    Flow, FlowKey, IDENTITY_FREE, IDENTITY_LIVE, IDENTITY_NAME_BYTES, IDENTITY_REVOKED, Identity,
+    IdentityName, IdentityStats, KernelConfig, MAX_IDENTITIES, MAX_USAGE_SERVICES, Meta,
+    PORT_KNOCK, PORT_TABLE_SIZE, PORT_TCP_BY_ADDR, PORT_TCP_SHADOW, PORT_UDP_BY_ADDR,
+    PORT_UDP_SHADOW, PROTO_TCP, PortEntry, RateState, SERVICE_SHADOW, ServiceKey, ServiceRef,
+    maps as names, usage_row,
 };
 
 use super::KernelError;
@@ -37,6 +38,9 @@ pub struct Maps {
     pub knock_sources: HashMap<MapData, [u8; 16], u64>,
     /// Identity key → slot, built on first use.
     slots: Option<std::collections::HashMap<u64, u32>>,
+    /// Flows removed by revocations since open (how many a revocation cut
+    /// is the difference across it, read under the same lock).
+    flows_removed: u64,
 }
 
 /// One protected service as the kernel sees it.
@@ -46,6 +50,8 @@ pub struct ServiceEntry {
     pub proto: u8,
     pub port: u16,
     pub addr: Option<IpAddr>,
+    /// Shadow mode: the kernel passes what it would drop, counted apart.
+    pub shadow: bool,
 }
 
 /// Cumulative counters of one identity slot for one service, summed over
@@ -155,6 +161,7 @@ impl Maps {
             identity_names: typed!(names::IDENTITY_NAMES),
             knock_sources: typed!(names::KNOCK_SRC),
             slots: None,
+            flows_removed: 0,
         })
     }
 
@@ -231,10 +238,16 @@ impl Maps {
                 (None, true) => {
                     e.tcp_service = s.id;
                     e.tcp_col = col as u8;
+                    if s.shadow {
+                        e.flags |= PORT_TCP_SHADOW;
+                    }
                 }
                 (None, false) => {
                     e.udp_service = s.id;
                     e.udp_col = col as u8;
+                    if s.shadow {
+                        e.flags |= PORT_UDP_SHADOW;
+                    }
                 }
                 (Some(a), tcp) => {
                     e.flags |= if tcp {
@@ -248,7 +261,16 @@ impl Maps {
                         proto: s.proto,
                         _pad: 0,
                     };
-                    want_by_addr.insert(key, ServiceRef { id: s.id, col });
+                    let flags = if s.shadow { SERVICE_SHADOW } else { 0 };
+                    want_by_addr.insert(
+                        key,
+                        ServiceRef {
+                            id: s.id,
+                            col,
+                            flags,
+                            _pad: 0,
+                        },
+                    );
                 }
             }
         }
@@ -565,16 +587,19 @@ impl Maps {
     /// Revokes an identity: its epoch changes, so every flow and admission
     /// that carries the old one dies on its next packet.
     pub fn revoke_identity(&mut self, slot: u32) -> Result<usize, KernelError> {
+        // Its flows are found before the epoch changes: from then on the
+        // kernel removes each on its next packet, and a revocation must
+        // still count what it cut.
+        let flows = self.matching_flows(|_, f| f.identity == slot);
         let mut ident = self.identity(slot)?;
         ident.state = IDENTITY_REVOKED;
         ident.epoch = ident.epoch.wrapping_add(1);
         self.identities
             .set(slot, ident, 0)
             .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
-        let removed = self.remove_admissions(|k, v| {
-            let _ = k;
-            v.identity == slot
-        })?;
+        let removed = self.remove_admissions(|_, v| v.identity == slot)?;
+        self.delete_flows(&flows);
+        // Flows created while this ran carry the old epoch; gone too.
         self.remove_flows(|_, f| f.identity == slot)?;
         Ok(removed)
     }
@@ -586,6 +611,31 @@ impl Maps {
         let removed = self.remove_admissions(|k, _| k.addr == addr && k.service == service)?;
         self.remove_flows(|k, f| k.src == addr && f.service == service)?;
         Ok(removed)
+    }
+
+    /// Removes every admission to `service` and the flows they created.
+    pub fn revoke_service(&mut self, service: u32) -> Result<usize, KernelError> {
+        let removed = self.remove_admissions(|k, _| k.service == service)?;
+        self.remove_flows(|_, f| f.service == service)?;
+        Ok(removed)
+    }
+
+    /// Removes every admission of `source` (any service) and its flows.
+    pub fn revoke_source_everywhere(&mut self, source: IpAddr) -> Result<usize, KernelError> {
+        let addr = addr_bytes(source);
+        let removed = self.remove_admissions(|k, _| k.addr == addr)?;
+        self.remove_flows(|k, _| k.src == addr)?;
+        Ok(removed)
+    }
+
+    /// Flows revocations have removed since the maps were opened.
+    pub fn flows_removed(&self) -> u64 {
+        self.flows_removed
+    }
+
+    /// Every flow the kernel holds.
+    pub fn flows(&self) -> Vec<(FlowKey, Flow)> {
+        self.flows.iter().filter_map(Result::ok).collect()
     }
 
     /// Removes one admission (`src_port` 0: the one for every port) and the
@@ -635,24 +685,36 @@ impl Maps {
         &mut self,
         pred: impl Fn(&FlowKey, &Flow) -> bool,
     ) -> Result<usize, KernelError> {
-        let doomed: Vec<(FlowKey, u32)> = self
-            .flows
+        let doomed = self.matching_flows(pred);
+        self.delete_flows(&doomed);
+        Ok(doomed.len())
+    }
+
+    /// The flows `pred` selects, with their identity slots.
+    fn matching_flows(&self, pred: impl Fn(&FlowKey, &Flow) -> bool) -> Vec<(FlowKey, u32)> {
+        self.flows
             .iter()
             .filter_map(Result::ok)
             .filter(|(k, f)| pred(k, f))
             .map(|(k, f)| (k, f.identity))
-            .collect();
+            .collect()
+    }
+
+    /// Deletes `doomed` (those the kernel already removed count too: they
+    /// existed when the caller decided to cut them) and lowers the flow
+    /// counts by what this removed.
+    fn delete_flows(&mut self, doomed: &[(FlowKey, u32)]) {
         let mut per_slot = std::collections::HashMap::<u32, u32>::new();
-        for (k, slot) in &doomed {
+        for (k, slot) in doomed {
             if self.flows.remove(k).is_ok() {
                 *per_slot.entry(*slot).or_default() += 1;
             }
         }
+        self.flows_removed += doomed.len() as u64;
         for (slot, n) in per_slot {
             let cur = self.flow_count.get(&slot, 0).unwrap_or(0);
             let _ = self.flow_count.set(slot, cur.saturating_sub(n), 0);
         }
-        Ok(doomed.len())
     }
 
     /// Removes every flow of identity `slot`.
@@ -751,8 +813,10 @@ impl Maps {
     }
 
     /// Drop (and pass) counters summed over CPUs, indexed by `Reason`.
-    pub fn reason_counts(&self) -> Result<[u64; Reason::COUNT as usize], KernelError> {
-        let mut out = [0u64; Reason::COUNT as usize];
+    /// Every reason's counter, then (from `SHADOW_COUNTERS`) the same
+    /// reasons for shadow-mode services' packets that passed instead.
+    pub fn reason_counts(&self) -> Result<[u64; DROP_COUNTERS as usize], KernelError> {
+        let mut out = [0u64; DROP_COUNTERS as usize];
         for (i, slot) in out.iter_mut().enumerate() {
             let per_cpu = self
                 .drops

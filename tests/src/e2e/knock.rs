@@ -63,6 +63,8 @@ pub struct KnockSettings {
     pub knock_global: (u32, u32),
     /// Extra lines of every `[[services]]` table.
     pub service_extra: String,
+    /// Extra lines of the `[control]` table (roles).
+    pub control: String,
 }
 
 impl Default for KnockSettings {
@@ -81,6 +83,7 @@ impl Default for KnockSettings {
             audit: String::new(),
             knock_global: (2000, 200),
             service_extra: String::new(),
+            control: String::new(),
         }
     }
 }
@@ -448,6 +451,10 @@ spool_dir = "{state}/spool"
 [accounting]
 ledger = "{state}/ledger.json"
 
+[control]
+socket = "{state}/control.sock"
+{control}
+
 [kernel]
 interfaces = ["{iface}"]
 pin_dir = "{pin_dir}"
@@ -477,6 +484,7 @@ conn_burst = 20
         node_key = node_key.display(),
         state = env.state_dir().display(),
         audit = s.audit,
+        control = s.control,
         stats = s.stats_interval_ms,
         iface = env.topo.server_if,
         pin_dir = env.bpffs.pin_dir().display(),

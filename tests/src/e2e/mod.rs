@@ -333,13 +333,13 @@ pub fn parse_status(text: &str) -> BTreeMap<String, u64> {
         .collect()
 }
 
-/// The `[agent]`, `[audit]` and `[accounting]` sections that put the
-/// node key, the spool and the ledger under `dir` (`node_id` absent: the
-/// hostname).
+/// The `[agent]`, `[audit]`, `[accounting]` and `[control]` sections that
+/// put the node key, the spool, the ledger and the control socket under
+/// `dir` (`node_id` absent: the hostname), so agents never share a path.
 pub fn state_sections(node_id: Option<&str>, dir: &Path) -> String {
     let id = node_id.map_or_else(String::new, |n| format!("node_id = \"{n}\"\n"));
     format!(
-        "[agent]\n{id}node_key = \"{dir}/node.key\"\n\n[audit]\nspool_dir = \"{dir}/spool\"\n\n[accounting]\nledger = \"{dir}/ledger.json\"\n\n",
+        "[agent]\n{id}node_key = \"{dir}/node.key\"\n\n[audit]\nspool_dir = \"{dir}/spool\"\n\n[accounting]\nledger = \"{dir}/ledger.json\"\n\n[control]\nsocket = \"{dir}/control.sock\"\n\n",
         dir = dir.display()
     )
 }
@@ -499,4 +499,5 @@ impl Drop for EchoLoop {
 
 // ---- knock admission (e2e_knock.rs) -----------------------------------------
 
+pub mod control;
 pub mod knock;

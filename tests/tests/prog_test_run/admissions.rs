@@ -337,12 +337,14 @@ fn address_specific_services() {
             proto: PROTO_TCP,
             port: TCP_PORT,
             addr: Some(ip4(SERVER4)),
+            shadow: false,
         },
         ServiceEntry {
             id: 3,
             proto: PROTO_TCP,
             port: TCP_PORT,
             addr: Some(IpAddr::V6(server6())),
+            shadow: false,
         },
         // 9000: service 4 on 10.0.0.1, wildcard service 5 elsewhere.
         ServiceEntry {
@@ -350,12 +352,14 @@ fn address_specific_services() {
             proto: PROTO_TCP,
             port: 9000,
             addr: Some(ip4(SERVER4)),
+            shadow: false,
         },
         ServiceEntry {
             id: 5,
             proto: PROTO_TCP,
             port: 9000,
             addr: None,
+            shadow: false,
         },
         // UDP 8001 on 10.0.0.1 only.
         ServiceEntry {
@@ -363,6 +367,7 @@ fn address_specific_services() {
             proto: PROTO_UDP,
             port: UDP_PORT,
             addr: Some(ip4(SERVER4)),
+            shadow: false,
         },
     ];
     fx.k.maps.sync_services(&services, 0).unwrap();

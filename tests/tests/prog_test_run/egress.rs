@@ -38,7 +38,7 @@ fn egress_cap_drops_over_the_burst() {
     for i in 3..6 {
         assert_eq!(fx.tc_raw(&resp), TC_ACT_SHOT, "response {i}");
     }
-    let mut want = [0u64; Reason::COUNT as usize];
+    let mut want = [0u64; portcullis_common::DROP_COUNTERS as usize];
     want[Reason::EgressCap as usize] = 3;
     assert_eq!(describe(&delta(&before, &fx.counts())), describe(&want));
     let st = fx.k.maps.identity_stats(fx.slot).unwrap();

@@ -51,7 +51,7 @@ fn spoofed_syn_flood_grows_no_map() {
         assert_eq!(fx.xdp_raw(&pkt), XDP_DROP, "flood packet {i}");
     }
     let d = delta(&before, &fx.counts());
-    let mut want = [0u64; Reason::COUNT as usize];
+    let mut want = [0u64; portcullis_common::DROP_COUNTERS as usize];
     want[Reason::NoAdmission as usize] = n;
     assert_eq!(describe(&d), describe(&want));
     assert_eq!(

@@ -15,7 +15,7 @@ use aya::programs::{TestRun, TestRunOptions};
 use portcullis_agent::loader::{ServiceEntry, Unattached, clock::monotonic_ns, maps::addr_bytes};
 use portcullis_common::{
     BYTE_COST_SHIFT, FAMILY_V4, FAMILY_V6, Flow, FlowKey, IDENTITY_REVOKED, Identity, KernelConfig,
-    PROTO_TCP, PROTO_UDP, Reason, programs,
+    PROTO_TCP, PROTO_UDP, Reason, SHADOW_COUNTERS, programs,
 };
 use portcullis_testkit::packet::{
     Ext, IPPROTO_TCP, Packet, TCP_ACK, TCP_FIN, TCP_PSH, TCP_RST, TCP_SYN,
@@ -59,12 +59,14 @@ fn default_services() -> Vec<ServiceEntry> {
             proto: PROTO_TCP,
             port: TCP_PORT,
             addr: None,
+            shadow: false,
         },
         ServiceEntry {
             id: UDP_SVC,
             proto: PROTO_UDP,
             port: UDP_PORT,
             addr: None,
+            shadow: false,
         },
     ]
 }
@@ -105,15 +107,27 @@ enum Outcome {
     Knock,
     /// XDP_DROP with this reason + 1.
     Drop(Reason),
+    /// A shadow-mode service: XDP_PASS, and this reason's shadow counter
+    /// + 1 (what enforcing would have dropped).
+    Shadow(Reason),
 }
 
-type Counts = [u64; Reason::COUNT as usize];
+type Counts = [u64; portcullis_common::DROP_COUNTERS as usize];
 
 fn describe(delta: &Counts) -> String {
-    let moved: Vec<String> = Reason::ALL
+    let moved: Vec<String> = delta
         .iter()
-        .filter(|r| delta[**r as usize] != 0)
-        .map(|r| format!("{}+{}", r.name(), delta[*r as usize]))
+        .enumerate()
+        .filter(|(_, n)| **n != 0)
+        .map(|(i, n)| {
+            let r = Reason::from_u32(i as u32 % SHADOW_COUNTERS).expect("a reason");
+            let mark = if i as u32 >= SHADOW_COUNTERS {
+                "shadow_"
+            } else {
+                ""
+            };
+            format!("{mark}{}+{n}", r.name())
+        })
         .collect();
     if moved.is_empty() {
         "no counter".into()
@@ -204,7 +218,7 @@ impl Fx {
         let verdict = self.xdp_raw(frame);
         let after = self.counts();
         let delta = delta(&before, &after);
-        let mut want = [0u64; Reason::COUNT as usize];
+        let mut want = [0u64; portcullis_common::DROP_COUNTERS as usize];
         let want_verdict = match outcome {
             Outcome::Untouched => XDP_PASS,
             Outcome::Passed => {
@@ -218,6 +232,10 @@ impl Fx {
             Outcome::Drop(r) => {
                 want[r as usize] = 1;
                 XDP_DROP
+            }
+            Outcome::Shadow(r) => {
+                want[(SHADOW_COUNTERS + r as u32) as usize] = 1;
+                XDP_PASS
             }
         };
         assert_eq!(
@@ -270,7 +288,7 @@ fn ack4(src: [u8; 4], sport: u16) -> Packet {
 }
 
 fn delta(before: &Counts, after: &Counts) -> Counts {
-    let mut d = [0u64; Reason::COUNT as usize];
+    let mut d = [0u64; portcullis_common::DROP_COUNTERS as usize];
     for i in 0..d.len() {
         d[i] = after[i] - before[i];
     }
@@ -306,4 +324,5 @@ mod knock_limits;
 mod malformed;
 mod passthrough;
 mod rates;
+mod shadow;
 mod usage;

@@ -23,6 +23,7 @@ fn usage_is_counted_per_identity_and_service() {
         proto: PROTO_TCP,
         port: 9000,
         addr: Some(ip4(SERVER4)),
+        shadow: false,
     });
     fx.k.maps.sync_services(&services, 0).unwrap();
     let cols = fx.k.maps.usage_columns().unwrap();
@@ -144,6 +145,7 @@ fn reused_slots_and_columns_start_from_zero() {
             proto: PROTO_TCP,
             port: 20_000 + i as u16,
             addr: None,
+            shadow: false,
         });
     }
     fx.k.maps.sync_services(&services, 0).unwrap();
@@ -166,6 +168,7 @@ fn reused_slots_and_columns_start_from_zero() {
         proto: PROTO_UDP,
         port: 30_000,
         addr: None,
+        shadow: false,
     });
     assert!(fx.k.maps.sync_services(&services, 0).is_err());
     services.pop();

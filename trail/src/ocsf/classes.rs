@@ -353,12 +353,18 @@ pub(super) fn classify(ev: &Event) -> Class<'_> {
             let (activity_id, activity_name) = if m.starts_with("admit") || m.starts_with("create")
             {
                 (1, "Create")
+            } else if m.contains(".set") || m.contains(".apply") {
+                // A write named under its call: `Services.SetMode`.
+                (3, "Update")
             } else if m.starts_with("list")
                 || m.starts_with("get")
                 || m.starts_with("stats")
                 || m.starts_with("watch")
                 || m.starts_with("validate")
                 || m.starts_with("usage")
+                || m.starts_with("status")
+                || m.starts_with("services")
+                || m.starts_with("policy")
             {
                 (2, "Read")
             } else if m.starts_with("apply") || m.starts_with("set") || m.starts_with("update") {

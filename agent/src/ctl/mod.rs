@@ -1,0 +1,394 @@
+//! `portcullis ctl`: the control API's client, one subcommand per call.
+//! Human tables by default, `--json` for automation; a refused call exits
+//! non-zero with the server's message.
+
+mod show;
+
+use std::{
+    io::Read,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use anyhow::{Context, bail};
+use clap::{Args, Subcommand};
+use hyper_util::rt::TokioIo;
+use portcullis_proto::v1::{self, control_client::ControlClient};
+use tonic::transport::{Channel, Endpoint};
+
+use crate::config::DEFAULT_CONTROL_SOCKET as DEFAULT_SOCKET;
+
+#[derive(Args)]
+pub struct CtlCmd {
+    /// The agent's control socket.
+    #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, global = true)]
+    socket: PathBuf,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    call: Call,
+}
+
+#[derive(Subcommand)]
+enum Call {
+    /// The node at a glance: programs, policy, tables, spool.
+    Status,
+    /// Admit a client address with the client's token (a gateway's call).
+    Admit {
+        #[arg(long)]
+        service: String,
+        /// The client's address.
+        #[arg(long, value_name = "ADDR")]
+        client: String,
+        /// Admit only this source port (one connection); default every port.
+        #[arg(long, default_value_t = 0)]
+        source_port: u32,
+        /// File holding the client's token; `-` reads standard input. (Never
+        /// on the command line, where other users can read it.)
+        #[arg(long, value_name = "FILE")]
+        token_file: PathBuf,
+    },
+    /// Revoke admissions now: by identity, token, source, tenant or service.
+    Revoke(RevokeArgs),
+    /// Live admissions.
+    Admissions(ListArgs),
+    /// Live flows (connections).
+    Flows(ListArgs),
+    /// Drop reasons, knock refusals, per-identity counters and spend.
+    Stats {
+        /// Only this identity (as `ctl stats` lists it).
+        #[arg(long)]
+        identity: Option<String>,
+    },
+    /// The protected services and their modes; `set-mode` switches one.
+    Services {
+        #[command(subcommand)]
+        action: Option<ServicesCall>,
+    },
+    /// The policy set in force, or validate a directory against this node.
+    Policy {
+        #[command(subcommand)]
+        action: PolicyCall,
+    },
+    /// Stream audit events as they are written.
+    Watch {
+        /// Event kinds (admission_granted, revocation, ...); repeatable.
+        #[arg(long = "kind", value_name = "KIND")]
+        kinds: Vec<String>,
+        #[arg(long)]
+        identity: Option<String>,
+        #[arg(long)]
+        service: Option<String>,
+        /// Stop after this many events.
+        #[arg(long)]
+        count: Option<u64>,
+    },
+}
+
+#[derive(Args)]
+#[command(group(clap::ArgGroup::new("target").required(true).multiple(false)))]
+struct RevokeArgs {
+    /// An identity: `SUBJECT` or `TENANT/SUBJECT`, as `ctl stats` shows it.
+    #[arg(long, group = "target")]
+    identity: Option<String>,
+    /// A token, by its `jti` claim.
+    #[arg(long, group = "target")]
+    jti: Option<String>,
+    /// A client address, from every service.
+    #[arg(long, group = "target")]
+    source: Option<String>,
+    /// Every identity of a tenant.
+    #[arg(long, group = "target")]
+    tenant: Option<String>,
+    /// Every admission to a service.
+    #[arg(long, group = "target")]
+    service: Option<String>,
+    /// Why, for the audit record.
+    #[arg(long, default_value = "")]
+    reason: String,
+}
+
+#[derive(Args)]
+struct ListArgs {
+    #[arg(long)]
+    identity: Option<String>,
+    #[arg(long)]
+    service: Option<String>,
+    #[arg(long)]
+    source: Option<String>,
+    /// Rows per request (the agent bounds it by control.max_page_size).
+    #[arg(long, default_value_t = 0)]
+    page_size: u32,
+    /// Only the first page.
+    #[arg(long)]
+    first_page: bool,
+}
+
+#[derive(Subcommand)]
+enum ServicesCall {
+    /// Switch a service between enforce and shadow (operator).
+    SetMode {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+        /// `enforce` or `shadow`.
+        #[arg(value_name = "MODE")]
+        mode: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum PolicyCall {
+    /// Version and ids of the set in force.
+    Get,
+    /// Validate `*.cedar` (and a `*.cedarschema`) in DIR against this node.
+    Validate {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
+}
+
+/// Runs one call; errors print the server's message.
+pub async fn run(cmd: CtlCmd) -> ExitCode {
+    match call(cmd).await {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("portcullis ctl: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
+    let mut c = connect(&cmd.socket).await?;
+    let json = cmd.json;
+    match cmd.call {
+        Call::Status => {
+            let r = c.status(v1::StatusRequest {}).await.map_err(server)?;
+            show::status(&r.into_inner(), json);
+        }
+        Call::Admit {
+            service,
+            client,
+            source_port,
+            token_file,
+        } => {
+            let token = read_token(&token_file)?;
+            let r = c
+                .admit(v1::AdmitRequest {
+                    token,
+                    service,
+                    client_address: client,
+                    source_port,
+                })
+                .await
+                .map_err(server)?;
+            show::admitted(&r.into_inner(), json);
+        }
+        Call::Revoke(a) => {
+            use v1::revoke_request::Target;
+            let target = if let Some(id) = a.identity {
+                let (tenant, subject) = id.rsplit_once('/').unwrap_or(("", &id));
+                Target::Identity(v1::IdentityRef {
+                    tenant: tenant.to_string(),
+                    subject: subject.to_string(),
+                })
+            } else if let Some(j) = a.jti {
+                Target::Jti(j)
+            } else if let Some(s) = a.source {
+                Target::Source(s)
+            } else if let Some(t) = a.tenant {
+                Target::Tenant(t)
+            } else if let Some(s) = a.service {
+                Target::Service(s)
+            } else {
+                bail!("name what to revoke: --identity, --jti, --source, --tenant or --service");
+            };
+            let r = c
+                .revoke(v1::RevokeRequest {
+                    target: Some(target),
+                    reason: a.reason,
+                })
+                .await
+                .map_err(server)?;
+            show::revoked(&r.into_inner(), json);
+        }
+        Call::Admissions(a) => {
+            let mut rows = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = c
+                    .list_admissions(v1::ListAdmissionsRequest {
+                        identity: a.identity.clone().unwrap_or_default(),
+                        service: a.service.clone().unwrap_or_default(),
+                        source: a.source.clone().unwrap_or_default(),
+                        page_size: a.page_size,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(server)?
+                    .into_inner();
+                rows.extend(r.admissions);
+                token = r.next_page_token;
+                if token.is_empty() || a.first_page {
+                    break;
+                }
+            }
+            show::admissions(&rows, json);
+        }
+        Call::Flows(a) => {
+            let mut rows = Vec::new();
+            let mut token = String::new();
+            loop {
+                let r = c
+                    .list_flows(v1::ListFlowsRequest {
+                        identity: a.identity.clone().unwrap_or_default(),
+                        service: a.service.clone().unwrap_or_default(),
+                        source: a.source.clone().unwrap_or_default(),
+                        page_size: a.page_size,
+                        page_token: token,
+                    })
+                    .await
+                    .map_err(server)?
+                    .into_inner();
+                rows.extend(r.flows);
+                token = r.next_page_token;
+                if token.is_empty() || a.first_page {
+                    break;
+                }
+            }
+            show::flows(&rows, json);
+        }
+        Call::Stats { identity } => {
+            let r = c
+                .stats(v1::StatsRequest {
+                    identity: identity.unwrap_or_default(),
+                })
+                .await
+                .map_err(server)?;
+            show::stats(&r.into_inner(), json);
+        }
+        Call::Services { action } => {
+            use v1::services_request::Op;
+            let op = match action {
+                None => Op::Get(v1::Empty {}),
+                Some(ServicesCall::SetMode { service, mode }) => {
+                    Op::SetMode(v1::SetMode { service, mode })
+                }
+            };
+            let r = c
+                .services(v1::ServicesRequest { op: Some(op) })
+                .await
+                .map_err(server)?;
+            show::services(&r.into_inner(), json);
+        }
+        Call::Policy { action } => {
+            use v1::policy_request::Op;
+            let op = match action {
+                PolicyCall::Get => Op::Get(v1::Empty {}),
+                PolicyCall::Validate { dir } => Op::Validate(v1::PolicyFiles {
+                    files: policy_dir(&dir)?,
+                }),
+            };
+            let r = c
+                .policy(v1::PolicyRequest { op: Some(op) })
+                .await
+                .map_err(server)?
+                .into_inner();
+            show::policy(&r, json);
+            if !r.valid {
+                return Ok(ExitCode::from(1));
+            }
+        }
+        Call::Watch {
+            kinds,
+            identity,
+            service,
+            count,
+        } => {
+            let mut stream = c
+                .watch(v1::WatchRequest {
+                    kinds,
+                    identity: identity.unwrap_or_default(),
+                    service: service.unwrap_or_default(),
+                })
+                .await
+                .map_err(server)?
+                .into_inner();
+            let mut seen = 0u64;
+            while count.is_none_or(|n| seen < n) {
+                match stream.message().await.map_err(server)? {
+                    Some(ev) => show::watched(&ev, json),
+                    None => break,
+                }
+                seen += 1;
+            }
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Dials the control socket. The URI is required by the API and unused.
+pub async fn connect(socket: &Path) -> anyhow::Result<ControlClient<Channel>> {
+    let path = socket.to_path_buf();
+    let channel = Endpoint::from_static("http://portcullis.control")
+        .connect_with_connector(tower::service_fn(move |_| {
+            let path = path.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(path).await?))
+            }
+        }))
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the agent's control socket {} (is the agent running? --socket names another; you need read-write access to it)",
+                socket.display()
+            )
+        })?;
+    Ok(ControlClient::new(channel))
+}
+
+/// The server's refusal, as it said it.
+fn server(s: tonic::Status) -> anyhow::Error {
+    anyhow::anyhow!("{:?}: {}", s.code(), s.message())
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let mut text = String::new();
+    if path == Path::new("-") {
+        std::io::stdin()
+            .read_to_string(&mut text)
+            .context("reading the token from standard input")?;
+    } else {
+        text = std::fs::read_to_string(path)
+            .with_context(|| format!("--token-file {}", path.display()))?;
+    }
+    let token = text.trim().to_string();
+    if token.is_empty() {
+        bail!(
+            "--token-file {}: empty; it must hold the client's token",
+            path.display()
+        );
+    }
+    Ok(token)
+}
+
+/// The `*.cedar` and `*.cedarschema` files of a policy directory.
+fn policy_dir(dir: &Path) -> anyhow::Result<std::collections::HashMap<String, String>> {
+    let mut files = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.ends_with(".cedar") || name.ends_with(".cedarschema") {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading {}", path.display()))?;
+            files.insert(name.to_string(), text);
+        }
+    }
+    if files.is_empty() {
+        bail!("{}: no *.cedar files", dir.display());
+    }
+    Ok(files)
+}

@@ -1,0 +1,760 @@
+//! End to end: the control API (README.md, "Control API"). The real agent
+//! serves `portcullis.v1.Control` on a Unix socket in the test's directory;
+//! callers are the real `portcullis ctl` run as root or as other uids (the
+//! socket's peer credentials decide the role), or an in-process client for
+//! streams. Traffic goes between the test's network namespaces.
+//!
+//! The tests of this file run one at a time (`e2e::serial`).
+
+use portcullis_e2e::e2e;
+
+use std::{
+    net::IpAddr,
+    time::{Duration, Instant},
+};
+
+use e2e::{
+    EchoLoop, PROTECTED_PORT, SERVICE,
+    control::{client, ctl, ctl_json, ctl_refused, open_to_other_users, socket},
+    knock::{KnockEnv, KnockSettings, TENANT},
+    serial,
+};
+use portcullis_proto::v1::{self, AdmissionMethod, event::Body};
+use prost::Message as _;
+
+const INVOKE: &str = "model:llm:invoke";
+const TOKEN_TTL: Duration = Duration::from_secs(300);
+
+/// Socket group, and the uids the roles are granted to.
+const GROUP: u32 = 4300;
+const VIEWER: (u32, u32) = (4201, GROUP);
+const NOBODY: (u32, u32) = (4202, GROUP);
+const ADMITTER: (u32, u32) = (4203, GROUP);
+
+fn roles_settings(extra: &str) -> KnockSettings {
+    KnockSettings {
+        control: format!(
+            "socket_group = \"{GROUP}\"\nviewers = [\"uid:{}\"]\nadmitters = [\"uid:{}\"]\n{extra}",
+            VIEWER.0, ADMITTER.0
+        ),
+        ..KnockSettings::default()
+    }
+}
+
+fn control_calls(k: &KnockEnv) -> Vec<v1::ControlCall> {
+    k.env
+        .spool_events()
+        .into_iter()
+        .filter_map(|e| match e.body {
+            Some(Body::ControlCall(c)) => Some(c),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Waits (bounded) until the spool holds a control call `pred` accepts.
+fn wait_control_call(k: &KnockEnv, pred: impl Fn(&v1::ControlCall) -> bool) -> v1::ControlCall {
+    portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        control_calls(k).into_iter().find(|c| pred(c))
+    })
+    .unwrap_or_else(|| panic!("no such ControlCall in the spool: {:#?}", control_calls(k)))
+}
+
+#[test]
+fn roles_decide_who_may_call_what_and_every_call_is_audited() {
+    let _serial = serial();
+    let k = KnockEnv::start("ctlrole", &roles_settings(""));
+    open_to_other_users(&k.env);
+
+    let s = ctl_json(&k.env, Some(VIEWER), &["status"]);
+    assert_eq!(s["roles"], serde_json::json!(["viewer"]), "{s}");
+    assert_eq!(s["caller"], format!("uid:{} gid:{GROUP}", VIEWER.0));
+    assert_eq!(s["origin"], "fresh");
+    assert!(
+        s["node_id"].as_str().unwrap().starts_with("e2e-knock-"),
+        "{s}"
+    );
+    assert!(
+        s["tables"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["map"] == "PCL_ADMIT"),
+        "{s}"
+    );
+    let s = ctl_json(&k.env, None, &["status"]);
+    assert_eq!(s["roles"], serde_json::json!(["operator"]), "root: {s}");
+
+    // No role at all, and the wrong role for the call.
+    let e = ctl_refused(&k.env, Some(NOBODY), &["status"]);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("has none"),
+        "{e}"
+    );
+    let token = k.mint(&[INVOKE], TOKEN_TTL);
+    let token_file = k.token_file(&token);
+    make_readable(&token_file);
+    let client = k.env.topo.client_addr(false).to_string();
+    let admit = [
+        "admit",
+        "--service",
+        SERVICE,
+        "--client",
+        &client,
+        "--token-file",
+        token_file.to_str().unwrap(),
+    ];
+    let e = ctl_refused(&k.env, Some(VIEWER), &admit);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("admitter"),
+        "{e}"
+    );
+    let e = ctl_refused(&k.env, Some(VIEWER), &["revoke", "--tenant", TENANT]);
+    assert!(
+        e.contains("PermissionDenied") && e.contains("operator"),
+        "{e}"
+    );
+    let e = ctl_refused(&k.env, Some(ADMITTER), &["admissions"]);
+    assert!(e.contains("PermissionDenied"), "{e}");
+    assert!(k.admissions().is_empty(), "refused calls change nothing");
+
+    // Outside the socket's group the kernel refuses the connection.
+    let e = ctl_refused(&k.env, Some((4204, 4204)), &["status"]);
+    assert!(e.contains("cannot reach"), "{e}");
+
+    // The admitter may admit; the viewer sees it.
+    let a = ctl_json(&k.env, Some(ADMITTER), &admit);
+    assert_eq!(
+        (a["identity"].as_str(), a["tenant"].as_str()),
+        (Some("alice"), Some(TENANT))
+    );
+    let rows = ctl_json(&k.env, Some(VIEWER), &["admissions"]);
+    assert_eq!(rows.as_array().unwrap().len(), 1, "{rows}");
+    assert_eq!(rows[0]["source"], client.as_str());
+    assert_eq!(rows[0]["identity"], "acme/alice");
+
+    // Every call is on the record: who, what, whether allowed, the outcome;
+    // never the token.
+    let denied = wait_control_call(&k, |c| c.method == "Revoke" && !c.allowed);
+    assert_eq!(denied.caller, format!("uid:{} gid:{GROUP}", VIEWER.0));
+    assert!(denied.outcome.contains("permission denied"), "{denied:?}");
+    assert_eq!(denied.request, format!("tenant={TENANT}"));
+    let granted = wait_control_call(&k, |c| c.method == "Admit" && c.allowed);
+    assert_eq!(
+        (granted.role.as_str(), granted.outcome.as_str()),
+        ("admitter", "ok")
+    );
+    assert!(granted.request.contains(&client), "{granted:?}");
+    let all = control_calls(&k);
+    assert!(
+        all.iter()
+            .all(|c| !c.request.contains(&token) && !c.outcome.contains(&token)),
+        "a token in the trail"
+    );
+    assert!(
+        all.iter()
+            .any(|c| c.method == "Status" && !c.allowed && c.caller.contains("4202")),
+        "{all:#?}"
+    );
+
+    // A stopping agent closes the API and removes its socket.
+    let mut k = k;
+    k.env
+        .agent()
+        .terminate(Duration::from_secs(10))
+        .expect("graceful stop");
+    assert!(!socket(&k.env).exists(), "socket removed on stop");
+}
+
+fn make_readable(p: &std::path::Path) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o644)).unwrap();
+    if let Some(d) = p.parent() {
+        std::fs::set_permissions(d, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+}
+
+fn granted_events(k: &KnockEnv) -> Vec<v1::AdmissionGranted> {
+    k.env
+        .spool_events()
+        .into_iter()
+        .filter_map(|e| match e.body {
+            Some(Body::AdmissionGranted(g)) => Some(g),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn admit_is_a_knock_by_rpc_and_revoke_by_tenant_cuts_live_connections_within_the_call() {
+    let _serial = serial();
+    let k = KnockEnv::start("ctladm", &KnockSettings::default());
+    let _server = k.env.echo_server(false, PROTECTED_PORT);
+    let token = k.mint(&[INVOKE], TOKEN_TTL);
+    let token_file = k.token_file(&token);
+    let v4 = k.env.topo.client_addr(false);
+
+    // Admit by RPC for the v4 address, knock with the same token from v6.
+    let a = ctl_json(
+        &k.env,
+        None,
+        &[
+            "admit",
+            "--service",
+            SERVICE,
+            "--client",
+            &v4.to_string(),
+            "--token-file",
+            token_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(a["source"], v4.to_string().as_str());
+    k.knock_ok(true, &token, SERVICE, &[]);
+    let by_rpc = k
+        .admission(v4, SERVICE, 0)
+        .expect("admitted by RPC in the kernel");
+    let by_knock = k
+        .admission(k.env.topo.client_addr(true), SERVICE, 0)
+        .expect("admitted by knock in the kernel");
+    assert_eq!(by_rpc.identity, by_knock.identity, "one kernel identity");
+    let gap = by_rpc.expires_ns.abs_diff(by_knock.expires_ns);
+    assert!(gap < 5_000_000_000, "same expiry rule: {gap} ns apart");
+
+    // The same record, but for the method and the source.
+    let g = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        let g = granted_events(&k);
+        (g.len() == 2).then_some(g)
+    })
+    .expect("two grants recorded");
+    let (rpc, knock) = (&g[0], &g[1]);
+    assert_eq!(rpc.method, AdmissionMethod::Control as i32);
+    assert_eq!(knock.method, AdmissionMethod::Knock as i32);
+    let same = |g: &v1::AdmissionGranted| {
+        (
+            g.identity.clone(),
+            g.tenant.clone(),
+            g.service.clone(),
+            g.policies.clone(),
+            g.policy_version.clone(),
+            g.jti_sha256.clone(),
+            g.action.clone(),
+            g.identity_name.clone(),
+        )
+    };
+    assert_eq!(same(rpc), same(knock));
+
+    // A live connection, seen by ListFlows and Stats.
+    let stream = k
+        .env
+        .connect(false, PROTECTED_PORT, Duration::from_secs(2))
+        .expect("admitted client connects");
+    let echo = EchoLoop::start(stream, Instant::now() + Duration::from_secs(20));
+    assert!(echo.wait_for(10, Duration::from_secs(5)), "echo flows");
+    let flows = ctl_json(&k.env, None, &["flows", "--identity", "acme/alice"]);
+    assert!(
+        flows
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|f| f["source"] == v4.to_string().as_str()
+                && f["destination_port"] == PROTECTED_PORT
+                && f["protocol"] == "tcp"),
+        "{flows}"
+    );
+    let stats = ctl_json(&k.env, None, &["stats", "--identity", "acme/alice"]);
+    assert!(
+        stats["identities"][0]["connections"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert!(stats["drops"]["passed"].as_u64().unwrap() >= 10, "{stats}");
+
+    // Revoke by tenant: cut in the kernel before the call returns.
+    eprintln!("before: {}", ctl_json(&k.env, None, &["flows"]));
+    let r = ctl_json(
+        &k.env,
+        None,
+        &["revoke", "--tenant", TENANT, "--reason", "offboarded"],
+    );
+    eprintln!("after: {}", ctl_json(&k.env, None, &["flows"]));
+    let returned = Instant::now();
+    assert_eq!(r["admissions_removed"], 2, "{r}");
+    assert!(r["flows_removed"].as_u64().unwrap() >= 1, "{r}");
+    assert_eq!(r["identities"], serde_json::json!(["acme/alice"]));
+    let out = echo.join();
+    let (failed_at, why) = out.failed_at.expect("the connection is cut");
+    assert!(
+        failed_at <= returned + Duration::from_millis(50),
+        "an echo started {:?} after the call returned still went through ({why})",
+        failed_at.saturating_duration_since(returned)
+    );
+    assert!(k.admissions().is_empty(), "{:?}", k.admissions());
+    k.env
+        .assert_dropped(false, PROTECTED_PORT, false, "after the revocation");
+
+    // Revoking what is not there changes nothing and says so.
+    let revocations = || {
+        k.env
+            .spool_events()
+            .iter()
+            .filter(|e| matches!(e.body, Some(Body::Revocation(_))))
+            .count()
+    };
+    let before = revocations();
+    assert!(before >= 1);
+    let e = ctl_refused(&k.env, None, &["revoke", "--tenant", TENANT]);
+    assert!(
+        e.contains("NotFound") && e.contains("nothing was revoked"),
+        "{e}"
+    );
+    assert_eq!(revocations(), before);
+
+    // A refused Admit is audited like a refused knock, as the control method.
+    let wrong = k.mint(&["model:other:invoke"], TOKEN_TTL);
+    let wrong_file = k.token_file(&wrong);
+    let e = ctl_refused(
+        &k.env,
+        None,
+        &[
+            "admit",
+            "--service",
+            SERVICE,
+            "--client",
+            &v4.to_string(),
+            "--token-file",
+            wrong_file.to_str().unwrap(),
+        ],
+    );
+    assert!(e.contains("PermissionDenied") && e.contains("scope"), "{e}");
+    let denied = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::AdmissionDenied(d)) if d.reason == "scope" => Some(d),
+            _ => None,
+        })
+    })
+    .expect("the refusal is recorded");
+    assert_eq!(denied.method, AdmissionMethod::Control as i32);
+    assert_eq!(denied.source, v4.to_string());
+}
+
+#[test]
+fn bad_requests_get_clear_statuses_and_pages_cover_every_admission() {
+    let _serial = serial();
+    let k = KnockEnv::start("ctlbad", &KnockSettings::default());
+    let token = k.mint(&[INVOKE], TOKEN_TTL);
+    let token_file = k.token_file(&token);
+    let tf = token_file.to_str().unwrap();
+
+    for (args, code, words) in [
+        (
+            &["admissions", "--page-size", "5000"][..],
+            "InvalidArgument",
+            "max_page_size",
+        ),
+        (
+            &["admissions", "--source", "nonsense"],
+            "InvalidArgument",
+            "not an IP address",
+        ),
+        (&["flows", "--service", "nope"], "NotFound", "not protected"),
+        (
+            &["revoke", "--identity", "acme/nobody"],
+            "NotFound",
+            "nothing was revoked",
+        ),
+        (
+            &["revoke", "--jti", "never-seen"],
+            "NotFound",
+            "revocations_file",
+        ),
+        (
+            &["revoke", "--source", "10.9.9.9"],
+            "NotFound",
+            "nothing was revoked",
+        ),
+        (
+            &["revoke", "--service", "nope"],
+            "NotFound",
+            "not protected",
+        ),
+        (
+            &[
+                "admit",
+                "--service",
+                SERVICE,
+                "--client",
+                "not-an-ip",
+                "--token-file",
+                tf,
+            ],
+            "InvalidArgument",
+            "client_address",
+        ),
+        (
+            &[
+                "admit",
+                "--service",
+                "nope",
+                "--client",
+                "10.0.0.1",
+                "--token-file",
+                tf,
+            ],
+            "NotFound",
+            "not protected",
+        ),
+        (
+            &["watch", "--kind", "bogus"],
+            "InvalidArgument",
+            "not an event kind",
+        ),
+        (
+            &["stats", "--identity", "acme/nobody"],
+            "NotFound",
+            "not in the kernel",
+        ),
+    ] {
+        let e = ctl_refused(&k.env, None, args);
+        assert!(e.contains(code) && e.contains(words), "{args:?}: {e}");
+    }
+    // A page token this API did not issue.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let e = rt
+        .block_on(async {
+            client(&k.env)
+                .await
+                .list_admissions(v1::ListAdmissionsRequest {
+                    page_token: "not-hex".into(),
+                    ..Default::default()
+                })
+                .await
+        })
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    // Five admissions by RPC, listed two per page: each exactly once.
+    let sources: Vec<IpAddr> = (1..=5)
+        .map(|i| format!("10.77.0.{i}").parse().unwrap())
+        .collect();
+    for s in &sources {
+        ctl_json(
+            &k.env,
+            None,
+            &[
+                "admit",
+                "--service",
+                SERVICE,
+                "--client",
+                &s.to_string(),
+                "--token-file",
+                tf,
+            ],
+        );
+    }
+    let pages = rt.block_on(async {
+        let mut c = client(&k.env).await;
+        let mut pages = Vec::new();
+        let mut token = String::new();
+        for _ in 0..10 {
+            let r = c
+                .list_admissions(v1::ListAdmissionsRequest {
+                    page_size: 2,
+                    page_token: token,
+                    ..Default::default()
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            assert_eq!(r.total, 5);
+            pages.push(
+                r.admissions
+                    .iter()
+                    .map(|a| a.source.clone())
+                    .collect::<Vec<_>>(),
+            );
+            token = r.next_page_token;
+            if token.is_empty() {
+                break;
+            }
+        }
+        pages
+    });
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![2, 2, 1]
+    );
+    let mut seen: Vec<String> = pages.concat();
+    seen.sort();
+    let mut want: Vec<String> = sources.iter().map(ToString::to_string).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    // `ctl` follows the pages itself.
+    let all = ctl_json(&k.env, None, &["admissions", "--page-size", "2"]);
+    assert_eq!(all.as_array().unwrap().len(), 5);
+
+    // Policy: the set in force, and candidate files validated against this
+    // node (a broken file is reported, not applied).
+    let p = ctl_json(&k.env, None, &["policy", "get"]);
+    assert_eq!(p["valid"], true);
+    let dir = portcullis_testkit::TempDir::new("ctlpol").unwrap();
+    std::fs::write(dir.path().join("broken.cedar"), "permit(principal,").unwrap();
+    let out = ctl(
+        &k.env,
+        None,
+        &["policy", "validate", dir.path().to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false);
+    assert!(v["error"].as_str().unwrap().contains("broken.cedar"), "{v}");
+    assert_eq!(
+        ctl_json(&k.env, None, &["policy", "get"])["version"],
+        p["version"]
+    );
+
+    let svc = ctl_json(&k.env, None, &["services"]);
+    assert_eq!(svc[0]["name"], SERVICE);
+    assert_eq!(svc[0]["port"], PROTECTED_PORT);
+    // None of it hurt the agent.
+    ctl_json(&k.env, None, &["status"]);
+    assert!(k.env.agent.as_ref().is_some_and(|_| true));
+}
+
+#[test]
+fn watch_streams_sealed_events_and_cuts_off_a_client_that_does_not_read() {
+    let _serial = serial();
+    let k = KnockEnv::start(
+        "ctlwatch",
+        &KnockSettings {
+            control: "watch_buffer = 8\ncalls_per_sec = 100000\ncalls_burst = 100000\n".into(),
+            ..KnockSettings::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        // A reader sees a call's record once it is durable.
+        let mut c = client(&k.env).await;
+        let mut reader = c
+            .watch(v1::WatchRequest {
+                kinds: vec!["control_call".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        c.services(v1::ServicesRequest::default()).await.unwrap();
+        let seen = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                let ev = reader.message().await.unwrap().expect("stream open");
+                let ev = v1::Event::decode(ev.event.as_ref()).unwrap();
+                if let Some(Body::ControlCall(cc)) = ev.body
+                    && cc.method == "Services"
+                {
+                    return cc;
+                }
+            }
+        })
+        .await
+        .expect("the Services call's record arrives");
+        assert_eq!(seen.outcome, "ok");
+        drop(reader);
+
+        // A client that never reads, on a connection with small windows
+        // so that its buffer fills.
+        let channel = tonic::transport::Endpoint::from_static("http://portcullis.control")
+            .initial_stream_window_size(1024)
+            .initial_connection_window_size(1024)
+            .connect_with_connector(tower::service_fn({
+                let path = socket(&k.env);
+                move |_| {
+                    let path = path.clone();
+                    async move {
+                        Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                            tokio::net::UnixStream::connect(path).await?,
+                        ))
+                    }
+                }
+            }))
+            .await
+            .unwrap();
+        let mut slow = v1::control_client::ControlClient::new(channel)
+            .watch(v1::WatchRequest::default())
+            .await
+            .unwrap()
+            .into_inner();
+        // Events until the server gives up on it (bounded).
+        let started = Instant::now();
+        let mut calls = 0;
+        while calls < 20_000 && started.elapsed() < Duration::from_secs(60) {
+            c.list_admissions(v1::ListAdmissionsRequest::default())
+                .await
+                .unwrap();
+            calls += 1;
+            if calls % 500 == 0
+                && control_calls(&k)
+                    .iter()
+                    .any(|cc| cc.outcome.starts_with("disconnected"))
+            {
+                break;
+            }
+        }
+        let cut = wait_control_call(&k, |cc| {
+            cc.method == "Watch" && cc.outcome.starts_with("disconnected")
+        });
+        assert!(cut.outcome.contains("not reading"), "{cut:?}");
+        // The slow client reads what was queued, then the reason.
+        let ended = tokio::time::timeout(Duration::from_secs(10), async {
+            let mut n = 0u64;
+            loop {
+                match slow.message().await {
+                    Ok(Some(_)) => n += 1,
+                    Ok(None) => return (n, None),
+                    Err(s) => return (n, Some(s)),
+                }
+            }
+        })
+        .await
+        .expect("the slow stream ends");
+        let status = ended.1.expect("ended with a status");
+        assert_eq!(status.code(), tonic::Code::ResourceExhausted, "{status:?}");
+        assert!(status.message().contains("watch_buffer"), "{status:?}");
+        eprintln!(
+            "slow watcher cut off after {calls} calls; it had {} events queued",
+            ended.0
+        );
+        // The agent goes on.
+        c.status(v1::StatusRequest {}).await.unwrap();
+    });
+    k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
+}
+
+#[test]
+fn a_flood_of_calls_is_rate_limited_per_caller_and_knocks_still_admit() {
+    let _serial = serial();
+    let k = KnockEnv::start(
+        "ctlflood",
+        &KnockSettings {
+            control: "calls_per_sec = 5\ncalls_burst = 5\n".into(),
+            ..KnockSettings::default()
+        },
+    );
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (ok, limited, took) = rt.block_on(async {
+        let mut c = client(&k.env).await;
+        let (mut ok, mut limited) = (0u32, 0u32);
+        let started = Instant::now();
+        for _ in 0..60 {
+            match c.status(v1::StatusRequest {}).await {
+                Ok(_) => ok += 1,
+                Err(s) if s.code() == tonic::Code::ResourceExhausted => {
+                    assert!(s.message().contains("calls_per_sec"), "{s:?}");
+                    limited += 1;
+                }
+                Err(s) => panic!("unexpected status {s:?}"),
+            }
+        }
+        (ok, limited, started.elapsed())
+    });
+    let allowed = 5 + (took.as_secs_f64() * 5.0).ceil() as u32;
+    assert!(
+        ok <= allowed,
+        "{ok} calls allowed in {took:?} (at most {allowed})"
+    );
+    assert!(limited >= 60 - allowed, "{limited} refused");
+    // Knocks do not share the control API's budget.
+    k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
+    // The trail holds the 1st, 2nd, 4th, ... refusal, not every one.
+    let records = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        let n = control_calls(&k)
+            .iter()
+            .filter(|c| c.outcome.starts_with("rate limited"))
+            .count();
+        (n > 0).then_some(n)
+    })
+    .expect("rate limiting is on the record");
+    let bound = (f64::from(limited)).log2().floor() as usize + 1;
+    assert!(records <= bound, "{records} records for {limited} refusals");
+}
+
+#[test]
+fn shadow_mode_passes_unadmitted_traffic_counting_it_then_enforce_drops_it() {
+    let _serial = serial();
+    let k = KnockEnv::start(
+        "ctlshadow",
+        &KnockSettings {
+            service_extra: "mode = \"shadow\"".into(),
+            audit: "report_interval_secs = 1".into(),
+            ..KnockSettings::default()
+        },
+    );
+    let _server = k.env.echo_server(false, PROTECTED_PORT);
+    let s = ctl_json(&k.env, None, &["status"]);
+    assert_eq!(s["shadow_services"], serde_json::json!([SERVICE]), "{s}");
+
+    // Nobody is admitted, yet the connection works: counted, not dropped.
+    k.env.assert_echo(false, PROTECTED_PORT, "shadow mode");
+    let stats = ctl_json(&k.env, None, &["stats"]);
+    assert!(
+        stats["shadow_drops"]["no_admission"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    assert_eq!(stats["drops"]["no_admission"], 0, "{stats}");
+    // The drop summary says what would have dropped, marked as shadow.
+    let summary = portcullis_testkit::poll_until(Duration::from_secs(10), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::DropSummary(d))
+                if d.reasons.iter().any(|r| r.reason == "shadow_no_admission") =>
+            {
+                Some(d)
+            }
+            _ => None,
+        })
+    })
+    .expect("a drop summary with shadow_no_admission");
+    assert!(
+        !summary.reasons.iter().any(|r| r.reason == "no_admission"),
+        "{summary:?}"
+    );
+
+    // A viewer may look but not switch.
+    let e = ctl_refused(
+        &k.env,
+        Some(VIEWER),
+        &["services", "set-mode", SERVICE, "enforce"],
+    );
+    assert!(
+        e.contains("PermissionDenied") || e.contains("cannot reach"),
+        "{e}"
+    );
+    let e = ctl_refused(&k.env, None, &["services", "set-mode", SERVICE, "off"]);
+    assert!(
+        e.contains("InvalidArgument") && e.contains("enforce"),
+        "{e}"
+    );
+
+    // Enforce: the same traffic is dropped.
+    let svc = ctl_json(&k.env, None, &["services", "set-mode", SERVICE, "enforce"]);
+    assert_eq!(svc[0]["mode"], "enforce", "{svc}");
+    k.env
+        .assert_dropped(false, PROTECTED_PORT, false, "enforcing after the switch");
+    let stats = ctl_json(&k.env, None, &["stats"]);
+    assert!(
+        stats["drops"]["no_admission"].as_u64().unwrap() >= 1,
+        "{stats}"
+    );
+    let switch = wait_control_call(&k, |c| c.method == "Services.SetMode" && c.outcome == "ok");
+    assert_eq!(switch.request, format!("service={SERVICE} mode=enforce"));
+    assert_eq!(switch.role, "operator");
+
+    // And back.
+    ctl_json(&k.env, None, &["services", "set-mode", SERVICE, "shadow"]);
+    k.env.assert_echo(false, PROTECTED_PORT, "shadow again");
+}
