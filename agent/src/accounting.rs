@@ -41,6 +41,7 @@
 pub mod ledger;
 pub mod period;
 pub mod price;
+pub mod totals;
 
 #[cfg(test)]
 mod tests;

@@ -10,6 +10,7 @@
 mod control;
 mod gcra;
 mod ids;
+mod metrics;
 mod raw;
 mod validate;
 
@@ -26,6 +27,7 @@ use serde::Deserialize;
 
 pub use control::{ControlSection, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role};
 pub use ids::{fnv1a32, identity_key, service_id};
+pub use metrics::MetricsSection;
 
 /// A complete, commented configuration documenting every key with its
 /// default (`portcullis agent --print-example-config`, the README).
@@ -49,6 +51,7 @@ pub struct Config {
     pub audit: AuditSection,
     pub accounting: AccountingSection,
     pub control: ControlSection,
+    pub metrics: MetricsSection,
 }
 
 /// `[audit]`: the local spool every event is written to before anything

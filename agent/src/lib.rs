@@ -12,5 +12,6 @@ pub mod enforce;
 pub mod identity;
 pub mod loader;
 pub mod logging;
+pub mod metrics;
 pub mod policy;
 pub mod start_files;

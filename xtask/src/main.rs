@@ -12,7 +12,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// bpf-linker must link the same LLVM as the nightly rustc; 0.10.3 does.
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the tests and the demo use.
-const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "ethtool"];
+// `prometheus` for `promtool check metrics` in the metrics test.
+const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "ethtool", "prometheus"];
 const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Parser)]

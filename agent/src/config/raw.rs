@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
 use super::control::RawControl;
+use super::metrics::RawMetrics;
 use super::{Action, ConfigError, LogFormat, OnFull, Protocol, ServiceMode, XdpMode};
 
 #[derive(Debug, Default, Deserialize)]
@@ -41,6 +42,8 @@ pub(super) struct RawConfig {
     pub accounting: RawAccounting,
     #[serde(default)]
     pub control: RawControl,
+    #[serde(default)]
+    pub metrics: RawMetrics,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -233,6 +236,7 @@ fn locate(doc: &Table) -> String {
             }),
             "accounting" => probe::<RawAccounting>(key, value, no_nested),
             "control" => probe::<RawControl>(key, value, no_nested),
+            "metrics" => probe::<RawMetrics>(key, value, no_nested),
             // Not a section of the file at all.
             _ => Some(key.clone()),
         })

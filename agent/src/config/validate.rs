@@ -65,6 +65,7 @@ pub(super) fn validate(
     let audit = audit(&raw.audit)?;
     let accounting = accounting(&raw.accounting)?;
     let control = super::control::validate(&raw.control)?;
+    let metrics = super::metrics::validate(&raw.metrics)?;
     Ok(Config {
         agent,
         kernel,
@@ -78,6 +79,7 @@ pub(super) fn validate(
         audit,
         accounting,
         control,
+        metrics,
     })
 }
 

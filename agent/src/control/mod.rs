@@ -25,28 +25,8 @@ use portcullis_proto::v1::control_server::ControlServer;
 use tokio::{net::UnixListener, sync::watch as signal};
 use tokio_stream::wrappers::UnixListenerStream;
 
-use crate::{
-    accounting::SpendBook,
-    audit::auditor::Auditor,
-    config::{Config, ControlSection},
-    daemon::upkeep::Knocks,
-    enforce::Enforcer,
-    loader::Origin,
-};
-
-/// What the control API acts on: the running agent's parts.
-pub struct Node {
-    pub cfg: Arc<Config>,
-    pub enforcer: Arc<Enforcer>,
-    pub auditor: Auditor,
-    /// Knock admission (absent without `[tokens]`): `Admit` and token
-    /// revocations need it.
-    pub knocks: Option<Arc<Knocks>>,
-    /// Spend to date, for `Stats`.
-    pub book: Arc<SpendBook>,
-    pub origin: Origin,
-    pub pin_durability: String,
-}
+use crate::config::ControlSection;
+pub use crate::daemon::node::Node;
 
 /// The control socket, bound: serve it with [`Listening::serve`].
 pub struct Listening {

@@ -9,6 +9,7 @@
 //! [`reports`].
 
 pub mod knock_service;
+pub mod node;
 pub mod reports;
 pub mod upkeep;
 
@@ -25,7 +26,7 @@ use portcullis_trail::node_key::NodeKey;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{
-    accounting::{Accountant, SpendBook},
+    accounting::{Accountant, SpendBook, totals::CostTotals},
     admission::{admitter::Admitter, revocations::RevocationFile},
     audit::{
         auditor::{Auditor, StartInfo},
@@ -36,6 +37,7 @@ use crate::{
     control,
     enforce::{self, Enforcer},
     loader::{self, Kernel, LinkWatch, Origin},
+    metrics,
     policy::PolicySet,
     start_files::StartFiles,
 };
@@ -97,6 +99,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     // Spend to date: a corrupt ledger stops the agent here, before the
     // kernel, rather than silently starting the month from zero.
     let book = SpendBook::new();
+    let costs = Arc::new(CostTotals::default());
     let mut acct = Accountant::open(&cfg, book.clone())
         .with_context(|| format!("accounting.ledger {}", cfg.accounting.ledger.display()))?;
     for a in &cfg.admissions {
@@ -150,8 +153,26 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     };
     // The control API last: everything it acts on exists. A socket another
     // agent serves on stops this one (nothing of the kernel's changes).
-    let control = match control::bind(&cfg.control).await {
-        Ok(c) => c,
+    // The outside interfaces last: everything they act on exists. A
+    // control socket another agent serves on, or a metrics address in use,
+    // stops this one (nothing of the kernel's changes).
+    let node = Arc::new(node::Node {
+        cfg: cfg.clone(),
+        enforcer: enforcer.clone(),
+        auditor: auditor.clone(),
+        knocks: knocks.clone(),
+        origin,
+        pin_durability: durability.describe(),
+        book: book.clone(),
+        costs: costs.clone(),
+    });
+    let bound = async {
+        let control = control::bind(&cfg.control).await?;
+        let metrics = metrics::bind(&cfg.metrics).await?;
+        anyhow::Ok((control, metrics))
+    };
+    let (control, metrics) = match bound.await {
+        Ok(b) => b,
         Err(e) => {
             let _ = auditor.shutdown(&format!("start failed: {e:#}")).await;
             let _ = audit_task.await;
@@ -159,18 +180,15 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         }
     };
     let (control_stop, control_stopped) = tokio::sync::watch::channel(false);
-    let control_task = control.map(|listening| {
-        let node = Arc::new(control::Node {
-            cfg: cfg.clone(),
-            enforcer: enforcer.clone(),
-            auditor: auditor.clone(),
-            knocks: knocks.clone(),
-            origin,
-            pin_durability: durability.describe(),
-            book: book.clone(),
-        });
-        tokio::spawn(listening.serve(node, control_stopped))
-    });
+    let mut outside = Vec::new();
+    if let Some(listening) = control {
+        outside.push(tokio::spawn(
+            listening.serve(node.clone(), control_stopped.clone()),
+        ));
+    }
+    if let Some(listening) = metrics {
+        outside.push(tokio::spawn(listening.serve(node.clone(), control_stopped)));
+    }
     files.commit();
     if let Some(path) = &opts.ready_file {
         write_ready(path, origin_word(origin))?;
@@ -197,7 +215,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
             _ = report_tick.tick() => {
                 let now = SystemTime::now();
-                reports::report_cost(&auditor, &mut acct, now);
+                reports::report_cost(&auditor, &mut acct, &costs, now);
                 reports::record_drops(&auditor, &cfg, &enforcer, &mut drops, flows_live, now).await;
             }
             _ = second.tick() => {
@@ -253,10 +271,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         .await;
     }
     reports::account(&enforcer, &mut acct);
-    reports::report_cost(&auditor, &mut acct, SystemTime::now());
+    reports::report_cost(&auditor, &mut acct, &costs, SystemTime::now());
     // Control calls end before the trail does: each one's record is in it.
-    if let Some(t) = control_task {
-        let _ = control_stop.send(true);
+    let _ = control_stop.send(true);
+    for t in outside {
         let _ = t.await;
     }
     // The STOPPING event and a final checkpoint are durable before exit;
@@ -345,6 +363,8 @@ async fn start(
                 jwks_path: tokens.jwks_file.clone(),
                 revocations: tokens.revocations_file.clone().map(RevocationFile::new),
                 revoking: std::sync::Mutex::new(()),
+                policy_reloads: Default::default(),
+                policy_rejects: Default::default(),
             };
             // Revocations count before the first knock is heard.
             knocks.revocations();

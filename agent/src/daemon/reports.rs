@@ -8,7 +8,7 @@ use portcullis_common::Reason;
 use portcullis_proto::v1::{self, event::Body, lifecycle::Phase};
 
 use crate::{
-    accounting::Accountant,
+    accounting::{Accountant, totals::CostTotals},
     audit::{
         auditor::Auditor,
         drop_marks::{self, DropMark},
@@ -210,12 +210,14 @@ pub fn account(enforcer: &Enforcer, acct: &mut Accountant) {
 
 /// The cost report of the interval, if there was usage. A full spool
 /// defers it: the next report covers both intervals.
-pub fn report_cost(auditor: &Auditor, acct: &mut Accountant, now: SystemTime) {
+pub fn report_cost(auditor: &Auditor, acct: &mut Accountant, costs: &CostTotals, now: SystemTime) {
     let Some(report) = acct.take_report(now) else {
         return;
     };
+    let recorded = report.clone();
     match auditor.record(Body::CostReport(report)) {
         Ok(()) => {
+            costs.add(&recorded);
             if let Err(e) = acct.commit_report() {
                 tracing::error!(event = "ledger_write_failed", error = %e, "cost report state not persisted");
             }

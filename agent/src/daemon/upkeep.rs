@@ -3,7 +3,14 @@
 //! what changed is applied (admission decides, the enforcer cuts, the
 //! trail records).
 
-use std::{path::PathBuf, sync::Arc, time::SystemTime};
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::SystemTime,
+};
 
 use anyhow::Context as _;
 use portcullis_proto::v1::{self, event::Body};
@@ -150,6 +157,9 @@ pub struct Knocks {
     /// One revocation change at a time (the file's reload, the control
     /// API's), so each is applied and audited exactly once.
     pub revoking: std::sync::Mutex<()>,
+    /// Policy sets swapped in, and edits rejected, since start (metrics).
+    pub policy_reloads: AtomicU64,
+    pub policy_rejects: AtomicU64,
 }
 
 impl Knocks {
@@ -254,6 +264,7 @@ impl Knocks {
         match store.reload_if_changed() {
             Ok(None) => {}
             Ok(Some(set)) => {
+                self.policy_reloads.fetch_add(1, Ordering::Relaxed);
                 tracing::info!(
                     event = "policy_change",
                     version = set.version(),
@@ -291,6 +302,7 @@ impl Knocks {
                 }
             }
             Err(e) => {
+                self.policy_rejects.fetch_add(1, Ordering::Relaxed);
                 tracing::warn!(
                     event = "policy_reload_failed",
                     error = %e,

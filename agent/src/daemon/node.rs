@@ -1,0 +1,30 @@
+//! A running agent, for its outside interfaces (`agent/src/control/`,
+//! `agent/src/metrics/`).
+
+use std::sync::Arc;
+
+use crate::{
+    accounting::{SpendBook, totals::CostTotals},
+    audit::auditor::Auditor,
+    config::Config,
+    daemon::upkeep::Knocks,
+    enforce::Enforcer,
+    loader::Origin,
+};
+
+/// The running agent's parts, as the control API and the metrics endpoint
+/// see them: they read and act through these, never around them.
+pub struct Node {
+    pub cfg: Arc<Config>,
+    pub enforcer: Arc<Enforcer>,
+    pub auditor: Auditor,
+    /// Knock admission (absent without `[tokens]`): `Admit` and token
+    /// revocations need it.
+    pub knocks: Option<Arc<Knocks>>,
+    /// Spend to date, for `Stats`.
+    pub book: Arc<SpendBook>,
+    /// Cost reported since start, per tenant and service (metrics).
+    pub costs: Arc<CostTotals>,
+    pub origin: Origin,
+    pub pin_durability: String,
+}
