@@ -25,7 +25,9 @@ use std::time::Duration;
 use portcullis_common::{PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
-pub use control::{ControlSection, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role};
+pub use control::{
+    ControlSection, ControlTcp, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role,
+};
 pub use ids::{fnv1a32, identity_key, service_id};
 pub use metrics::MetricsSection;
 

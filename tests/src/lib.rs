@@ -13,3 +13,4 @@ pub mod demo;
 pub mod devtoken;
 pub mod e2e;
 pub mod pipeline;
+pub mod pki;

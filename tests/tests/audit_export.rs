@@ -22,6 +22,7 @@ use portcullis_agent::{
     config::{AuditSection, CollectorTarget, CollectorTls, OnFull},
 };
 use portcullis_collector::{self, CollectorOptions, Output, store};
+use portcullis_e2e::pki::{Ca, Pki};
 use portcullis_proto::v1::{
     Accepted, Ack, AgentMessage, CollectorMessage, Event, Gap, Welcome, agent_message,
     collector_message,
@@ -968,82 +969,6 @@ async fn shutdown_while_unreachable_returns_promptly() {
 
 // ---- TLS ---------------------------------------------------------------------
 
-struct Pki {
-    dir: PathBuf,
-}
-
-impl Pki {
-    fn new(name: &str) -> Pki {
-        let dir = std::env::temp_dir().join(format!(
-            "portcullis-export-{name}-{}-{}",
-            std::process::id(),
-            SystemTime::now()
-                .duration_since(SystemTime::UNIX_EPOCH)
-                .unwrap()
-                .as_nanos()
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        Pki { dir }
-    }
-
-    fn write(&self, name: &str, data: &str) -> PathBuf {
-        let p = self.dir.join(name);
-        std::fs::write(&p, data).unwrap();
-        p
-    }
-}
-
-impl Drop for Pki {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-struct Ca {
-    issuer: rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
-}
-
-impl Ca {
-    fn new(cn: &str) -> Ca {
-        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, cn);
-        params.key_usages = vec![
-            rcgen::KeyUsagePurpose::KeyCertSign,
-            rcgen::KeyUsagePurpose::CrlSign,
-            rcgen::KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = rcgen::KeyPair::generate().unwrap();
-        Ca {
-            issuer: rcgen::CertifiedIssuer::self_signed(params, key).unwrap(),
-        }
-    }
-
-    fn pem(&self) -> String {
-        self.issuer.pem()
-    }
-
-    /// (cert PEM, key PEM) for `names`, for server or client use.
-    fn leaf(&self, names: &[&str], client: bool) -> (String, String) {
-        let mut params =
-            rcgen::CertificateParams::new(names.iter().map(|s| s.to_string()).collect::<Vec<_>>())
-                .unwrap();
-        params
-            .distinguished_name
-            .push(rcgen::DnType::CommonName, names[0]);
-        params.extended_key_usages = vec![if client {
-            rcgen::ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            rcgen::ExtendedKeyUsagePurpose::ServerAuth
-        }];
-        let key = rcgen::KeyPair::generate().unwrap();
-        let cert = params.signed_by(&key, &self.issuer).unwrap();
-        (cert.pem(), key.serialize_pem())
-    }
-}
-
 fn server_tls(ca: &Ca, names: &[&str], client_ca: Option<&Ca>) -> ServerTlsConfig {
     let (cert, key) = ca.leaf(names, false);
     let mut cfg = ServerTlsConfig::new().identity(Identity::from_pem(cert, key));
@@ -1456,7 +1381,7 @@ async fn real_collector_over_mtls() {
         key: pki.write("collector.key", &key),
         client_ca: Some(pki.write("agents-ca.pem", &agents.pem())),
     };
-    let out = pki.dir.join("out");
+    let out = pki.dir().join("out");
     std::fs::create_dir_all(&out).unwrap();
     let server =
         RealCollector::start_with(&out, "127.0.0.1:0".parse().unwrap(), Some(tls), true).await;

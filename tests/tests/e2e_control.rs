@@ -758,3 +758,110 @@ fn shadow_mode_passes_unadmitted_traffic_counting_it_then_enforce_drops_it() {
     ctl_json(&k.env, None, &["services", "set-mode", SERVICE, "shadow"]);
     k.env.assert_echo(false, PROTECTED_PORT, "shadow again");
 }
+
+#[test]
+fn over_tcp_only_with_a_client_certificate_whose_subject_has_a_role() {
+    use portcullis_e2e::pki::{Ca, Pki};
+    let _serial = serial();
+    let pki = Pki::new("ctltls");
+    let server_ca = Ca::new("portcullis node ca");
+    let clients = Ca::new("portcullis operators ca");
+    let stranger = Ca::new("someone else's ca");
+    let (cert, key) = server_ca.leaf(&["portcullis-node"], false);
+    let files = |name: &str, (c, k): (String, String)| {
+        (
+            pki.write(&format!("{name}.pem"), &c),
+            pki.write(&format!("{name}.key"), &k),
+        )
+    };
+    let (server_cert, server_key) = files("server", (cert, key));
+    let server_ca_file = pki.write("server-ca.pem", &server_ca.pem());
+    let client_ca_file = pki.write("clients-ca.pem", &clients.pem());
+    let ops = files("ops", clients.leaf(&["ops-automation"], true));
+    let dash = files("dash", clients.leaf(&["dashboard"], true));
+    let nobody = files("nobody", clients.leaf(&["nobody"], true));
+    let forged = files("forged", stranger.leaf(&["ops-automation"], true));
+
+    let k = KnockEnv::start(
+        "ctltls",
+        &KnockSettings {
+            control: format!(
+                "listen = \"0.0.0.0:7444\"\ntls_cert = \"{}\"\ntls_key = \"{}\"\nclient_ca = \"{}\"\n\
+                 operators = [\"cert:CN=ops-automation\"]\nviewers = [\"cert:CN=dashboard\"]\n",
+                server_cert.display(),
+                server_key.display(),
+                client_ca_file.display()
+            ),
+            ..KnockSettings::default()
+        },
+    );
+    let server = k.env.topo.server_addr(false);
+    let endpoint = format!("https://{server}:7444");
+    // `portcullis ctl` from the client namespace with a certificate.
+    let call = |(cert, key): &(std::path::PathBuf, std::path::PathBuf), args: &[&str]| {
+        let mut cmd = k.env.topo.client.exec(e2e::agent_binary());
+        cmd.args([
+            "ctl",
+            "--json",
+            "--endpoint",
+            &endpoint,
+            "--server-name",
+            "portcullis-node",
+            "--ca",
+        ])
+        .arg(&server_ca_file)
+        .arg("--cert")
+        .arg(cert)
+        .arg("--key")
+        .arg(key)
+        .args(args);
+        let out = cmd.output().expect("run portcullis ctl");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (ok, stdout, stderr) = call(&ops, &["status"]);
+    assert!(ok, "{stderr}");
+    let s: serde_json::Value = serde_json::from_str(&stdout).unwrap();
+    assert_eq!(s["caller"], "cert:CN=ops-automation");
+    assert_eq!(s["roles"], serde_json::json!(["operator"]));
+
+    let (ok, stdout, stderr) = call(&dash, &["admissions"]);
+    assert!(ok, "viewer lists: {stderr}");
+    assert_eq!(stdout.trim(), "[]");
+    let (ok, _, stderr) = call(&dash, &["revoke", "--tenant", "acme"]);
+    assert!(!ok && stderr.contains("PermissionDenied"), "{stderr}");
+    let (ok, _, stderr) = call(&nobody, &["status"]);
+    assert!(
+        !ok && stderr.contains("PermissionDenied") && stderr.contains("has none"),
+        "{stderr}"
+    );
+    // A certificate the node's client CA did not sign never gets a call in.
+    let (ok, _, stderr) = call(&forged, &["status"]);
+    assert!(!ok && !stderr.contains("PermissionDenied"), "{stderr}");
+    // Nor does a client without one (plain TCP is not served at all).
+    let plain = k
+        .env
+        .topo
+        .client
+        .run(|| std::net::TcpStream::connect((server, 7444)).map(drop))
+        .unwrap();
+    assert!(plain.is_ok(), "the port is open to TLS clients");
+    let mut cmd = k.env.topo.client.exec(e2e::agent_binary());
+    let out = cmd
+        .args(["ctl", "--endpoint", &endpoint, "status"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "no client certificate, no call");
+
+    let audited = wait_control_call(&k, |c| c.caller == "cert:CN=dashboard" && !c.allowed);
+    assert_eq!(audited.method, "Revoke");
+    assert!(
+        !control_calls(&k)
+            .iter()
+            .any(|c| c.caller.contains("someone")),
+        "the forged client never reached the API"
+    );
+}

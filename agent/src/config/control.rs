@@ -3,7 +3,7 @@
 //! The file's shape (`RawControl`) and its validation live together here:
 //! one section, one file.
 
-use std::path::PathBuf;
+use std::{net::SocketAddr, path::PathBuf};
 
 use serde::Deserialize;
 
@@ -63,6 +63,19 @@ pub struct ControlSection {
     pub calls_burst: u32,
     /// Events buffered for one `Watch` client before it is disconnected.
     pub watch_buffer: usize,
+    /// The API on TCP too, with mutual TLS only.
+    pub tcp: Option<ControlTcp>,
+}
+
+/// `control.listen` with its TLS files: the server's certificate and key,
+/// and the CA that signs the clients' certificates (required: a client
+/// without a certificate that chains to it is refused in the handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControlTcp {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub client_ca: PathBuf,
 }
 
 impl Default for ControlSection {
@@ -75,6 +88,7 @@ impl Default for ControlSection {
             calls_per_sec: 50,
             calls_burst: 100,
             watch_buffer: 1024,
+            tcp: None,
         }
     }
 }
@@ -91,6 +105,10 @@ pub(super) struct RawControl {
     pub calls_per_sec: Option<i64>,
     pub calls_burst: Option<i64>,
     pub watch_buffer: Option<i64>,
+    pub listen: Option<String>,
+    pub tls_cert: Option<String>,
+    pub tls_key: Option<String>,
+    pub client_ca: Option<String>,
 }
 
 pub(super) fn validate(raw: &RawControl) -> Result<ControlSection, ConfigError> {
@@ -146,7 +164,9 @@ pub(super) fn validate(raw: &RawControl) -> Result<ControlSection, ConfigError> 
         }
         Ok(v as u32)
     };
+    let tcp = tcp(raw)?;
     Ok(ControlSection {
+        tcp,
         socket,
         socket_group,
         roles,
@@ -160,6 +180,50 @@ pub(super) fn validate(raw: &RawControl) -> Result<ControlSection, ConfigError> 
             1_000_000,
         )? as usize,
     })
+}
+
+/// TCP only with mutual TLS: the address and all three files, or none.
+fn tcp(raw: &RawControl) -> Result<Option<ControlTcp>, ConfigError> {
+    let Some(listen) = raw.listen.as_deref() else {
+        for (key, v) in [
+            ("tls_cert", &raw.tls_cert),
+            ("tls_key", &raw.tls_key),
+            ("client_ca", &raw.client_ca),
+        ] {
+            if v.is_some() {
+                return Err(invalid(
+                    format!("control.{key}"),
+                    "is set but control.listen is not; set listen (\"ADDR:PORT\") for the API on TCP, or remove it",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let listen: SocketAddr = listen.parse().map_err(|_| {
+        invalid(
+            "control.listen",
+            format!("{listen:?} is not an address and port; use e.g. \"10.0.0.5:7444\""),
+        )
+    })?;
+    let file = |key: &str, v: &Option<String>| -> Result<PathBuf, ConfigError> {
+        match v.as_deref() {
+            Some(p) if p.starts_with('/') => Ok(PathBuf::from(p)),
+            Some(p) => Err(invalid(
+                format!("control.{key}"),
+                format!("{p:?} is not an absolute path"),
+            )),
+            None => Err(invalid(
+                format!("control.{key}"),
+                "missing; the API is served on TCP only with mutual TLS: give tls_cert, tls_key and client_ca (PEM files)",
+            )),
+        }
+    };
+    Ok(Some(ControlTcp {
+        listen,
+        cert: file("tls_cert", &raw.tls_cert)?,
+        key: file("tls_key", &raw.tls_key)?,
+        client_ca: file("client_ca", &raw.client_ca)?,
+    }))
 }
 
 fn grantee(entry: &str) -> Option<Grantee> {
@@ -231,5 +295,22 @@ mod tests {
         assert_eq!(e.field(), Some("control.max_page_size"));
         let e = validate(&raw("socket_group = \"a b\"")).unwrap_err();
         assert_eq!(e.field(), Some("control.socket_group"));
+    }
+
+    #[test]
+    fn tcp_needs_every_tls_file() {
+        let full = "listen = \"10.0.0.5:7444\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"\nclient_ca = \"/ca.pem\"";
+        let t = validate(&raw(full)).unwrap().tcp.unwrap();
+        assert_eq!(t.listen, "10.0.0.5:7444".parse().unwrap());
+        let e = validate(&raw(
+            "listen = \"10.0.0.5:7444\"\ntls_cert = \"/c.pem\"\ntls_key = \"/k.pem\"",
+        ))
+        .unwrap_err();
+        assert_eq!(e.field(), Some("control.client_ca"));
+        assert!(e.to_string().contains("mutual TLS"), "{e}");
+        let e = validate(&raw("tls_cert = \"/c.pem\"")).unwrap_err();
+        assert_eq!(e.field(), Some("control.tls_cert"));
+        let e = validate(&raw("listen = \"nowhere\"")).unwrap_err();
+        assert_eq!(e.field(), Some("control.listen"));
     }
 }

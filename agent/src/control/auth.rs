@@ -58,11 +58,16 @@ impl Caller {
     }
 }
 
-/// Distinguished names compared attribute by attribute, ignoring the
-/// spaces around separators that RFC 4514 §3 output never carries but
-/// people write (`CN=gw, O=acme`).
+/// Distinguished names compared as sets of `type=value` attributes: RFC
+/// 4514 §2.1 writes RDNs last-first while certificates and tools often
+/// print them first-last, and people put spaces after the commas
+/// (`CN=gw, O=acme`). Every attribute must match; none may be extra.
 fn same_subject(a: &str, b: &str) -> bool {
-    let norm = |s: &str| -> Vec<String> { s.split(',').map(|p| p.trim().to_string()).collect() };
+    let norm = |s: &str| -> Vec<String> {
+        let mut v: Vec<String> = s.split(',').map(|p| p.trim().to_string()).collect();
+        v.sort();
+        v
+    };
     norm(a) == norm(b)
 }
 
@@ -170,6 +175,17 @@ mod tests {
         let cert = |s: &str| Caller::Cert { subject: s.into() };
         assert_eq!(cert("CN=gw, O=acme").roles(&c), vec![Role::Operator]);
         assert_eq!(cert("CN=gw,O=evil").roles(&c), Vec::<Role>::new());
+        assert_eq!(cert("O=acme, CN=gw").roles(&c), vec![Role::Operator]);
+        assert_eq!(
+            cert("CN=gw").roles(&c),
+            Vec::<Role>::new(),
+            "an attribute short"
+        );
+        assert_eq!(
+            cert("CN=gw,O=acme,OU=x").roles(&c),
+            Vec::<Role>::new(),
+            "one extra"
+        );
         // A certificate never matches uid grants and vice versa.
         assert_eq!(cert("uid:1000").roles(&c), Vec::<Role>::new());
     }

@@ -12,6 +12,7 @@ pub mod auth;
 pub mod listing;
 pub mod revoke;
 pub mod rpc;
+pub mod tcp;
 pub mod watch;
 
 use std::{
@@ -28,17 +29,35 @@ use tokio_stream::wrappers::UnixListenerStream;
 use crate::config::ControlSection;
 pub use crate::daemon::node::Node;
 
-/// The control socket, bound: serve it with [`Listening::serve`].
+/// The control API's listeners, bound: serve them with
+/// [`Listening::serve`].
 pub struct Listening {
+    unix: Option<UnixSocket>,
+    tcp: Option<tcp::Tls>,
+}
+
+/// The bound control socket.
+pub struct UnixSocket {
     listener: UnixListener,
     path: PathBuf,
+}
+
+/// Binds what `[control]` asks for: the socket and, when configured, the
+/// mutual-TLS TCP listener. `None`: the API is off.
+pub async fn bind(cfg: &ControlSection) -> anyhow::Result<Option<Listening>> {
+    let unix = bind_socket(cfg).await?;
+    let tcp = match &cfg.tcp {
+        Some(t) => Some(tcp::bind(t).await?),
+        None => None,
+    };
+    Ok((unix.is_some() || tcp.is_some()).then_some(Listening { unix, tcp }))
 }
 
 /// Binds `control.socket`: mode 0660, owned by root and
 /// `control.socket_group`. A socket another live agent answers on is an
 /// error (two agents would fight over one node); a stale one (a crash) is
 /// replaced.
-pub async fn bind(cfg: &ControlSection) -> anyhow::Result<Option<Listening>> {
+pub async fn bind_socket(cfg: &ControlSection) -> anyhow::Result<Option<UnixSocket>> {
     let Some(path) = &cfg.socket else {
         return Ok(None);
     };
@@ -80,32 +99,49 @@ pub async fn bind(cfg: &ControlSection) -> anyhow::Result<Option<Listening>> {
     }
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
         .with_context(|| format!("control.socket: chmod {}", path.display()))?;
-    Ok(Some(Listening {
+    Ok(Some(UnixSocket {
         listener,
         path: path.clone(),
     }))
 }
 
 impl Listening {
-    /// Serves until `stop` turns true; then removes the socket file.
-    pub async fn serve(self, node: Arc<Node>, mut stop: signal::Receiver<bool>) {
-        let api = rpc::ControlApi::new(node);
-        let path = self.path.clone();
-        tracing::info!(event = "control_listening", socket = %path.display(), "control API listening");
-        let incoming = UnixListenerStream::new(self.listener);
-        let served = tonic::transport::Server::builder()
-            .serve_with_incoming_shutdown(ControlServer::new(api), incoming, async move {
-                let _ = stop.wait_for(|s| *s).await;
+    /// Serves until `stop` turns true; then removes the socket file. Both
+    /// transports share one API: a caller's call budget is the same on
+    /// either.
+    pub async fn serve(self, node: Arc<Node>, stop: signal::Receiver<bool>) {
+        let api = Arc::new(rpc::ControlApi::new(node));
+        let until = |mut stop: signal::Receiver<bool>| async move {
+            let _ = stop.wait_for(|s| *s).await;
+        };
+        let unix = self.unix.map(|u| {
+            let (api, stop) = (api.clone(), stop.clone());
+            tokio::spawn(async move {
+                tracing::info!(event = "control_listening", socket = %u.path.display(), "control API listening");
+                let served = tonic::transport::Server::builder()
+                    .serve_with_incoming_shutdown(
+                        ControlServer::from_arc(api),
+                        UnixListenerStream::new(u.listener),
+                        until(stop),
+                    )
+                    .await;
+                if let Err(e) = served {
+                    tracing::error!(event = "control_failed", error = %e, "control API stopped");
+                }
+                let _ = std::fs::remove_file(&u.path);
             })
-            .await;
-        if let Err(e) = served {
-            tracing::error!(event = "control_failed", error = %e, "control API stopped");
+        });
+        let tcp = self
+            .tcp
+            .map(|t| tokio::spawn(t.serve(ControlServer::from_arc(api), until(stop))));
+        for task in [unix, tcp].into_iter().flatten() {
+            let _ = task.await;
         }
-        let _ = std::fs::remove_file(&path);
     }
 
-    pub fn path(&self) -> &Path {
-        &self.path
+    /// Where the control socket is, if there is one.
+    pub fn path(&self) -> Option<&Path> {
+        self.unix.as_ref().map(|u| u.path.as_path())
     }
 }
 
@@ -140,10 +176,10 @@ mod tests {
     async fn a_socket_in_use_is_refused_a_stale_one_replaced() {
         let dir = portcullis_testkit::TempDir::new("ctlbind").unwrap();
         let path = dir.path().join("run").join("control.sock");
-        let first = bind(&section(&path)).await.unwrap().expect("bound");
+        let first = bind_socket(&section(&path)).await.unwrap().expect("bound");
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o660);
-        let e = bind(&section(&path)).await.err().expect("in use");
+        let e = bind_socket(&section(&path)).await.err().expect("in use");
         assert!(format!("{e:#}").contains("another agent"), "{e:#}");
         // The first agent died without removing it: the next one takes over.
         drop(first);
@@ -154,7 +190,10 @@ mod tests {
             .expect("stale socket replaced");
         let file = dir.path().join("file");
         std::fs::write(&file, "x").unwrap();
-        let e = bind(&section(&file)).await.err().expect("not a socket");
+        let e = bind_socket(&section(&file))
+            .await
+            .err()
+            .expect("not a socket");
         assert!(format!("{e:#}").contains("not a socket"), "{e:#}");
         assert!(
             bind(&ControlSection {

@@ -53,14 +53,23 @@ impl ControlApi {
         }
     }
 
-    /// Who called, from the transport: a Unix socket's peer credentials.
+    /// Who called, from the transport: a Unix socket's peer credentials,
+    /// or the subject of the client certificate the TLS handshake verified
+    /// against `control.client_ca`.
     fn caller<T>(req: &Request<T>) -> Option<Caller> {
-        let info = req.extensions().get::<UdsConnectInfo>()?;
-        let cred = info.peer_cred?;
-        Some(Caller::Unix {
-            uid: cred.uid(),
-            gid: cred.gid(),
-            pid: cred.pid(),
+        if let Some(info) = req.extensions().get::<UdsConnectInfo>() {
+            let cred = info.peer_cred?;
+            return Some(Caller::Unix {
+                uid: cred.uid(),
+                gid: cred.gid(),
+                pid: cred.pid(),
+            });
+        }
+        let certs = req.peer_certs()?;
+        let leaf = certs.first()?;
+        let (_, cert) = x509_parser::parse_x509_certificate(leaf.as_ref()).ok()?;
+        Some(Caller::Cert {
+            subject: cert.subject().to_string(),
         })
     }
 
@@ -74,7 +83,7 @@ impl ControlApi {
         let Some(caller) = Self::caller(req) else {
             self.audit("unknown", "", method, &request, false, "unauthenticated");
             return Err(Status::unauthenticated(
-                "no peer credentials on this connection; call over the control socket",
+                "no peer identity on this connection: call over the control socket, or over TLS with a client certificate",
             ));
         };
         let name = caller.name();

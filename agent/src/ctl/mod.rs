@@ -14,7 +14,7 @@ use anyhow::{Context, bail};
 use clap::{Args, Subcommand};
 use hyper_util::rt::TokioIo;
 use portcullis_proto::v1::{self, control_client::ControlClient};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::config::DEFAULT_CONTROL_SOCKET as DEFAULT_SOCKET;
 
@@ -23,6 +23,23 @@ pub struct CtlCmd {
     /// The agent's control socket.
     #[arg(long, value_name = "PATH", default_value = DEFAULT_SOCKET, global = true)]
     socket: PathBuf,
+    /// Call an agent over TCP with mutual TLS instead of the socket:
+    /// `https://HOST:PORT` (its `control.listen`).
+    #[arg(long, value_name = "URL", global = true, requires_all = ["ca", "cert", "key"])]
+    endpoint: Option<String>,
+    /// The name the agent's certificate carries, when it is not the
+    /// endpoint's host.
+    #[arg(long, value_name = "NAME", global = true)]
+    server_name: Option<String>,
+    /// The CA that signed the agent's certificate (PEM).
+    #[arg(long, value_name = "FILE", global = true)]
+    ca: Option<PathBuf>,
+    /// This client's certificate and key (PEM), signed by the agent's
+    /// `control.client_ca`.
+    #[arg(long, value_name = "FILE", global = true)]
+    cert: Option<PathBuf>,
+    #[arg(long, value_name = "FILE", global = true)]
+    key: Option<PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -160,7 +177,25 @@ pub async fn run(cmd: CtlCmd) -> ExitCode {
 }
 
 async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
-    let mut c = connect(&cmd.socket).await?;
+    let mut c = match &cmd.endpoint {
+        Some(url) => {
+            let file = |flag: &str, p: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {
+                let p = p
+                    .as_ref()
+                    .with_context(|| format!("--endpoint needs --{flag}"))?;
+                std::fs::read(p).with_context(|| format!("--{flag} {}", p.display()))
+            };
+            connect_tls(
+                url,
+                cmd.server_name.as_deref(),
+                &file("ca", &cmd.ca)?,
+                &file("cert", &cmd.cert)?,
+                &file("key", &cmd.key)?,
+            )
+            .await?
+        }
+        None => connect(&cmd.socket).await?,
+    };
     let json = cmd.json;
     match cmd.call {
         Call::Status => {
@@ -343,6 +378,34 @@ pub async fn connect(socket: &Path) -> anyhow::Result<ControlClient<Channel>> {
             format!(
                 "cannot reach the agent's control socket {} (is the agent running? --socket names another; you need read-write access to it)",
                 socket.display()
+            )
+        })?;
+    Ok(ControlClient::new(channel))
+}
+
+/// Dials an agent's `control.listen` with mutual TLS.
+pub async fn connect_tls(
+    url: &str,
+    server_name: Option<&str>,
+    ca: &[u8],
+    cert: &[u8],
+    key: &[u8],
+) -> anyhow::Result<ControlClient<Channel>> {
+    let mut tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(ca))
+        .identity(Identity::from_pem(cert, key));
+    if let Some(name) = server_name {
+        tls = tls.domain_name(name);
+    }
+    let channel = Endpoint::from_shared(url.to_string())
+        .with_context(|| format!("--endpoint {url:?} is not a URL; give https://HOST:PORT"))?
+        .tls_config(tls)
+        .context("TLS settings")?
+        .connect()
+        .await
+        .with_context(|| {
+            format!(
+                "cannot reach the agent at {url} (is control.listen set there? is this client's certificate signed by its control.client_ca, and its own by --ca?)"
             )
         })?;
     Ok(ControlClient::new(channel))
