@@ -865,3 +865,92 @@ fn over_tcp_only_with_a_client_certificate_whose_subject_has_a_role() {
         "the forged client never reached the API"
     );
 }
+
+#[test]
+fn policy_apply_validates_first_then_swaps_through_the_hot_reload() {
+    let _serial = serial();
+    const PERMIT: &str = "@id(\"permit-all\")\npermit(principal, action, resource);\n";
+    const FORBID_ACME: &str = "@id(\"no-acme\")\nforbid(principal, action, resource)\nwhen { principal.tenant == \"acme\" };\n";
+    let live = portcullis_testkit::TempDir::new("ctlpol-live").unwrap();
+    std::fs::write(live.path().join("base.cedar"), PERMIT).unwrap();
+    let k = KnockEnv::start(
+        "ctlpolapply",
+        &KnockSettings {
+            policy_dir: Some(live.path().to_path_buf()),
+            ..KnockSettings::default()
+        },
+    );
+    let _server = k.env.echo_server(false, PROTECTED_PORT);
+    k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
+    let stream = k
+        .env
+        .connect(false, PROTECTED_PORT, Duration::from_secs(2))
+        .expect("admitted");
+    let echo = EchoLoop::start(stream, Instant::now() + Duration::from_secs(20));
+    assert!(echo.wait_for(10, Duration::from_secs(5)));
+    let before = ctl_json(&k.env, None, &["policy", "get"])["version"].clone();
+
+    // A broken candidate: refused, nothing written, nothing changes.
+    let broken = portcullis_testkit::TempDir::new("ctlpol-broken").unwrap();
+    std::fs::write(broken.path().join("base.cedar"), "permit(principal,").unwrap();
+    let out = ctl(
+        &k.env,
+        None,
+        &["policy", "apply", broken.path().to_str().unwrap()],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["valid"], false, "{v}");
+    assert_eq!(
+        std::fs::read_to_string(live.path().join("base.cedar")).unwrap(),
+        PERMIT
+    );
+    assert_eq!(
+        ctl_json(&k.env, None, &["policy", "get"])["version"],
+        before
+    );
+    assert!(echo.wait_for(40, Duration::from_secs(5)), "still admitted");
+
+    // A valid one that forbids the tenant: applied, audited, the live
+    // connection cut by the re-decision.
+    let next = portcullis_testkit::TempDir::new("ctlpol-next").unwrap();
+    std::fs::write(next.path().join("base.cedar"), PERMIT).unwrap();
+    std::fs::write(next.path().join("tenant.cedar"), FORBID_ACME).unwrap();
+    let applied = ctl_json(
+        &k.env,
+        None,
+        &["policy", "apply", next.path().to_str().unwrap()],
+    );
+    assert_eq!(applied["valid"], true, "{applied}");
+    assert_ne!(applied["version"], before);
+    assert_eq!(
+        ctl_json(&k.env, None, &["policy", "get"])["version"],
+        applied["version"]
+    );
+    assert!(
+        live.path().join("tenant.cedar").exists(),
+        "written to policy.dir"
+    );
+    let out = echo.join();
+    assert!(
+        out.failed_at.is_some(),
+        "the forbidden tenant's connection is cut"
+    );
+    let change = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::PolicyChange(p)) if p.accepted => Some(p),
+            _ => None,
+        })
+    })
+    .expect("the swap is audited like a hot reload");
+    assert_eq!(serde_json::json!(change.new_version), applied["version"]);
+    let call = wait_control_call(&k, |c| c.method == "Policy.Apply" && c.outcome == "ok");
+    assert_eq!(call.role, "operator");
+    assert!(
+        !k.env
+            .spool_events()
+            .iter()
+            .any(|e| matches!(&e.body, Some(Body::PolicyChange(p)) if !p.accepted)),
+        "the broken candidate never reached the directory"
+    );
+}

@@ -442,43 +442,83 @@ impl ControlApi {
     fn policy(&self, req: &v1::PolicyRequest) -> Result<v1::PolicyReply, Status> {
         use v1::policy_request::Op;
         match &req.op {
-            None | Some(Op::Get(_)) => {
-                let set = self.policy_set();
-                Ok(v1::PolicyReply {
-                    version: set.version().to_string(),
-                    policies: u32::try_from(set.len()).unwrap_or(u32::MAX),
-                    ids: set.ids().map(str::to_string).collect(),
-                    valid: true,
-                    error: String::new(),
+            None | Some(Op::Get(_)) => Ok(policy_reply(&self.policy_set())),
+            Some(Op::Validate(files)) => {
+                let (policies, schema) = self.candidate(files)?;
+                Ok(match self.check_policies(&policies, schema.as_deref()) {
+                    Ok(set) => policy_reply(&set),
+                    Err(error) => invalid_policy(error),
                 })
             }
-            Some(Op::Validate(files)) => {
-                let (policies, schema) = policy_files(files)?;
-                let known: Vec<&str> = self
-                    .node
-                    .cfg
-                    .services
-                    .iter()
-                    .map(|s| s.name.as_str())
-                    .collect();
-                let checked = PolicySet::from_sources(&policies, schema.as_deref())
-                    .and_then(|set| set.check_services(&known).map(|()| set));
-                Ok(match checked {
-                    Ok(set) => v1::PolicyReply {
-                        version: set.version().to_string(),
-                        policies: u32::try_from(set.len()).unwrap_or(u32::MAX),
-                        ids: set.ids().map(str::to_string).collect(),
-                        valid: true,
-                        error: String::new(),
-                    },
-                    Err(e) => v1::PolicyReply {
-                        valid: false,
-                        error: e.to_string(),
-                        ..Default::default()
-                    },
-                })
+            Some(Op::Apply(files)) => {
+                let Some(k) = &self.node.knocks else {
+                    return Err(Status::failed_precondition(
+                        "this node admits no tokens (no [tokens] section): no policy decides here",
+                    ));
+                };
+                let given_schema = files.files.keys().any(|n| n.ends_with(".cedarschema"));
+                let (policies, schema) = self.candidate(files)?;
+                if let Err(error) = self.check_policies(&policies, schema.as_deref()) {
+                    // Nothing is written: the set in force stays.
+                    return Ok(invalid_policy(error));
+                }
+                k.apply_policy(&policies, schema.as_deref().filter(|_| given_schema))
+                    .map_err(|e| Status::failed_precondition(format!("{e:#}")))?;
+                Ok(policy_reply(&self.policy_set()))
             }
         }
+    }
+
+    /// The files of a request; without a schema among them, the one the
+    /// node's policy directory has (so validation matches what applies).
+    fn candidate(&self, files: &v1::PolicyFiles) -> Result<PolicySources, Status> {
+        let (policies, mut schema) = policy_files(files)?;
+        if schema.is_none()
+            && let Some(dir) = &self.node.cfg.policy_dir
+            && let Ok(entries) = std::fs::read_dir(dir)
+        {
+            schema = entries
+                .flatten()
+                .map(|e| e.path())
+                .find(|p| p.extension().is_some_and(|x| x == "cedarschema"))
+                .and_then(|p| std::fs::read_to_string(p).ok());
+        }
+        Ok((policies, schema))
+    }
+
+    fn check_policies(
+        &self,
+        policies: &[(String, String)],
+        schema: Option<&str>,
+    ) -> Result<PolicySet, String> {
+        let known: Vec<&str> = self
+            .node
+            .cfg
+            .services
+            .iter()
+            .map(|s| s.name.as_str())
+            .collect();
+        PolicySet::from_sources(policies, schema)
+            .and_then(|set| set.check_services(&known).map(|()| set))
+            .map_err(|e| e.to_string())
+    }
+}
+
+fn policy_reply(set: &PolicySet) -> v1::PolicyReply {
+    v1::PolicyReply {
+        version: set.version().to_string(),
+        policies: u32::try_from(set.len()).unwrap_or(u32::MAX),
+        ids: set.ids().map(str::to_string).collect(),
+        valid: true,
+        error: String::new(),
+    }
+}
+
+fn invalid_policy(error: String) -> v1::PolicyReply {
+    v1::PolicyReply {
+        valid: false,
+        error,
+        ..Default::default()
     }
 }
 
@@ -702,6 +742,10 @@ impl Control for ControlApi {
             Some(Op::Validate(f)) => (
                 "Policy",
                 format!("validate files={:?}", f.files.keys().collect::<Vec<_>>()),
+            ),
+            Some(Op::Apply(f)) => (
+                "Policy.Apply",
+                format!("apply files={:?}", f.files.keys().collect::<Vec<_>>()),
             ),
         };
         let call = self.begin(&req, method, summary)?;

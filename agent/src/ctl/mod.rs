@@ -163,6 +163,12 @@ enum PolicyCall {
         #[arg(value_name = "DIR")]
         dir: PathBuf,
     },
+    /// Validate DIR's files, then make them the node's policy set
+    /// (operator); an invalid set changes nothing.
+    Apply {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
+    },
 }
 
 /// Runs one call; errors print the server's message.
@@ -322,6 +328,9 @@ async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
             let op = match action {
                 PolicyCall::Get => Op::Get(v1::Empty {}),
                 PolicyCall::Validate { dir } => Op::Validate(v1::PolicyFiles {
+                    files: policy_dir(&dir)?,
+                }),
+                PolicyCall::Apply { dir } => Op::Apply(v1::PolicyFiles {
                     files: policy_dir(&dir)?,
                 }),
             };

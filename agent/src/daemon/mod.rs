@@ -365,6 +365,7 @@ async fn start(
                 revoking: std::sync::Mutex::new(()),
                 policy_reloads: Default::default(),
                 policy_rejects: Default::default(),
+                policy_edit: std::sync::Mutex::new(()),
             };
             // Revocations count before the first knock is heard.
             knocks.revocations();

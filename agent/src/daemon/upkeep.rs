@@ -160,6 +160,8 @@ pub struct Knocks {
     /// Policy sets swapped in, and edits rejected, since start (metrics).
     pub policy_reloads: AtomicU64,
     pub policy_rejects: AtomicU64,
+    /// One policy reload or control API write at a time.
+    pub policy_edit: std::sync::Mutex<()>,
 }
 
 impl Knocks {
@@ -259,6 +261,57 @@ impl Knocks {
     /// Re-reads the policy directory; on a swap, decides every live
     /// admission again and revokes what the new set denies.
     fn policies(&self) {
+        let _one_at_a_time = self.policy_edit.lock().unwrap_or_else(|p| p.into_inner());
+        self.reload_policies();
+    }
+
+    /// The control API's `Policy` apply: `files` (validated by the caller)
+    /// replace the directory's `*.cedar` files (and its schema, when one is
+    /// given), then the hot reload's path swaps, audits and re-decides. No
+    /// reload sees the directory half-written.
+    pub fn apply_policy(
+        &self,
+        files: &[(String, String)],
+        schema: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let _one_at_a_time = self.policy_edit.lock().unwrap_or_else(|p| p.into_inner());
+        let store = self.admitter().policies();
+        let Some(dir) = store.dir() else {
+            anyhow::bail!(
+                "this node has no [policy] dir to write to (it runs the built-in policy)"
+            );
+        };
+        let write = |name: &str, text: &str| -> anyhow::Result<()> {
+            let tmp = dir.join(format!(".{name}.tmp"));
+            std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+            std::fs::rename(&tmp, dir.join(name))
+                .with_context(|| format!("writing {}", dir.join(name).display()))
+        };
+        for (name, text) in files {
+            write(name, text)?;
+        }
+        let keep = |name: &str| files.iter().any(|(n, _)| n == name);
+        for entry in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
+            let path = entry?.path();
+            let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+            let stale = (name.ends_with(".cedar") && !keep(name))
+                || (schema.is_some() && name.ends_with(".cedarschema"));
+            if stale {
+                std::fs::remove_file(&path)
+                    .with_context(|| format!("removing {}", path.display()))?;
+            }
+        }
+        if let Some(text) = schema {
+            write("schema.cedarschema", text)?;
+        }
+        self.reload_policies();
+        match store.last_error() {
+            Some(e) => Err(anyhow::anyhow!("the written set was refused: {e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn reload_policies(&self) {
         let store = self.admitter().policies();
         let old_version = store.current().version().to_string();
         match store.reload_if_changed() {
