@@ -8,6 +8,7 @@
 //! says the fix. [`EXAMPLE`] documents every key with its default.
 
 mod control;
+mod findings;
 mod gcra;
 mod ids;
 mod metrics;
@@ -28,6 +29,7 @@ use serde::Deserialize;
 pub use control::{
     ControlSection, ControlTcp, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role,
 };
+pub use findings::FindingsSection;
 pub use ids::{fnv1a32, identity_key, service_id};
 pub use metrics::MetricsSection;
 
@@ -54,6 +56,7 @@ pub struct Config {
     pub accounting: AccountingSection,
     pub control: ControlSection,
     pub metrics: MetricsSection,
+    pub findings: FindingsSection,
 }
 
 /// `[audit]`: the local spool every event is written to before anything

@@ -9,6 +9,7 @@ pub mod control;
 pub mod ctl;
 pub mod daemon;
 pub mod enforce;
+pub mod findings;
 pub mod identity;
 pub mod loader;
 pub mod logging;

@@ -542,6 +542,26 @@ fn records_validate_against_the_ocsf_schema() {
     let d = TempDir::new("ocsf").unwrap();
     let key = NodeKey::generate().unwrap();
     let mut lines: Vec<String> = every_kind("node-a", &key).iter().map(line).collect();
+    // A node's detections: an episode's open and close records.
+    let mut s = Sealer::resume("node-b", Head::EMPTY);
+    for (i, open) in [true, false].into_iter().enumerate() {
+        let d = portcullis_proto::v1::Detection {
+            kind: "flood".into(),
+            subject: "llm".into(),
+            open,
+            rate: 5000,
+            threshold: 1000,
+            started_unix_ms: 1_700_000_000_000,
+            duration_ms: if open { 0 } else { 4000 },
+            total: if open { 0 } else { 20000 },
+            detail: String::new(),
+        };
+        lines.push(line(&s.seal(
+            Body::Detection(d),
+            wall(i as u64),
+            i as u64 * 1000,
+        )));
+    }
     // And a collector finding.
     let f = portcullis_trail::verify::Finding {
         kind: portcullis_trail::verify::FindingKind::ChainBreak,

@@ -16,7 +16,8 @@
 /// per-identity flow counters (`PCL_FLOW_CNT`) and identity names
 /// (`PCL_IDENT_NAME`).
 /// 4: shadow mode: `PORT_TCP_SHADOW`/`PORT_UDP_SHADOW`, `ServiceRef::flags`,
-/// and `PCL_DROPS` twice as long (`SHADOW_COUNTERS`).
+/// and `PCL_DROPS` twice as long (`SHADOW_COUNTERS`); drops per service
+/// (`PCL_SVC_DROPS`, by usage column).
 pub const LAYOUT_VERSION: u32 = 4;
 
 /// Address family tags used in keys (addresses are always 16 bytes; IPv4 is
@@ -46,9 +47,10 @@ pub mod maps {
     pub const META: &str = "PCL_META";
     pub const FLOW_COUNT: &str = "PCL_FLOW_CNT";
     pub const IDENTITY_NAMES: &str = "PCL_IDENT_NAME";
+    pub const SERVICE_DROPS: &str = "PCL_SVC_DROPS";
 
     /// Every map, in the order the agent pins and adopts them.
-    pub const ALL: [&str; 17] = [
+    pub const ALL: [&str; 18] = [
         PORTS,
         SERVICES,
         ADMISSIONS,
@@ -66,6 +68,7 @@ pub mod maps {
         META,
         FLOW_COUNT,
         IDENTITY_NAMES,
+        SERVICE_DROPS,
     ];
 }
 

@@ -12,7 +12,7 @@ use portcullis_common::{
 
 use crate::{
     ADMISSIONS, CONFIG, FLOW_COUNT, FLOWS, IDENTITIES, KNOCK_ALL, KNOCK_SRC, PORTS, RATES,
-    SERVICES, USAGE, count, count_shadow, events,
+    SERVICE_DROPS, SERVICES, USAGE, count, count_shadow, events,
     parse::{Parsed, Summary, TCP_FLAG_ACK, TCP_FLAG_FIN, TCP_FLAG_RST, TCP_FLAG_SYN, parse},
     ratelimit::{byte_cost, conform},
 };
@@ -385,6 +385,9 @@ fn drop(reason: Reason, pkt: Option<&Summary>, service: u32) -> u32 {
 /// the drop path's only extra cost (one branch on a flag already loaded).
 #[inline(always)]
 fn refuse(reason: Reason, pkt: &Summary, svc: Svc) -> u32 {
+    if let Some(c) = SERVICE_DROPS.get_ptr_mut(svc.col) {
+        unsafe { *c += 1 };
+    }
     if svc.shadow {
         count_shadow(reason);
         return xdp_action::XDP_PASS;

@@ -69,6 +69,11 @@ static USAGE: PerCpuArray<IdentityStats> = PerCpuArray::with_max_entries(USAGE_R
 #[map(name = "PCL_USAGE_COLS")]
 static USAGE_COLS: Array<u32> = Array::with_max_entries(MAX_USAGE_SERVICES, 0);
 
+/// Packets refused per protected service (enforced or shadow), by usage
+/// column: what the agent's flood findings count.
+#[map(name = "PCL_SVC_DROPS")]
+static SERVICE_DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(MAX_USAGE_SERVICES, 0);
+
 #[map(name = "PCL_DROPS")]
 static DROPS: PerCpuArray<u64> = PerCpuArray::with_max_entries(DROP_COUNTERS, 0);
 

@@ -144,3 +144,137 @@ fn metrics_are_valid_and_match_the_kernel() {
     let (status, _) = get(&k, "/");
     assert!(status.contains("404"), "{status}");
 }
+
+#[test]
+fn a_flood_at_a_service_is_a_detection_within_two_seconds_and_closes_after() {
+    use portcullis_proto::v1::event::Body;
+    use portcullis_testkit::{FloodPlan, connect_flood};
+    let _serial = serial();
+    let k = KnockEnv::start(
+        "flood",
+        &KnockSettings {
+            control: format!(
+                "\n[metrics]\nlisten = \"{METRICS}\"\n\n[findings]\nflood_per_sec = 100\nquiet_secs = 2\n"
+            ),
+            ..KnockSettings::default()
+        },
+    );
+    let target = std::net::SocketAddr::new(k.env.topo.server_addr(false), PROTECTED_PORT);
+    let started = std::time::SystemTime::now();
+    // ~1000 unadmitted SYNs a second for 4 s: all dropped.
+    let stats = connect_flood(
+        &k.env.topo.client,
+        target,
+        FloodPlan {
+            duration: Duration::from_secs(4),
+            interval: Duration::from_millis(1),
+            attempt_timeout: Duration::from_millis(100),
+            max_pending: 256,
+        },
+    )
+    .expect("flood");
+    assert_eq!(stats.connected, 0, "nothing gets through");
+    let detections = || -> Vec<portcullis_proto::v1::Detection> {
+        k.env
+            .spool_events()
+            .into_iter()
+            .filter_map(|e| match e.body {
+                Some(Body::Detection(d)) => Some(d),
+                _ => None,
+            })
+            .collect()
+    };
+    let closed = portcullis_testkit::poll_until(Duration::from_secs(10), || {
+        let d = detections();
+        d.iter().any(|d| !d.open).then_some(d)
+    })
+    .expect("the episode opens and, once quiet, closes");
+    let flood: Vec<_> = closed.iter().filter(|d| d.kind == "flood").collect();
+    assert_eq!(flood.len(), 2, "one open and one close: {closed:?}");
+    let (open, close) = (flood[0], flood[1]);
+    assert!(
+        open.open && open.subject == SERVICE && open.rate > 100,
+        "{open:?}"
+    );
+    let delay = open.started_unix_ms - portcullis_trail::time::unix_ms(started);
+    assert!(delay <= 2_000, "opened {delay} ms after the flood began");
+    assert!(!close.open && close.started_unix_ms == open.started_unix_ms);
+    assert!(
+        close.total >= stats.attempts as u64 / 2,
+        "{close:?} for {stats:?}"
+    );
+    // The metrics count it.
+    let (_, body) = get(&k, "/metrics");
+    let m = samples(&body);
+    assert_eq!(
+        m["portcullis_detections_total{kind=\"flood\"}"], 1.0,
+        "{body}"
+    );
+    assert!(
+        !m.keys()
+            .any(|k| k.starts_with("portcullis_detection_open{")),
+        "closed: {body}"
+    );
+}
+
+#[test]
+fn a_storm_of_refused_knocks_is_a_detection() {
+    use portcullis_proto::v1::event::Body;
+    let _serial = serial();
+    let k = KnockEnv::start(
+        "kstorm",
+        &KnockSettings {
+            control: "\n[findings]\nrefusals_per_sec = 50\nquiet_secs = 1\n".into(),
+            ..KnockSettings::default()
+        },
+    );
+    let sock = k.client_udp(false, None);
+    let to = k.knock_addr(false);
+    // ~500 junk knocks a second for 2 s: refused by the kernel's per-source
+    // limit or by the agent, never admitted.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while std::time::Instant::now() < until {
+        let _ = sock.send_to(b"not a knock at all, just noise", to);
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let storm = portcullis_testkit::poll_until(Duration::from_secs(10), || {
+        let d: Vec<_> = k
+            .env
+            .spool_events()
+            .into_iter()
+            .filter_map(|e| match e.body {
+                Some(Body::Detection(d)) if d.kind == "refusal_storm" => Some(d),
+                _ => None,
+            })
+            .collect();
+        (d.len() == 2).then_some(d)
+    })
+    .expect("a refusal storm opens and closes");
+    assert!(storm[0].open && storm[0].rate > 50, "{storm:?}");
+    assert!(!storm[1].open && storm[1].total > 100, "{storm:?}");
+    assert!(k.admissions().is_empty());
+}
+
+#[test]
+fn a_spool_the_collector_stopped_draining_is_a_detection() {
+    use portcullis_proto::v1::event::Body;
+    let _serial = serial();
+    // A collector that is never there: events wait, nothing is acknowledged.
+    let k = KnockEnv::start(
+        "stall",
+        &KnockSettings {
+            audit: "\n[audit.collector]\nendpoint = \"http://127.0.0.1:9\"\n".into(),
+            control: "\n[findings]\nspool_stall_secs = 1\n".into(),
+            ..KnockSettings::default()
+        },
+    );
+    let stall = portcullis_testkit::poll_until(Duration::from_secs(10), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::Detection(d)) if d.kind == "spool_stall" => Some(d),
+            _ => None,
+        })
+    })
+    .expect("the stall is detected");
+    assert!(stall.open && stall.rate > 1, "{stall:?}");
+    assert!(stall.detail.contains("events wait"), "{stall:?}");
+}

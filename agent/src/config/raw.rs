@@ -14,6 +14,7 @@ use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
 use super::control::RawControl;
+use super::findings::RawFindings;
 use super::metrics::RawMetrics;
 use super::{Action, ConfigError, LogFormat, OnFull, Protocol, ServiceMode, XdpMode};
 
@@ -44,6 +45,8 @@ pub(super) struct RawConfig {
     pub control: RawControl,
     #[serde(default)]
     pub metrics: RawMetrics,
+    #[serde(default)]
+    pub findings: RawFindings,
 }
 
 #[derive(Debug, Default, Deserialize)]
@@ -237,6 +240,7 @@ fn locate(doc: &Table) -> String {
             "accounting" => probe::<RawAccounting>(key, value, no_nested),
             "control" => probe::<RawControl>(key, value, no_nested),
             "metrics" => probe::<RawMetrics>(key, value, no_nested),
+            "findings" => probe::<RawFindings>(key, value, no_nested),
             // Not a section of the file at all.
             _ => Some(key.clone()),
         })

@@ -66,6 +66,7 @@ pub(super) fn validate(
     let accounting = accounting(&raw.accounting)?;
     let control = super::control::validate(&raw.control)?;
     let metrics = super::metrics::validate(&raw.metrics)?;
+    let findings = super::findings::validate(&raw.findings)?;
     Ok(Config {
         agent,
         kernel,
@@ -80,6 +81,7 @@ pub(super) fn validate(
         accounting,
         control,
         metrics,
+        findings,
     })
 }
 

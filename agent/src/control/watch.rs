@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 /// `Event.body` field names a client may filter on.
-pub const KINDS: [&str; 12] = [
+pub const KINDS: [&str; 13] = [
     "lifecycle",
     "admission_granted",
     "admission_denied",
@@ -25,6 +25,7 @@ pub const KINDS: [&str; 12] = [
     "gap",
     "spool_pressure",
     "key_set_change",
+    "detection",
 ];
 
 fn kind(b: &Body) -> &'static str {
@@ -41,6 +42,7 @@ fn kind(b: &Body) -> &'static str {
         Body::Gap(_) => KINDS[9],
         Body::SpoolPressure(_) => KINDS[10],
         Body::KeySetChange(_) => KINDS[11],
+        Body::Detection(_) => KINDS[12],
     }
 }
 
@@ -101,6 +103,7 @@ impl Filter {
                 (id(&r.target) || r.identities.iter().any(|n| id(n)))
                     && (self.service.is_empty() || (r.target_kind == "service" && svc(&r.target)))
             }
+            Body::Detection(d) => self.identity.is_empty() && svc(&d.subject),
             Body::CostReport(c) => c.lines.iter().any(|l| id(&l.identity) && svc(&l.service)),
             _ => self.identity.is_empty() && self.service.is_empty(),
         }

@@ -8,6 +8,7 @@
 //! [`knock_service`], the reloads [`upkeep`], the interval reports
 //! [`reports`].
 
+pub mod detect;
 pub mod knock_service;
 pub mod node;
 pub mod reports;
@@ -165,7 +166,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         pin_durability: durability.describe(),
         book: book.clone(),
         costs: costs.clone(),
+        findings: Default::default(),
     });
+    let mut detector = detect::Detector::new(SystemTime::now());
     let bound = async {
         let control = control::bind(&cfg.control).await?;
         let metrics = metrics::bind(&cfg.metrics).await?;
@@ -219,6 +222,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 reports::record_drops(&auditor, &cfg, &enforcer, &mut drops, flows_live, now).await;
             }
             _ = second.tick() => {
+                detector.tick(&node, &node.findings, SystemTime::now());
                 enforcer.reset_event_budget()?;
                 reports::account(&enforcer, &mut acct);
                 if let Some(k) = &knocks {

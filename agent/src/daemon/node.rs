@@ -1,13 +1,13 @@
 //! A running agent, for its outside interfaces (`agent/src/control/`,
 //! `agent/src/metrics/`).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use crate::{
     accounting::{SpendBook, totals::CostTotals},
     audit::auditor::Auditor,
     config::Config,
-    daemon::upkeep::Knocks,
+    daemon::{detect::FindingsView, upkeep::Knocks},
     enforce::Enforcer,
     loader::Origin,
 };
@@ -25,6 +25,8 @@ pub struct Node {
     pub book: Arc<SpendBook>,
     /// Cost reported since start, per tenant and service (metrics).
     pub costs: Arc<CostTotals>,
+    /// The detections' state, for the metrics.
+    pub findings: Mutex<FindingsView>,
     pub origin: Origin,
     pub pin_durability: String,
 }

@@ -36,6 +36,7 @@ pub struct Maps {
     pub flow_count: Array<MapData, u32>,
     pub identity_names: Array<MapData, IdentityName>,
     pub knock_sources: HashMap<MapData, [u8; 16], u64>,
+    pub service_drops: PerCpuArray<MapData, u64>,
     /// Identity key → slot, built on first use.
     slots: Option<std::collections::HashMap<u64, u32>>,
     /// Flows removed by revocations since open (how many a revocation cut
@@ -160,6 +161,7 @@ impl Maps {
             flow_count: typed!(names::FLOW_COUNT),
             identity_names: typed!(names::IDENTITY_NAMES),
             knock_sources: typed!(names::KNOCK_SRC),
+            service_drops: typed!(names::SERVICE_DROPS),
             slots: None,
             flows_removed: 0,
         })
@@ -823,6 +825,24 @@ impl Maps {
                 .get(&(i as u32), 0)
                 .map_err(|e| KernelError::map(names::DROPS, e))?;
             *slot = per_cpu.iter().sum();
+        }
+        Ok(out)
+    }
+
+    /// Packets refused per protected service since the map was created:
+    /// (service id, count), from the usage columns the services hold.
+    pub fn service_drops(&self) -> Result<Vec<(u32, u64)>, KernelError> {
+        let cols = self.usage_columns()?;
+        let mut out = Vec::new();
+        for (col, id) in cols.iter().enumerate() {
+            if *id == 0 {
+                continue;
+            }
+            let per_cpu = self
+                .service_drops
+                .get(&(col as u32), 0)
+                .map_err(|e| KernelError::map(names::SERVICE_DROPS, e))?;
+            out.push((*id, per_cpu.iter().sum()));
         }
         Ok(out)
     }

@@ -47,6 +47,17 @@ struct TenantLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct FindingLabels {
+    kind: String,
+    subject: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ServiceLabel {
     service: String,
 }
@@ -295,6 +306,36 @@ pub fn render(node: &Node) -> Result<String, KernelError> {
         "service_cost_micros",
         "Cost reported since the agent started, per service, in micro-units of accounting.currency",
         by_service,
+    );
+
+    let findings = node
+        .findings
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    let open = Family::<FindingLabels, Gauge>::default();
+    for (kind, subject) in &findings.open {
+        open.get_or_create(&FindingLabels {
+            kind: kind.clone(),
+            subject: subject.clone(),
+        })
+        .set(1);
+    }
+    let opened = Family::<KindLabel, Counter>::default();
+    for (kind, n) in &findings.opened {
+        opened
+            .get_or_create(&KindLabel { kind: kind.clone() })
+            .inc_by(*n);
+    }
+    reg.register(
+        "detection_open",
+        "1 while a detection episode (flood, refusal_storm, spool_stall) is open",
+        open,
+    );
+    reg.register(
+        "detections",
+        "Detection episodes opened since start, per kind",
+        opened,
     );
 
     let mut out = String::new();

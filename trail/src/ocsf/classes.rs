@@ -5,7 +5,8 @@
 use std::net::IpAddr;
 
 use portcullis_proto::v1::{
-    AdmissionMethod, ControlCall, DropSummary, Event, Lifecycle, event::Body, lifecycle::Phase,
+    AdmissionMethod, ControlCall, Detection, DropSummary, Event, Lifecycle, event::Body,
+    lifecycle::Phase,
 };
 
 use super::{PORTCULLIS_CLASS_UID, PRODUCT, PortcullisActivity, VENDOR, json::Json};
@@ -41,6 +42,12 @@ pub(super) enum Attrs<'a> {
     },
     Control(&'a ControlCall),
     Lifecycle(&'a Lifecycle),
+    /// A Detection Finding: the episode's identity (node, kind, subject,
+    /// start) is the finding's uid, so its open and close records pair up.
+    Finding {
+        d: &'a Detection,
+        uid: String,
+    },
 }
 
 /// The fields `AdmissionGranted` and `AdmissionDenied` share
@@ -256,6 +263,16 @@ pub(super) fn write_attrs(j: &mut Json<'_>, attrs: &Attrs<'_>) {
             j.end();
             j.k("src_endpoint").obj();
             j.k("name").s(&c.caller);
+            j.end();
+        }
+        Attrs::Finding { d, ref uid } => {
+            j.k("finding_info").obj();
+            j.k("uid").s(uid.as_str());
+            j.k("title")
+                .s_parts(&["portcullis ", &d.kind, ": ", &d.subject]);
+            j.k("types").arr();
+            j.s(&d.kind);
+            j.end_arr();
             j.end();
         }
         Attrs::Lifecycle(l) => {
@@ -503,6 +520,43 @@ pub(super) fn classify(ev: &Event) -> Class<'_> {
                 )
             },
         ),
+        Body::Detection(d) => {
+            let (activity_id, activity_name) = if d.open { (1, "Create") } else { (3, "Close") };
+            let message = if d.open {
+                format!(
+                    "{} at {}: {}/s over the threshold of {}/s{}{}",
+                    d.kind,
+                    d.subject,
+                    d.rate,
+                    d.threshold,
+                    if d.detail.is_empty() { "" } else { "; " },
+                    d.detail
+                )
+            } else {
+                format!(
+                    "{} at {} ended after {} ms: peak {}/s, {} in all",
+                    d.kind, d.subject, d.duration_ms, d.rate, d.total
+                )
+            };
+            Class {
+                class_uid: 2004,
+                class_name: "Detection Finding",
+                category_uid: 2,
+                category_name: "Findings",
+                activity_id,
+                activity_name,
+                severity_id: if d.open { 3 } else { 1 },
+                status: None,
+                message,
+                attrs: Attrs::Finding {
+                    d,
+                    uid: format!(
+                        "{}/{}/{}/{}",
+                        ev.node_id, d.kind, d.subject, d.started_unix_ms
+                    ),
+                },
+            }
+        }
         Body::SpoolPressure(s) => custom(
             PortcullisActivity::SpoolPressure,
             if s.full { 3 } else { 1 },

@@ -187,6 +187,19 @@ pub(super) fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             j.k("error").s(&k.error);
             j.end();
         }
+        Some(Body::Detection(d)) => {
+            j.k("detection").obj();
+            j.k("kind").s(&d.kind);
+            j.k("subject").s(&d.subject);
+            j.k("open").b(d.open);
+            j.k("rate").u(d.rate);
+            j.k("threshold").u(d.threshold);
+            j.k("started_unix_ms").i(d.started_unix_ms);
+            j.k("duration_ms").u(d.duration_ms);
+            j.k("total").u(d.total);
+            j.k("detail").s(&d.detail);
+            j.end();
+        }
         Some(Body::SpoolPressure(s)) => {
             j.k("spool_pressure").obj();
             j.k("full").b(s.full);

@@ -14,6 +14,7 @@
 //! | `DropSummary` | Network Activity (4001) | Refuse (5) |
 //! | `ControlCall` | API Activity (6003) | Create/Read/Update/Delete by method, else Other |
 //! | `Lifecycle` | Application Lifecycle (6002) | Start (3) / Stop (4) |
+//! | `Detection` | Detection Finding (2004) | Create (1) when an episode opens, Close (3) when it ends |
 //! | collector findings | Detection Finding (2004) | Create (1) |
 //! | `Checkpoint`, `CostReport`, `Revocation`, `PolicyChange`, `Gap`, `SpoolPressure` | Portcullis Audit ([`PORTCULLIS_CLASS_UID`]) | see [`PortcullisActivity`] |
 //!

@@ -146,6 +146,23 @@ pub(super) fn samples() -> Vec<Event> {
                 }),
             ));
         }
+        for open in [true, false] {
+            v.push(ev(
+                35,
+                t,
+                Body::Detection(portcullis_proto::v1::Detection {
+                    kind: "flood".into(),
+                    subject: s.clone(),
+                    open,
+                    rate: 4000,
+                    threshold: 1000,
+                    started_unix_ms: t / 1_000_000,
+                    duration_ms: if open { 0 } else { 3000 },
+                    total: if open { 0 } else { 9000 },
+                    detail: s.clone(),
+                }),
+            ));
+        }
         for n in [0usize, 1, 3] {
             v.push(ev(
                 32,
