@@ -788,6 +788,12 @@ impl Shared {
                     }
                 }
                 tracing::error!(error = %e, nodes = ?lost, "could not persist a batch");
+                // Rolled back before anyone hears of the failure: an agent
+                // that reconnects at once must meet the node already back
+                // at its persisted head, or its new stream would be
+                // verified against the lost batches and told to resend.
+                self.rollback(&lost);
+                lost.clear();
                 for (job, _) in batches {
                     let _ = job.done.send(Err(Status::unavailable(format!(
                         "the collector could not persist the batch: {e}"
