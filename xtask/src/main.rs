@@ -65,6 +65,8 @@ enum Bench {
     Policy,
     /// Audit events agent → collector (fsync both sides) vs the local spool only
     Events,
+    /// Control API: Admit vs a knock, Revoke delay (a real agent in namespaces)
+    Control,
     /// Every benchmark, each with its defaults
     All,
 }
@@ -196,17 +198,23 @@ fn bench(what: Bench, args: &[String]) -> Result<()> {
             build()?;
             bench_run("events", args)
         }
+        Bench::Control => {
+            // It runs the real `portcullis` agent from target/release.
+            build()?;
+            bench_run("control", args)
+        }
         Bench::All => {
             if !args.is_empty() {
                 bail!(
-                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events ARGS`"
+                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events|control ARGS`"
                 );
             }
             bench_run("xdp", &[])?;
             bench_run("admission", &[])?;
             bench_run("policy", &[])?;
             build()?;
-            bench_run("events", &[])
+            bench_run("events", &[])?;
+            bench_run("control", &[])
         }
     }
 }

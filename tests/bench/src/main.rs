@@ -5,6 +5,10 @@
 //! 100 and 1000 policies next to token verification and a cached admission
 //! (`tests/bench/src/policy.rs`).
 //!
+//! `portcullis-bench control [--n N]`: the control API's Admit next to a
+//! knock, and Revoke's delay, against a real agent in namespaces
+//! (`tests/bench/src/control.rs`).
+//!
 //! `portcullis-bench events [--secs N]`: audit events from the agent to a
 //! real collector, sustained, against the same events written to the local
 //! spool only (`tests/bench/src/events.rs`).
@@ -18,6 +22,7 @@
 use std::process::ExitCode;
 
 mod admission;
+mod control;
 mod events;
 mod policy;
 mod support;
@@ -30,6 +35,8 @@ const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
   --n N        calls per row (default 2000)
        portcullis-bench policy [--n N]
   --n N        decisions per row (default 20000)
+       portcullis-bench control [--n N]
+  --n N        calls per row (default 1000)
        portcullis-bench events [--secs N] [--inflight N] [--rate N] [--portcullis PATH]
   --secs N     seconds per scenario (default 30)";
 
@@ -41,6 +48,7 @@ fn main() -> ExitCode {
         Some("admission") => admission::main(args),
         Some("policy") => policy::main(args),
         Some("events") => events::main(args),
+        Some("control") => control::main(args),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

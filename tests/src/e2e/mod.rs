@@ -51,11 +51,16 @@ pub fn agent_binary() -> PathBuf {
 /// `portcullis-collector`), built into the same `target/<profile>`.
 pub fn workspace_binary(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("current_exe");
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("test executable lives in target/<profile>/deps");
-    let bin = dir.join(name);
+    // Next to a binary (`portcullis-bench`), or beside `deps/` for a test.
+    let here = exe.with_file_name(name);
+    let bin = if here.is_file() {
+        here
+    } else {
+        exe.parent()
+            .and_then(Path::parent)
+            .expect("test executable lives in target/<profile>/deps")
+            .join(name)
+    };
     assert!(
         bin.is_file(),
         "binary {} is missing: run `cargo build --release` first \
