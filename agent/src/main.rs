@@ -215,6 +215,7 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
                 cfg,
                 daemon::RunOptions {
                     ready_file: run.ready_file,
+                    config_path: Some(path.clone()),
                 },
             ))
         }

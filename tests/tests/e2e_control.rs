@@ -954,3 +954,39 @@ fn policy_apply_validates_first_then_swaps_through_the_hot_reload() {
         "the broken candidate never reached the directory"
     );
 }
+
+#[test]
+fn sighup_reloads_now_and_reports_config_changes_that_need_a_restart() {
+    let _serial = serial();
+    let mut k = KnockEnv::start("ctlhup", &KnockSettings::default());
+    k.env
+        .edit_config(|c| format!("{c}\n[findings]\nflood_per_sec = 5\n"));
+    let pid = k.env.agent().pid().expect("agent pid") as libc::pid_t;
+    // SAFETY: kill(2) on the test's own child.
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert!(
+        k.wait_log("config sections changed", Duration::from_secs(5)),
+        "{}",
+        k.log()
+    );
+    let log = e2e::knock::strip_ansi(&k.log());
+    let line = log
+        .lines()
+        .find(|l| l.contains("config sections changed"))
+        .unwrap();
+    assert!(
+        line.contains("findings") && !line.contains("services"),
+        "{line}"
+    );
+    // A file that no longer loads is reported; the agent runs on.
+    k.env
+        .edit_config(|c| format!("{c}\n[findings]\nbogus = 1\n"));
+    assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
+    assert!(
+        k.wait_log("the running config stays", Duration::from_secs(5)),
+        "{}",
+        k.log()
+    );
+    ctl_json(&k.env, None, &["status"]);
+    k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
+}

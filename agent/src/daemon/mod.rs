@@ -11,6 +11,7 @@
 pub mod detect;
 pub mod knock_service;
 pub mod node;
+pub mod reload;
 pub mod reports;
 pub mod upkeep;
 
@@ -47,6 +48,8 @@ use upkeep::{KnockParts, Knocks, audit_key_set};
 
 pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
+    /// The config file, re-read on SIGHUP to report what changed.
+    pub config_path: Option<PathBuf>,
 }
 
 pub fn origin_word(o: Origin) -> &'static str {
@@ -199,6 +202,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
 
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
+    let mut hup = signal(SignalKind::hangup())?;
     let mut tick = tokio::time::interval(cfg.agent.stats_interval);
     // `events_per_sec` is a per-second budget the kernel only counts down.
     let mut second = tokio::time::interval(Duration::from_secs(1));
@@ -245,6 +249,17 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 let freed = enforcer.reclaim_idle()?;
                 if freed > 0 {
                     tracing::info!(event = "identities_reclaimed", count = freed, "idle identity slots freed");
+                }
+            }
+            _ = hup.recv() => {
+                // Policy, keys and revocations now rather than within the
+                // second; the config file is compared with the one running.
+                tracing::info!(event = "sighup", "reloading policy, token keys and revocations");
+                if let Some(k) = &knocks {
+                    k.upkeep();
+                }
+                if let Some(path) = &opts.config_path {
+                    reload::report_config(&cfg, path);
                 }
             }
             _ = term.recv() => break "SIGTERM".to_string(),
