@@ -55,8 +55,9 @@ use std::{
 
 use portcullis_proto::v1::{CostLine, CostReport};
 
+pub use ledger::Counters;
 pub use ledger::LedgerError;
-use ledger::{Baseline, Counters, IdentityToDate, Line, Pending, State, ToDate};
+use ledger::{Baseline, IdentityToDate, Line, Pending, State, ToDate};
 use price::Carry;
 
 use portcullis_trail::time::unix_ns;
@@ -350,6 +351,54 @@ impl Accountant {
         Ok(summary)
     }
 
+    /// Charges usage a model server reported for `identity` (its kernel
+    /// name) at `service`, by the service's price table, and persists the
+    /// ledger before returning, so an acknowledged report is never lost.
+    /// The cost counts toward spend and the forecast's recent rate at
+    /// once: the next policy decision sees it. `Ok(None)`: the service
+    /// is not priced here (unknown id), nothing charged.
+    pub fn report_usage(
+        &mut self,
+        now: SystemTime,
+        identity: &str,
+        tenant: &str,
+        service: u32,
+        usage: &Counters,
+    ) -> Result<Option<(u64, Spend)>, LedgerError> {
+        if !self.services.contains_key(&service) {
+            return Ok(None);
+        }
+        let t = unix_secs(now).max(self.state.clock_secs);
+        self.state.clock_secs = t;
+        self.started.get_or_insert(t);
+        self.roll(t);
+        if self.state.pending.start_unix_ns == 0 && self.state.pending.lines.is_empty() {
+            self.state.pending.start_unix_ns = unix_ns(now);
+        }
+        let tenant = self
+            .state
+            .identities
+            .get(identity)
+            .map_or(tenant, |i| i.tenant.as_str())
+            .to_string();
+        self.know(identity, &tenant);
+        let cost = self.charge(identity, &tenant, service, usage);
+        self.remember_rate(t, vec![(identity.to_string(), tenant, cost)]);
+        self.publish();
+        self.save()?;
+        Ok(Some((cost, self.book.identity(identity))))
+    }
+
+    /// Whether the accountant has seen `identity` (its kernel name): spend
+    /// this month, or named by a knock, an `Admit` or the config.
+    pub fn knows(&mut self, identity: &str) -> bool {
+        for (key, named) in self.book.take_learned() {
+            self.names.entry(key).or_insert(named);
+        }
+        self.state.identities.contains_key(identity)
+            || self.names.contains_key(&identity_key(identity))
+    }
+
     fn name_of(&self, key: u64) -> (String, String) {
         match self.names.get(&key) {
             Some((n, t)) => (n.clone(), t.clone()),
@@ -369,13 +418,7 @@ impl Accountant {
             .carries
             .entry((identity.to_string(), service))
             .or_default();
-        let cost = price::cost(
-            &price,
-            delta.connections,
-            delta.bytes_in,
-            delta.bytes_out,
-            carry,
-        );
+        let cost = price::cost(&price, delta, carry);
         if carry.is_zero() {
             self.state.carries.remove(&(identity.to_string(), service));
         }
@@ -557,6 +600,10 @@ impl Accountant {
                     identity_month_micros: id.month_micros,
                     identity_day_micros: id.day_micros,
                     tenant_month_micros: tenant.month_micros,
+                    requests: l.counters.requests,
+                    tokens_in: l.counters.tokens_in,
+                    tokens_out: l.counters.tokens_out,
+                    gpu_ms: l.counters.gpu_ms,
                 }
             })
             .collect();

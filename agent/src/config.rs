@@ -144,6 +144,13 @@ pub struct Price {
     pub per_mib_in_micros: u64,
     /// Per MiB of response bytes out of the service.
     pub per_mib_out_micros: u64,
+    /// What a model server reports (`ReportUsage`): per request served,
+    pub per_request_micros: u64,
+    /// per million prompt tokens in and generated tokens out,
+    pub per_mtok_in_micros: u64,
+    pub per_mtok_out_micros: u64,
+    /// and per GPU-hour (reported in GPU-milliseconds).
+    pub per_gpu_hour_micros: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -761,15 +768,24 @@ mod tests {
             "out of range",
         );
         let c = parse_ok(&format!(
-            "{KERNEL}{SERVICE}price = {{ per_connection_micros = 5, per_mib_out_micros = 7 }}\n"
+            "{KERNEL}{SERVICE}price = {{ per_connection_micros = 5, per_mib_out_micros = 7, per_mtok_out_micros = 9, per_gpu_hour_micros = 11 }}\n"
         ));
         assert_eq!(
             c.services[0].price,
             Price {
                 per_connection_micros: 5,
                 per_mib_in_micros: 0,
-                per_mib_out_micros: 7
+                per_mib_out_micros: 7,
+                per_request_micros: 0,
+                per_mtok_in_micros: 0,
+                per_mtok_out_micros: 9,
+                per_gpu_hour_micros: 11,
             }
+        );
+        assert_rejects(
+            &format!("{KERNEL}{SERVICE}price = {{ per_mtok_in_micros = 1000000000001 }}\n"),
+            "services[0].price.per_mtok_in_micros",
+            "out of range",
         );
         assert_rejects(
             &format!("{KERNEL}{SERVICE}[accounting]\ncurrency = \"\"\n"),

@@ -990,3 +990,164 @@ fn sighup_reloads_now_and_reports_config_changes_that_need_a_restart() {
     ctl_json(&k.env, None, &["status"]);
     k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
 }
+
+#[test]
+fn report_usage_prices_what_a_model_server_served_and_a_spend_policy_refuses_the_next_knock() {
+    let _serial = serial();
+    const PERMIT: &str = "@id(\"permit-all\")\npermit(principal, action, resource);\n";
+    // 1 currency unit this month: what the report below crosses.
+    const CEILING: &str = "@id(\"spend-ceiling\")\nforbid(principal, action, resource)\nwhen { context.spend_month > 1000000 };\n";
+    let pol = portcullis_testkit::TempDir::new("ctlusage-pol").unwrap();
+    std::fs::write(pol.path().join("base.cedar"), PERMIT).unwrap();
+    std::fs::write(pol.path().join("spend.cedar"), CEILING).unwrap();
+    let k = KnockEnv::start(
+        "ctlusage",
+        &KnockSettings {
+            policy_dir: Some(pol.path().to_path_buf()),
+            // 2 per million tokens out, 0.5 per GPU-hour, 0.001 per request.
+            service_extra: "price = { per_mtok_out_micros = 2000000, per_gpu_hour_micros = 500000, per_request_micros = 1000 }\n".into(),
+            audit: "report_interval_secs = 1\n".into(),
+            ..roles_settings("")
+        },
+    );
+    open_to_other_users(&k.env);
+    let who = format!("{TENANT}/alice");
+    k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
+
+    // Who may report: an admitter (and operators), not a viewer.
+    let report = |user, extra: &[&str]| {
+        let mut a = vec!["usage", "--identity", who.as_str(), "--service", SERVICE];
+        a.extend_from_slice(extra);
+        ctl(&k.env, user, &a)
+    };
+    let denied = report(Some(VIEWER), &["--requests", "1"]);
+    assert!(!denied.status.success());
+    assert!(String::from_utf8_lossy(&denied.stderr).contains("PermissionDenied"));
+
+    // Bad reports: refused with the field named, nothing charged.
+    for (args, code, says) in [
+        (
+            vec!["--tokens-out", "1000000001"],
+            "InvalidArgument",
+            "tokens_out",
+        ),
+        (vec![], "InvalidArgument", "empty"),
+        (vec!["--gpu-ms", "10000000001"], "InvalidArgument", "gpu_ms"),
+    ] {
+        let out = report(Some(ADMITTER), &args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success() && err.contains(code) && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+    let err = ctl_refused(
+        &k.env,
+        Some(ADMITTER),
+        &[
+            "usage",
+            "--identity",
+            "acme/mallory",
+            "--service",
+            SERVICE,
+            "--requests",
+            "1",
+        ],
+    );
+    assert!(
+        err.contains("NotFound") && err.contains("acme/mallory"),
+        "{err}"
+    );
+    let err = ctl_refused(
+        &k.env,
+        Some(ADMITTER),
+        &[
+            "usage",
+            "--identity",
+            &who,
+            "--service",
+            "nope",
+            "--requests",
+            "1",
+        ],
+    );
+    assert!(err.contains("NotFound") && err.contains("nope"), "{err}");
+    let before = ctl_json(&k.env, None, &["stats", "--identity", &who]);
+    let month_before = before["identities"][0]["month_micros"].as_u64().unwrap();
+    assert!(month_before < 1_000_000, "{before}");
+
+    // A real report: 1M tokens out (2,000,000), 1.8 GPU-seconds (250),
+    // 3 requests (3,000).
+    let args = [
+        "--tokens-out",
+        "1000000",
+        "--gpu-ms",
+        "1800",
+        "--requests",
+        "3",
+        "--report-id",
+        "req-1",
+    ];
+    let out = report(Some(ADMITTER), &args);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let charged: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(charged["cost_micros"], 2_003_250, "{charged}");
+    assert_eq!(charged["duplicate"], false);
+    let month = charged["month_micros"].as_u64().unwrap();
+    assert!(month >= month_before + 2_003_250, "{charged}");
+    assert!(charged["forecast_month_micros"].as_u64().unwrap() >= month);
+
+    // A retry with the same id is acknowledged, not charged again.
+    let again: serde_json::Value =
+        serde_json::from_slice(&report(Some(ADMITTER), &args).stdout).unwrap();
+    assert_eq!(again["duplicate"], true, "{again}");
+    assert_eq!(again["cost_micros"], 0);
+    assert!(again["month_micros"].as_u64().unwrap() < month + 1_000_000);
+
+    // The policy sees the spend: the next knock is refused by the ceiling.
+    k.knock_refused(
+        false,
+        &k.mint(&[INVOKE], TOKEN_TTL),
+        SERVICE,
+        "over the spend ceiling",
+    );
+    let denied = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::AdmissionDenied(d)) if d.policies.iter().any(|p| p == "spend-ceiling") => {
+                Some(d)
+            }
+            _ => None,
+        })
+    });
+    assert!(denied.is_some(), "the refusal names the spend policy");
+
+    // The cost report in the trail carries the reported usage.
+    let line = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::CostReport(c)) => c.lines.into_iter().find(|l| l.tokens_out > 0),
+            _ => None,
+        })
+    })
+    .expect("a cost report with the reported usage");
+    assert_eq!(
+        (line.tokens_out, line.gpu_ms, line.requests),
+        (1_000_000, 1_800, 3)
+    );
+    assert!(line.cost_micros >= 2_003_250);
+    // Every call is on the record, refused ones included.
+    let calls: Vec<_> = control_calls(&k)
+        .into_iter()
+        .filter(|c| c.method == "ReportUsage")
+        .collect();
+    assert_eq!(calls.len(), 8, "{calls:#?}");
+    assert!(calls.iter().any(|c| !c.allowed));
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.outcome == "ok" && c.request.contains("report_id=req-1"))
+    );
+}

@@ -47,7 +47,9 @@ impl LedgerError {
     }
 }
 
-/// Kernel counters of one (identity, service), as kept in the ledger.
+/// Usage of one (identity, service), as kept in the ledger: the kernel's
+/// counters, and what model servers reported (`ReportUsage`; always zero
+/// in kernel rows).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Counters {
@@ -57,6 +59,14 @@ pub struct Counters {
     pub packets_out: u64,
     pub bytes_out: u64,
     pub dropped: u64,
+    #[serde(default)]
+    pub requests: u64,
+    #[serde(default)]
+    pub tokens_in: u64,
+    #[serde(default)]
+    pub tokens_out: u64,
+    #[serde(default)]
+    pub gpu_ms: u64,
 }
 
 impl From<IdentityStats> for Counters {
@@ -68,12 +78,13 @@ impl From<IdentityStats> for Counters {
             packets_out: s.packets_out,
             bytes_out: s.bytes_out,
             dropped: s.dropped,
+            ..Counters::default()
         }
     }
 }
 
 impl Counters {
-    fn fields(&self) -> [u64; 6] {
+    fn fields(&self) -> [u64; 10] {
         [
             self.connections,
             self.packets_in,
@@ -81,6 +92,25 @@ impl Counters {
             self.packets_out,
             self.bytes_out,
             self.dropped,
+            self.requests,
+            self.tokens_in,
+            self.tokens_out,
+            self.gpu_ms,
+        ]
+    }
+
+    fn fields_mut(&mut self) -> [&mut u64; 10] {
+        [
+            &mut self.connections,
+            &mut self.packets_in,
+            &mut self.bytes_in,
+            &mut self.packets_out,
+            &mut self.bytes_out,
+            &mut self.dropped,
+            &mut self.requests,
+            &mut self.tokens_in,
+            &mut self.tokens_out,
+            &mut self.gpu_ms,
         ]
     }
 
@@ -94,32 +124,23 @@ impl Counters {
 
     /// `self - earlier`, field by field (callers check `went_down_from`).
     pub fn since(&self, earlier: &Counters) -> Counters {
-        Counters {
-            connections: self.connections.saturating_sub(earlier.connections),
-            packets_in: self.packets_in.saturating_sub(earlier.packets_in),
-            bytes_in: self.bytes_in.saturating_sub(earlier.bytes_in),
-            packets_out: self.packets_out.saturating_sub(earlier.packets_out),
-            bytes_out: self.bytes_out.saturating_sub(earlier.bytes_out),
-            dropped: self.dropped.saturating_sub(earlier.dropped),
+        let mut d = *self;
+        for (v, e) in d.fields_mut().into_iter().zip(earlier.fields()) {
+            *v = v.saturating_sub(e);
         }
+        d
     }
 
     pub fn add(&mut self, o: &Counters) {
-        self.connections = self.connections.saturating_add(o.connections);
-        self.packets_in = self.packets_in.saturating_add(o.packets_in);
-        self.bytes_in = self.bytes_in.saturating_add(o.bytes_in);
-        self.packets_out = self.packets_out.saturating_add(o.packets_out);
-        self.bytes_out = self.bytes_out.saturating_add(o.bytes_out);
-        self.dropped = self.dropped.saturating_add(o.dropped);
+        for (v, x) in self.fields_mut().into_iter().zip(o.fields()) {
+            *v = v.saturating_add(x);
+        }
     }
 
-    /// Whether there is any traffic (drops alone cost nothing).
+    /// Whether there is any usage (drops alone cost nothing).
     pub fn has_traffic(&self) -> bool {
-        self.connections != 0
-            || self.packets_in != 0
-            || self.bytes_in != 0
-            || self.packets_out != 0
-            || self.bytes_out != 0
+        let f = self.fields();
+        f[..5].iter().chain(&f[6..]).any(|v| *v != 0)
     }
 }
 
@@ -240,6 +261,12 @@ struct FileCarry {
     service: u32,
     in_frac: u64,
     out_frac: u64,
+    #[serde(default)]
+    tok_in_frac: u64,
+    #[serde(default)]
+    tok_out_frac: u64,
+    #[serde(default)]
+    gpu_frac: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -289,6 +316,9 @@ impl State {
                     service: *service,
                     in_frac: c.in_frac,
                     out_frac: c.out_frac,
+                    tok_in_frac: c.tok_in_frac,
+                    tok_out_frac: c.tok_out_frac,
+                    gpu_frac: c.gpu_frac,
                 })
                 .collect(),
             pending: FilePending {
@@ -335,6 +365,9 @@ impl State {
         for c in f.carries {
             if c.in_frac >> super::price::MIB_SHIFT != 0
                 || c.out_frac >> super::price::MIB_SHIFT != 0
+                || c.tok_in_frac >= super::price::PER_MTOK
+                || c.tok_out_frac >= super::price::PER_MTOK
+                || c.gpu_frac >= super::price::MS_PER_HOUR
             {
                 return Err(format!(
                     "carry of {} for service {} is not a fraction",
@@ -346,6 +379,9 @@ impl State {
                 Carry {
                     in_frac: c.in_frac,
                     out_frac: c.out_frac,
+                    tok_in_frac: c.tok_in_frac,
+                    tok_out_frac: c.tok_out_frac,
+                    gpu_frac: c.gpu_frac,
                 },
             );
         }

@@ -549,3 +549,77 @@ fn spend_book_names_identities_and_feeds_policy() {
     let hex = format!("#{:016x}", identity_key("mallory"));
     assert!(r.lines.iter().any(|l| l.identity == hex), "{r:?}");
 }
+
+#[test]
+fn reported_usage_is_charged_durably_reported_and_carries_fractions_across_restarts() {
+    let dir = Dir::new();
+    let path = dir.ledger();
+    let cfg = Config::from_toml_str(&format!(
+        r#"
+[kernel]
+interfaces = ["eth0"]
+
+[[services]]
+name = "llm"
+port = 8000
+price = {{ per_mtok_in_micros = 3, per_mtok_out_micros = 2000000, per_request_micros = 7 }}
+
+[accounting]
+ledger = "{}"
+"#,
+        path.display()
+    ))
+    .unwrap();
+    let mut a = Accountant::open(&cfg, SpendBook::new()).unwrap();
+    assert!(!a.knows("acme/alice"), "never seen");
+    a.tick(at(0), INST, &[]).unwrap();
+    let usage = |requests, tokens_in, tokens_out| Counters {
+        requests,
+        tokens_in,
+        tokens_out,
+        ..Counters::default()
+    };
+    // 500,000 tokens in at 3 per million: 1.5, charged 1, 0.5 carried.
+    let (cost, spend) = a
+        .report_usage(
+            at(1),
+            "acme/alice",
+            "acme",
+            llm(),
+            &usage(1, 500_000, 1_000_000),
+        )
+        .unwrap()
+        .unwrap();
+    assert_eq!(cost, 7 + 1 + 2_000_000);
+    assert_eq!(spend.month_micros, cost);
+    assert!(
+        spend.forecast_month_micros > cost,
+        "the report counts as recent rate"
+    );
+    assert!(a.knows("acme/alice"));
+    assert_eq!(a.tenant_spend("acme").month_micros, cost);
+    assert!(
+        a.report_usage(at(1), "acme/alice", "acme", 12345, &usage(1, 0, 0))
+            .unwrap()
+            .is_none(),
+        "a service with no price table charges nothing"
+    );
+    // Durable before the reply: a restart finds the spend and the carry.
+    drop(a);
+    let mut a = Accountant::open(&cfg, SpendBook::new()).unwrap();
+    assert_eq!(a.spend("acme/alice").month_micros, 2_000_008);
+    let (cost, _) = a
+        .report_usage(at(2), "acme/alice", "acme", llm(), &usage(0, 500_000, 0))
+        .unwrap()
+        .unwrap();
+    assert_eq!(cost, 2, "1.5 + the carried 0.5");
+    // The cost report carries what was reported, summed.
+    let r = a.take_report(at(3)).expect("a report");
+    let l = &r.lines[0];
+    assert_eq!(
+        (l.requests, l.tokens_in, l.tokens_out),
+        (1, 1_000_000, 1_000_000)
+    );
+    assert_eq!(l.cost_micros, 2_000_010);
+    assert_eq!(l.identity_month_micros, 2_000_010);
+}

@@ -87,6 +87,10 @@ pub(super) struct RawPrice {
     pub per_connection_micros: Option<i64>,
     pub per_mib_in_micros: Option<i64>,
     pub per_mib_out_micros: Option<i64>,
+    pub per_request_micros: Option<i64>,
+    pub per_mtok_in_micros: Option<i64>,
+    pub per_mtok_out_micros: Option<i64>,
+    pub per_gpu_hour_micros: Option<i64>,
 }
 
 #[derive(Debug, Default, Deserialize)]

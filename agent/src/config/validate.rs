@@ -281,32 +281,22 @@ fn accounting(raw: &RawAccounting) -> Result<AccountingSection, ConfigError> {
 }
 
 /// A service's `price` table: integer micro-units, each at most 10^12
-/// (a million currency units per connection or MiB) so sums stay far from
-/// overflow.
+/// (a million currency units per connection, MiB, request, million tokens
+/// or GPU-hour) so sums stay far from overflow.
 fn price(field: &str, raw: &Option<RawPrice>) -> Result<Price, ConfigError> {
     let Some(raw) = raw else {
         return Ok(Price::default());
     };
-    let max = 1_000_000_000_000;
+    let one =
+        |name: &str, v: Option<i64>| int(&format!("{field}.{name}"), v, 0, 0..=1_000_000_000_000);
     Ok(Price {
-        per_connection_micros: int(
-            &format!("{field}.per_connection_micros"),
-            raw.per_connection_micros,
-            0,
-            0..=max,
-        )?,
-        per_mib_in_micros: int(
-            &format!("{field}.per_mib_in_micros"),
-            raw.per_mib_in_micros,
-            0,
-            0..=max,
-        )?,
-        per_mib_out_micros: int(
-            &format!("{field}.per_mib_out_micros"),
-            raw.per_mib_out_micros,
-            0,
-            0..=max,
-        )?,
+        per_connection_micros: one("per_connection_micros", raw.per_connection_micros)?,
+        per_mib_in_micros: one("per_mib_in_micros", raw.per_mib_in_micros)?,
+        per_mib_out_micros: one("per_mib_out_micros", raw.per_mib_out_micros)?,
+        per_request_micros: one("per_request_micros", raw.per_request_micros)?,
+        per_mtok_in_micros: one("per_mtok_in_micros", raw.per_mtok_in_micros)?,
+        per_mtok_out_micros: one("per_mtok_out_micros", raw.per_mtok_out_micros)?,
+        per_gpu_hour_micros: one("per_gpu_hour_micros", raw.per_gpu_hour_micros)?,
     })
 }
 

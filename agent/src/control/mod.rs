@@ -13,6 +13,7 @@ pub mod listing;
 pub mod revoke;
 pub mod rpc;
 pub mod tcp;
+pub mod usage;
 pub mod watch;
 
 use std::{

@@ -14,7 +14,9 @@ use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 use super::{
     Node,
     auth::{self, CallLimiter, Caller},
-    listing, revoke, watch,
+    listing, revoke,
+    usage::{self, SeenReports},
+    watch,
 };
 use crate::{
     config::{Role, ServiceMode},
@@ -41,6 +43,8 @@ pub struct ControlApi {
     /// Calls refused for rate per caller: the audit trail gets the 1st,
     /// 2nd, 4th, 8th... so a flood cannot flood the trail too.
     rate_refused: DashMap<String, u64>,
+    /// `ReportUsage` ids already charged, so retries are not.
+    seen_reports: Arc<SeenReports>,
 }
 
 impl ControlApi {
@@ -49,6 +53,7 @@ impl ControlApi {
         ControlApi {
             limiter: CallLimiter::new(c.calls_per_sec, c.calls_burst),
             rate_refused: DashMap::new(),
+            seen_reports: Arc::default(),
             node,
         }
     }
@@ -750,6 +755,33 @@ impl Control for ControlApi {
         };
         let call = self.begin(&req, method, summary)?;
         let result = self.policy(req.get_ref());
+        self.end(call, result)
+    }
+
+    async fn report_usage(
+        &self,
+        req: Request<v1::ReportUsageRequest>,
+    ) -> Result<Response<v1::ReportUsageReply>, Status> {
+        let r = req.get_ref().clone();
+        let who = r
+            .identity
+            .as_ref()
+            .map(|i| format!("{}/{}", i.tenant, i.subject))
+            .unwrap_or_default();
+        let summary = format!(
+            "identity={who} service={} requests={} tokens_in={} tokens_out={} gpu_ms={} report_id={}",
+            r.service, r.requests, r.tokens_in, r.tokens_out, r.gpu_ms, r.report_id
+        );
+        let call = self.begin(&req, "ReportUsage", summary)?;
+        // The ledger is written (and synced) before the reply: off the
+        // async workers.
+        let node = self.node.clone();
+        let seen = self.seen_reports.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            usage::report(&node, &seen, &r, std::time::SystemTime::now())
+        })
+        .await
+        .unwrap_or_else(|e| Err(Status::internal(format!("usage report failed: {e}"))));
         self.end(call, result)
     }
 

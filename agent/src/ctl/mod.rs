@@ -88,6 +88,28 @@ enum Call {
         #[command(subcommand)]
         action: PolicyCall,
     },
+    /// Report what a model server served an identity (a model server's
+    /// call): priced by the service's table into the identity's spend.
+    Usage {
+        /// `SUBJECT` or `TENANT/SUBJECT`, as `ctl stats` shows it.
+        #[arg(long)]
+        identity: String,
+        #[arg(long)]
+        service: String,
+        #[arg(long, default_value_t = 0)]
+        requests: u64,
+        #[arg(long, default_value_t = 0)]
+        tokens_in: u64,
+        #[arg(long, default_value_t = 0)]
+        tokens_out: u64,
+        /// GPU time in milliseconds.
+        #[arg(long, default_value_t = 0)]
+        gpu_ms: u64,
+        /// Makes a retry safe: a report id already charged is not charged
+        /// again.
+        #[arg(long, default_value = "")]
+        report_id: String,
+    },
     /// Stream audit events as they are written.
     Watch {
         /// Event kinds (admission_granted, revocation, ...); repeatable.
@@ -229,11 +251,7 @@ async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
         Call::Revoke(a) => {
             use v1::revoke_request::Target;
             let target = if let Some(id) = a.identity {
-                let (tenant, subject) = id.rsplit_once('/').unwrap_or(("", &id));
-                Target::Identity(v1::IdentityRef {
-                    tenant: tenant.to_string(),
-                    subject: subject.to_string(),
-                })
+                Target::Identity(identity_ref(&id))
             } else if let Some(j) = a.jti {
                 Target::Jti(j)
             } else if let Some(s) = a.source {
@@ -344,6 +362,29 @@ async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
                 return Ok(ExitCode::from(1));
             }
         }
+        Call::Usage {
+            identity,
+            service,
+            requests,
+            tokens_in,
+            tokens_out,
+            gpu_ms,
+            report_id,
+        } => {
+            let r = c
+                .report_usage(v1::ReportUsageRequest {
+                    identity: Some(identity_ref(&identity)),
+                    service,
+                    requests,
+                    tokens_in,
+                    tokens_out,
+                    gpu_ms,
+                    report_id,
+                })
+                .await
+                .map_err(server)?;
+            show::usage(&r.into_inner(), json);
+        }
         Call::Watch {
             kinds,
             identity,
@@ -418,6 +459,23 @@ pub async fn connect_tls(
             )
         })?;
     Ok(ControlClient::new(channel))
+}
+
+/// `TENANT/SUBJECT` or `SUBJECT`, as identities are shown: escaped parts
+/// (`agent/src/identity.rs`) are unescaped, so the agent finds the same
+/// name. Text no identity shows as is sent as the subject, for the agent
+/// to refuse.
+fn identity_ref(id: &str) -> v1::IdentityRef {
+    match crate::identity::IdentityName::parse(id) {
+        Some(n) => v1::IdentityRef {
+            tenant: n.tenant.unwrap_or_default(),
+            subject: n.subject,
+        },
+        None => v1::IdentityRef {
+            tenant: String::new(),
+            subject: id.to_string(),
+        },
+    }
 }
 
 /// The server's refusal, as it said it.

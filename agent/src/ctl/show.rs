@@ -130,6 +130,29 @@ pub fn revoked(r: &v1::RevokeReply, json: bool) {
     );
 }
 
+pub fn usage(r: &v1::ReportUsageReply, json: bool) {
+    if json {
+        return print_json(&json!({
+            "identity": r.identity,
+            "cost_micros": r.cost_micros,
+            "currency": r.currency,
+            "month_micros": r.month_micros,
+            "day_micros": r.day_micros,
+            "forecast_month_micros": r.forecast_month_micros,
+            "duplicate": r.duplicate,
+        }));
+    }
+    if r.duplicate {
+        println!("already charged (same report id): nothing charged again");
+    } else {
+        println!("charged {} {} micro-units", r.identity, r.cost_micros);
+    }
+    println!(
+        "spend: month {} day {} forecast {} ({} micro-units)",
+        r.month_micros, r.day_micros, r.forecast_month_micros, r.currency
+    );
+}
+
 pub fn admissions(rows: &[v1::AdmissionInfo], json: bool) {
     if json {
         let v: Vec<Value> = rows

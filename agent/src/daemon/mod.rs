@@ -169,6 +169,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         pin_durability: durability.describe(),
         book: book.clone(),
         costs: costs.clone(),
+        accountant: std::sync::Mutex::new(acct),
         findings: Default::default(),
     });
     let mut detector = detect::Detector::new(SystemTime::now());
@@ -222,13 +223,13 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
             _ = report_tick.tick() => {
                 let now = SystemTime::now();
-                reports::report_cost(&auditor, &mut acct, &costs, now);
+                reports::report_cost(&auditor, &mut node.accountant(), &costs, now);
                 reports::record_drops(&auditor, &cfg, &enforcer, &mut drops, flows_live, now).await;
             }
             _ = second.tick() => {
                 detector.tick(&node, &node.findings, SystemTime::now());
                 enforcer.reset_event_budget()?;
-                reports::account(&enforcer, &mut acct);
+                reports::account(&enforcer, &mut node.accountant());
                 if let Some(k) = &knocks {
                     k.upkeep();
                 }
@@ -289,8 +290,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         )
         .await;
     }
-    reports::account(&enforcer, &mut acct);
-    reports::report_cost(&auditor, &mut acct, &costs, SystemTime::now());
+    {
+        let mut acct = node.accountant();
+        reports::account(&enforcer, &mut acct);
+        reports::report_cost(&auditor, &mut acct, &costs, SystemTime::now());
+    }
     // Control calls end before the trail does: each one's record is in it.
     let _ = control_stop.send(true);
     for t in outside {

@@ -1,10 +1,10 @@
 //! A running agent, for its outside interfaces (`agent/src/control/`,
 //! `agent/src/metrics/`).
 
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use crate::{
-    accounting::{SpendBook, totals::CostTotals},
+    accounting::{Accountant, SpendBook, totals::CostTotals},
     audit::auditor::Auditor,
     config::Config,
     daemon::{detect::FindingsView, upkeep::Knocks},
@@ -25,8 +25,18 @@ pub struct Node {
     pub book: Arc<SpendBook>,
     /// Cost reported since start, per tenant and service (metrics).
     pub costs: Arc<CostTotals>,
+    /// The one accountant: the main loop charges kernel counters every
+    /// second, `ReportUsage` what model servers report.
+    pub accountant: Mutex<Accountant>,
     /// The detections' state, for the metrics.
     pub findings: Mutex<FindingsView>,
     pub origin: Origin,
     pub pin_durability: String,
+}
+
+impl Node {
+    /// The accountant, held briefly (a charge and a ledger write).
+    pub fn accountant(&self) -> MutexGuard<'_, Accountant> {
+        self.accountant.lock().unwrap_or_else(|p| p.into_inner())
+    }
 }

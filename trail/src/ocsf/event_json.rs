@@ -139,6 +139,10 @@ pub(super) fn write_event_json(j: &mut Json<'_>, ev: &Event) {
                 j.k("identity_month_micros").u(l.identity_month_micros);
                 j.k("identity_day_micros").u(l.identity_day_micros);
                 j.k("tenant_month_micros").u(l.tenant_month_micros);
+                j.k("requests").u(l.requests);
+                j.k("tokens_in").u(l.tokens_in);
+                j.k("tokens_out").u(l.tokens_out);
+                j.k("gpu_ms").u(l.gpu_ms);
                 j.end();
             }
             j.end_arr();
