@@ -179,6 +179,7 @@ impl Gen {
                 identity_month_micros: 81_000_000 + i,
                 identity_day_micros: 2_700_000 + i,
                 tenant_month_micros: 910_000_000 + i,
+                ..Default::default()
             })
             .collect();
         Body::CostReport(CostReport {

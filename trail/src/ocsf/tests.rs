@@ -229,6 +229,10 @@ pub(super) fn samples() -> Vec<Event> {
                             identity_month_micros: 7,
                             identity_day_micros: 8,
                             tenant_month_micros: u64::MAX,
+                            requests: 9,
+                            tokens_in: 10,
+                            tokens_out: u64::MAX,
+                            gpu_ms: 11,
                         })
                         .collect(),
                     month: "2026-11".into(),
