@@ -1,6 +1,6 @@
 //! Break-glass administration on the pinned maps, usable whether or not the
-//! agent runs: status, admit, revoke, detach. (The gRPC control API comes
-//! later; these stay as the root-only local path.)
+//! agent runs: status, admit, revoke, detach. The root-only local path
+//! beside the control API (`agent/src/control/`), for when no agent runs.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -56,59 +56,147 @@ fn service_id(cfg: &Config, name: &str) -> anyhow::Result<u32> {
     }
 }
 
-pub fn status(cfg: &Config) -> anyhow::Result<()> {
-    let mut m = maps(cfg)?;
-    let counts = m.reason_counts()?;
-    for r in Reason::ALL {
-        println!("{} {}", r.name(), counts[r as usize]);
+/// What `agent status` prints: read from the pinned maps, the node key
+/// and the spool, whether or not an agent runs.
+struct NodeStatus {
+    drops: Vec<(&'static str, u64)>,
+    /// What shadow-mode services would have dropped (passed instead).
+    shadow_drops: Vec<(&'static str, u64)>,
+    node_id: String,
+    /// What an operator enrolls on the collector (hex), or why not.
+    node_key: Result<String, String>,
+    pins: String,
+    tables: Vec<serde_json::Value>,
+    identities: Vec<serde_json::Value>,
+    admissions: Vec<serde_json::Value>,
+    flows: u32,
+    audit_spool_bytes: u64,
+    audit_last_seq: u64,
+}
+
+pub fn status(cfg: &Config, json: bool) -> anyhow::Result<()> {
+    let st = node_status(cfg)?;
+    if json {
+        let drops = |v: &[(&str, u64)]| -> serde_json::Map<String, serde_json::Value> {
+            v.iter()
+                .map(|(k, n)| ((*k).to_string(), (*n).into()))
+                .collect()
+        };
+        let doc = serde_json::json!({
+            "drops": drops(&st.drops),
+            "shadow_drops": drops(&st.shadow_drops),
+            "node_id": st.node_id,
+            "node_key": st.node_key.as_ref().ok(),
+            "node_key_error": st.node_key.as_ref().err(),
+            "pins": st.pins,
+            "tables": st.tables,
+            "identities": st.identities,
+            "admissions": st.admissions,
+            "flows": st.flows,
+            "audit_spool_bytes": st.audit_spool_bytes,
+            "audit_last_seq": st.audit_last_seq,
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+        return Ok(());
     }
-    // What shadow-mode services would have dropped (passed instead).
-    for r in Reason::ALL {
-        let n = counts[(portcullis_common::SHADOW_COUNTERS + r as u32) as usize];
-        if n > 0 {
-            println!("shadow_{} {n}", r.name());
-        }
+    for (r, n) in &st.drops {
+        println!("{r} {n}");
     }
-    // What an operator enrolls on the collector.
-    println!("node_id {}", cfg.agent.node_id);
-    match portcullis_trail::node_key::NodeKey::load(&cfg.agent.node_key) {
-        Ok(k) => println!("node_key {}", portcullis_trail::hex::hex(&k.public_key())),
+    for (r, n) in st.shadow_drops.iter().filter(|(_, n)| *n > 0) {
+        println!("shadow_{r} {n}");
+    }
+    println!("node_id {}", st.node_id);
+    match &st.node_key {
+        Ok(k) => println!("node_key {k}"),
         Err(e) => println!("node_key unreadable ({e})"),
     }
-    let durability = bpffs::durability(&cfg.kernel.pin_dir)
-        .map_or_else(|e| format!("unknown ({e})"), |d| d.describe());
-    println!("pins {durability}");
-    let flows = m.flow_count() as u32;
-    for t in m.occupancy(Some(flows))? {
+    println!("pins {}", st.pins);
+    for t in &st.tables {
         println!(
             "table {} {}/{} {}% raise={}",
-            t.map,
-            t.entries,
-            t.capacity,
-            t.percent(),
-            t.knob
+            t["map"].as_str().unwrap_or_default(),
+            t["entries"],
+            t["capacity"],
+            t["percent"],
+            t["raise"].as_str().unwrap_or_default()
         );
     }
-    let identities = m.live_identities()?;
-    let flow_counts = m.flow_counts()?;
-    println!("identities {}", identities.len());
-    for (slot, id, name) in &identities {
+    println!("identities {}", st.identities.len());
+    for i in &st.identities {
         println!(
             "  identity={} slot={} state={} flows={} max_flows={}",
-            name,
-            slot,
-            match id.state {
+            i["identity"].as_str().unwrap_or_default(),
+            i["slot"],
+            i["state"].as_str().unwrap_or_default(),
+            i["flows"],
+            i["max_flows"]
+        );
+    }
+    println!("admissions {}", st.admissions.len());
+    for a in &st.admissions {
+        println!(
+            "  source={} service={} source_port={} identity={} expires_in_secs={}",
+            a["source"].as_str().unwrap_or_default(),
+            a["service"].as_str().unwrap_or_default(),
+            a["source_port"],
+            a["identity"].as_str().unwrap_or_default(),
+            a["expires_in_secs"]
+        );
+    }
+    println!("flows {}", st.flows);
+    println!("audit_spool_bytes {}", st.audit_spool_bytes);
+    println!("audit_last_seq {}", st.audit_last_seq);
+    Ok(())
+}
+
+fn node_status(cfg: &Config) -> anyhow::Result<NodeStatus> {
+    use serde_json::json;
+    let mut m = maps(cfg)?;
+    let counts = m.reason_counts()?;
+    let drops = Reason::ALL
+        .iter()
+        .map(|r| (r.name(), counts[*r as usize]))
+        .collect();
+    let shadow_drops = Reason::ALL
+        .iter()
+        .map(|r| {
+            (
+                r.name(),
+                counts[(portcullis_common::SHADOW_COUNTERS + *r as u32) as usize],
+            )
+        })
+        .collect();
+    let node_key = portcullis_trail::node_key::NodeKey::load(&cfg.agent.node_key)
+        .map(|k| portcullis_trail::hex::hex(&k.public_key()))
+        .map_err(|e| e.to_string());
+    let pins = bpffs::durability(&cfg.kernel.pin_dir)
+        .map_or_else(|e| format!("unknown ({e})"), |d| d.describe());
+    let flows = m.flow_count() as u32;
+    let tables = m
+        .occupancy(Some(flows))?
+        .iter()
+        .map(|t| {
+            json!({"map": t.map, "entries": t.entries, "capacity": t.capacity,
+                "percent": t.percent(), "raise": t.knob})
+        })
+        .collect();
+    let live = m.live_identities()?;
+    let flow_counts = m.flow_counts()?;
+    let identities = live
+        .iter()
+        .map(|(slot, id, name)| {
+            let state = match id.state {
                 portcullis_common::IDENTITY_LIVE => "live",
                 portcullis_common::IDENTITY_REVOKED => "revoked",
                 _ => "free",
-            },
-            flow_counts.get(*slot as usize).copied().unwrap_or(0),
-            id.max_flows
-        );
-    }
+            };
+            json!({"identity": name, "slot": slot, "state": state,
+                "flows": flow_counts.get(*slot as usize).copied().unwrap_or(0),
+                "max_flows": id.max_flows})
+        })
+        .collect();
     let name_of = |slot: u32| {
-        identities
-            .iter()
+        live.iter()
             .find(|(s, _, _)| *s == slot)
             .map_or_else(|| format!("#{slot}"), |(_, _, n)| n.clone())
     };
@@ -118,25 +206,30 @@ pub fn status(cfg: &Config) -> anyhow::Result<()> {
             .find(|s| s.id == id)
             .map_or_else(|| format!("#{id}"), |s| s.name.clone())
     };
-    let admissions = m.admissions();
-    println!("admissions {}", admissions.len());
     let now = crate::loader::clock::monotonic_ns();
-    for (k, v) in admissions {
-        let left = v.expires_ns.saturating_sub(now) / 1_000_000_000;
-        println!(
-            "  source={} service={} source_port={} identity={} expires_in_secs={}",
-            bytes_addr(k.addr),
-            service_of(k.service),
-            k.src_port,
-            name_of(v.identity),
-            left
-        );
-    }
-    println!("flows {flows}");
-    let (bytes, last) = spool_state(&cfg.audit.spool_dir)?;
-    println!("audit_spool_bytes {bytes}");
-    println!("audit_last_seq {last}");
-    Ok(())
+    let admissions = m
+        .admissions()
+        .into_iter()
+        .map(|(k, v)| {
+            json!({"source": bytes_addr(k.addr).to_string(), "service": service_of(k.service),
+                "source_port": k.src_port, "identity": name_of(v.identity),
+                "expires_in_secs": v.expires_ns.saturating_sub(now) / 1_000_000_000})
+        })
+        .collect();
+    let (audit_spool_bytes, audit_last_seq) = spool_state(&cfg.audit.spool_dir)?;
+    Ok(NodeStatus {
+        drops,
+        shadow_drops,
+        node_id: cfg.agent.node_id.clone(),
+        node_key,
+        pins,
+        tables,
+        identities,
+        admissions,
+        flows,
+        audit_spool_bytes,
+        audit_last_seq,
+    })
 }
 
 /// Bytes held in the audit spool (events not yet acknowledged by a

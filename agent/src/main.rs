@@ -54,6 +54,9 @@ enum PolicyAction {
         dir: PathBuf,
         #[arg(long, value_name = "FILE")]
         requests: PathBuf,
+        /// Print one JSON document (every case's decision and policies).
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -88,7 +91,13 @@ struct ConfigArg {
 #[derive(Subcommand)]
 enum AgentAction {
     /// Counters per reason, admissions and flows, read from the pinned maps.
-    Status(ConfigArg),
+    Status {
+        #[command(flatten)]
+        c: ConfigArg,
+        /// Print one JSON document instead of lines.
+        #[arg(long)]
+        json: bool,
+    },
     /// Admit a source to a service as an identity (break-glass, root only).
     Admit {
         #[command(flatten)]
@@ -195,8 +204,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
             action: PolicyAction::Validate { dir },
         } => portcullis_agent::policy::validate_cli(&dir),
         Command::Policy {
-            action: PolicyAction::Test { dir, requests },
-        } => portcullis_agent::policy::test_cli(&dir, &requests),
+            action:
+                PolicyAction::Test {
+                    dir,
+                    requests,
+                    json,
+                },
+        } => portcullis_agent::policy::test_cli(&dir, &requests, json),
         Command::Agent(AgentCmd { action: None, run }) => {
             if run.print_example_config {
                 print!("{}", portcullis_agent::config::EXAMPLE);
@@ -224,13 +238,13 @@ fn dispatch(cli: Cli) -> anyhow::Result<()> {
         }) => {
             portcullis_agent::logging::init_plain();
             admin::require_root(match &a {
-                AgentAction::Status(_) => "agent status",
+                AgentAction::Status { .. } => "agent status",
                 AgentAction::Admit { .. } => "agent admit",
                 AgentAction::Revoke { .. } => "agent revoke",
                 AgentAction::Detach(_) => "agent detach",
             })?;
             match a {
-                AgentAction::Status(c) => admin::status(&load(&c.config)?),
+                AgentAction::Status { c, json } => admin::status(&load(&c.config)?, json),
                 AgentAction::Admit {
                     c,
                     identity,

@@ -94,7 +94,7 @@ fn the_examples_load_cleanly() {
 
 #[test]
 fn the_requests_file_passes() {
-    policy::test_cli(&examples(), &examples().join("requests.toml")).unwrap();
+    policy::test_cli(&examples(), &examples().join("requests.toml"), false).unwrap();
 }
 
 #[test]
@@ -105,7 +105,7 @@ fn a_wrong_expectation_fails_the_run() {
     assert_ne!(flipped, text);
     let path = dir.path().join("flipped.toml");
     std::fs::write(&path, flipped).unwrap();
-    let e = policy::test_cli(&examples(), &path).unwrap_err();
+    let e = policy::test_cli(&examples(), &path, false).unwrap_err();
     assert!(e.to_string().contains("1 of"), "{e}");
 
     let wrong_ids = text.replacen(
@@ -115,15 +115,75 @@ fn a_wrong_expectation_fails_the_run() {
     );
     assert_ne!(wrong_ids, text);
     std::fs::write(&path, wrong_ids).unwrap();
-    assert!(policy::test_cli(&examples(), &path).is_err());
+    assert!(policy::test_cli(&examples(), &path, false).is_err());
 
     std::fs::write(&path, "[[case]]\nname = \"x\"\n").unwrap();
     assert!(
-        policy::test_cli(&examples(), &path).is_err(),
+        policy::test_cli(&examples(), &path, false).is_err(),
         "missing fields"
     );
     std::fs::write(&path, "").unwrap();
-    assert!(policy::test_cli(&examples(), &path).is_err(), "no cases");
+    assert!(
+        policy::test_cli(&examples(), &path, false).is_err(),
+        "no cases"
+    );
+}
+
+/// `policy test --json`: one document with every case's decision and the
+/// determining policies; a failing case is marked and the exit status is 1.
+#[test]
+fn the_json_report_names_each_decision_and_failure() {
+    let run = |requests: &std::path::Path| {
+        std::process::Command::new(env!("CARGO_BIN_EXE_portcullis"))
+            .args(["policy", "test"])
+            .arg(examples())
+            .arg("--requests")
+            .arg(requests)
+            .arg("--json")
+            .output()
+            .unwrap()
+    };
+    let out = run(&examples().join("requests.toml"));
+    assert!(out.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cases = v["cases"].as_array().unwrap();
+    assert!(cases.len() > 5);
+    assert_eq!(v["failed"], 0);
+    assert_eq!(v["passed"].as_u64().unwrap() as usize, cases.len());
+    assert!(cases.iter().all(|c| c["passed"] == true));
+    let isolated = cases
+        .iter()
+        .find(|c| {
+            c["policies"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|p| p == "tenant-isolation")
+        })
+        .expect("a case decided by tenant-isolation");
+    assert_eq!(isolated["decision"], "deny");
+
+    let text = std::fs::read_to_string(examples().join("requests.toml")).unwrap();
+    let dir = TempDir::new("poltestjson").unwrap();
+    let path = dir.path().join("flipped.toml");
+    std::fs::write(
+        &path,
+        text.replacen("expect = \"allow\"", "expect = \"deny\"", 1),
+    )
+    .unwrap();
+    let out = run(&path);
+    assert_eq!(out.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["failed"], 1);
+    let bad: Vec<_> = v["cases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["passed"] == false)
+        .collect();
+    assert_eq!(bad.len(), 1);
+    assert_eq!(bad[0]["decision"], "allow");
+    assert_eq!(bad[0]["problems"][0], "expected deny");
 }
 
 #[test]

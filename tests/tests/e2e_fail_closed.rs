@@ -188,8 +188,20 @@ fn a_removed_link_pin_is_restored() {
 
 /// Kernel drop counters of the drop reasons, from `agent status`.
 fn kernel_drops(env: &Env) -> BTreeMap<String, u64> {
-    parse_status(&env.cli_ok("status", &[]))
-        .into_iter()
+    let text = parse_status(&env.cli_ok("status", &[]));
+    let json = portcullis_e2e::e2e::status_from_json(&env.cli_ok("status", &["--json"]));
+    // `--json` says what the lines say (counters only grow in between).
+    assert_eq!(
+        text.keys().collect::<Vec<_>>(),
+        json.keys().collect::<Vec<_>>()
+    );
+    for (k, v) in text
+        .iter()
+        .filter(|(k, _)| Reason::ALL.iter().any(|r| r.name() == *k))
+    {
+        assert!(json[k] >= *v, "agent status --json {k}: {} < {v}", json[k]);
+    }
+    text.into_iter()
         .filter(|(name, _)| Reason::ALL.iter().any(|r| r.is_drop() && r.name() == name))
         .collect()
 }

@@ -178,83 +178,122 @@ impl Case {
     }
 }
 
-/// Runs one case: `(passed, line)`.
-fn run_case(set: &PolicySet, case: &Case) -> (bool, String) {
+/// What one case got, against what it expected.
+struct CaseResult {
+    name: String,
+    allow: bool,
+    determining: Vec<String>,
+    errors: Vec<String>,
+    /// The TTL a permit gave, or why nothing could permit.
+    note: Option<String>,
+    ttl_secs: Option<u64>,
+    /// What differs from the case's expectations; empty: passed.
+    problems: Vec<String>,
+}
+
+impl CaseResult {
+    fn passed(&self) -> bool {
+        self.problems.is_empty()
+    }
+
+    fn line(&self) -> String {
+        let outcome = match (self.allow, self.determining.is_empty(), &self.note) {
+            (false, true, Some(note)) => format!("deny{note}"),
+            (false, true, None) => "deny (no permit applies)".to_owned(),
+            (allow, _, note) => format!(
+                "{} by [{}]{}",
+                if allow { "allow" } else { "deny" },
+                self.determining.join(", "),
+                note.clone().unwrap_or_default()
+            ),
+        };
+        let mut line = format!(
+            "{} {}: {outcome}",
+            if self.passed() { "PASS" } else { "FAIL" },
+            self.name,
+        );
+        if !self.passed() {
+            let _ = write!(line, "; {}", self.problems.join("; "));
+        }
+        for e in &self.errors {
+            let _ = write!(line, "\n    error: {e}");
+        }
+        line
+    }
+
+    fn json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "name": self.name,
+            "passed": self.passed(),
+            "decision": if self.allow { "allow" } else { "deny" },
+            "policies": self.determining,
+            "ttl_secs": self.ttl_secs,
+            "problems": self.problems,
+            "errors": self.errors,
+        })
+    }
+}
+
+/// Runs one case.
+fn run_case(set: &PolicySet, case: &Case) -> CaseResult {
+    let mut r = CaseResult {
+        name: case.name.clone(),
+        allow: false,
+        determining: Vec::new(),
+        errors: Vec::new(),
+        note: None,
+        ttl_secs: None,
+        problems: Vec::new(),
+    };
     let expect_allow = match case.expect.as_str() {
         "allow" => true,
         "deny" => false,
         other => {
-            return (
-                false,
-                format!(
-                    "FAIL {}: expect = {other:?}: expected \"allow\" or \"deny\"",
-                    case.name
-                ),
-            );
+            r.problems.push(format!(
+                "expect = {other:?}: expected \"allow\" or \"deny\""
+            ));
+            return r;
         }
     };
     let req = match case.request() {
-        Ok(r) => r,
-        Err(e) => return (false, format!("FAIL {}: invalid case: {e}", case.name)),
+        Ok(q) => q,
+        Err(e) => {
+            r.problems.push(format!("invalid case: {e}"));
+            return r;
+        }
     };
-    let (allow, determining, errors, note) =
-        if scope_grants(&req.principal.scopes, &req.resource.service, req.action) {
-            let d = set.decide(&req);
-            let note = d.ttl.map(|t| format!(" ttl {}s", t.as_secs()));
-            (d.allow, d.determining, d.errors, note)
-        } else {
-            (
-                false,
-                Vec::new(),
-                Vec::new(),
-                Some(format!(
-                    " (token scope: nothing grants model:{}:{})",
-                    req.resource.service, req.action
-                )),
-            )
-        };
-    let mut problems = Vec::new();
-    if allow != expect_allow {
-        problems.push(format!("expected {}", case.expect));
+    if scope_grants(&req.principal.scopes, &req.resource.service, req.action) {
+        let d = set.decide(&req);
+        r.ttl_secs = d.ttl.map(|t| t.as_secs());
+        r.note = d.ttl.map(|t| format!(" ttl {}s", t.as_secs()));
+        (r.allow, r.determining, r.errors) = (d.allow, d.determining, d.errors);
+    } else {
+        r.note = Some(format!(
+            " (token scope: nothing grants model:{}:{})",
+            req.resource.service, req.action
+        ));
+    }
+    if r.allow != expect_allow {
+        r.problems.push(format!("expected {}", case.expect));
     }
     if let Some(want) = &case.expect_policies {
         let mut want = want.clone();
         want.sort();
-        let mut got = determining.clone();
+        let mut got = r.determining.clone();
         got.sort();
         if want != got {
-            problems.push(format!("expected policies [{}]", want.join(", ")));
+            r.problems
+                .push(format!("expected policies [{}]", want.join(", ")));
         }
     }
-    let outcome = match (allow, determining.is_empty(), note) {
-        (false, true, Some(note)) => format!("deny{note}"),
-        (false, true, None) => "deny (no permit applies)".to_owned(),
-        (allow, _, note) => format!(
-            "{} by [{}]{}",
-            if allow { "allow" } else { "deny" },
-            determining.join(", "),
-            note.unwrap_or_default()
-        ),
-    };
-    let mut line = format!(
-        "{} {}: {outcome}",
-        if problems.is_empty() { "PASS" } else { "FAIL" },
-        case.name,
-    );
-    if !problems.is_empty() {
-        let _ = write!(line, "; {}", problems.join("; "));
-    }
-    for e in &errors {
-        let _ = write!(line, "\n    error: {e}");
-    }
-    (problems.is_empty(), line)
+    r
 }
 
 /// Decides every `[[case]]` of `requests` with the policies of `dir` (the
 /// token scope check first, as the admitter does); prints one PASS/FAIL line
-/// per case. `Err` (exit 1) when the policies do not load, the file is bad,
-/// or any case does not get what it expects.
-pub fn test_cli(dir: &Path, requests: &Path) -> anyhow::Result<()> {
+/// per case, or with `json` one document. `Err` (exit 1) when the policies
+/// do not load, the file is bad, or any case does not get what it expects.
+pub fn test_cli(dir: &Path, requests: &Path, json: bool) -> anyhow::Result<()> {
     let set = load_or_print(dir)?;
     let text = std::fs::read_to_string(requests)
         .with_context(|| format!("reading {}", requests.display()))?;
@@ -263,22 +302,31 @@ pub fn test_cli(dir: &Path, requests: &Path) -> anyhow::Result<()> {
     if file.case.is_empty() {
         bail!("{}: no [[case]] tables", requests.display());
     }
-    println!(
-        "policy set {} ({} policies from {})",
-        set.version(),
-        set.len(),
-        dir.display()
-    );
-    let mut failed = 0;
-    for case in &file.case {
-        let (ok, line) = run_case(&set, case);
-        println!("{line}");
-        if !ok {
-            failed += 1;
+    let results: Vec<CaseResult> = file.case.iter().map(|c| run_case(&set, c)).collect();
+    let n = results.len();
+    let failed = results.iter().filter(|r| !r.passed()).count();
+    if json {
+        let doc = serde_json::json!({
+            "policy_version": set.version(),
+            "policies": set.len(),
+            "dir": dir.display().to_string(),
+            "passed": n - failed,
+            "failed": failed,
+            "cases": results.iter().map(CaseResult::json).collect::<Vec<_>>(),
+        });
+        println!("{}", serde_json::to_string_pretty(&doc)?);
+    } else {
+        println!(
+            "policy set {} ({} policies from {})",
+            set.version(),
+            set.len(),
+            dir.display()
+        );
+        for r in &results {
+            println!("{}", r.line());
         }
+        println!("{} passed, {failed} failed", n - failed);
     }
-    let n = file.case.len();
-    println!("{} passed, {failed} failed", n - failed);
     if failed > 0 {
         bail!("{failed} of {n} policy test cases failed");
     }

@@ -248,9 +248,11 @@ impl Env {
         String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// Counters from `agent status`: `reason_name count` lines.
+    /// Counters from `agent status --json`, named as the text form names
+    /// them (`reason_name`, `shadow_reason`, `identities`, `admissions`,
+    /// `flows`, `audit_spool_bytes`, `audit_last_seq`).
     pub fn status(&self) -> BTreeMap<String, u64> {
-        parse_status(&self.cli_ok("status", &[]))
+        status_from_json(&self.cli_ok("status", &["--json"]))
     }
 
     /// Every event in the agent's audit spool, decoded, in seq order.
@@ -323,6 +325,28 @@ impl Env {
             ),
         }
     }
+}
+
+/// `agent status --json` as `parse_status` reads the text form.
+pub fn status_from_json(text: &str) -> BTreeMap<String, u64> {
+    let v: serde_json::Value = serde_json::from_str(text).expect("agent status --json");
+    let mut m = BTreeMap::new();
+    for (k, n) in v["drops"].as_object().expect("drops") {
+        m.insert(k.clone(), n.as_u64().expect("count"));
+    }
+    for (k, n) in v["shadow_drops"].as_object().expect("shadow_drops") {
+        let n = n.as_u64().expect("count");
+        if n > 0 {
+            m.insert(format!("shadow_{k}"), n);
+        }
+    }
+    for k in ["identities", "admissions"] {
+        m.insert(k.to_string(), v[k].as_array().expect(k).len() as u64);
+    }
+    for k in ["flows", "audit_spool_bytes", "audit_last_seq"] {
+        m.insert(k.to_string(), v[k].as_u64().expect(k));
+    }
+    m
 }
 
 pub fn parse_status(text: &str) -> BTreeMap<String, u64> {
