@@ -41,6 +41,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // A watched event's bytes are handed from the audit writer to every
         // watcher and onto the wire without a copy.
         .bytes(".portcullis.v1.WatchEvent.event")
+        // A service to add is large next to the other operations.
+        .boxed(".portcullis.v1.ServicesRequest.op.add")
         .compile_fds(fds)?;
     Ok(())
 }

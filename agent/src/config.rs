@@ -8,6 +8,7 @@
 //! says the fix. [`EXAMPLE`] documents every key with its default.
 
 mod control;
+mod edit;
 mod findings;
 mod gcra;
 mod ids;
@@ -29,6 +30,7 @@ use serde::Deserialize;
 pub use control::{
     ControlSection, ControlTcp, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role,
 };
+pub use edit::ServiceSpec;
 pub use findings::FindingsSection;
 pub use ids::{fnv1a32, identity_key, service_id};
 pub use metrics::MetricsSection;

@@ -14,7 +14,7 @@ use std::{
 };
 
 use e2e::{
-    EchoLoop, PROTECTED_PORT, SERVICE,
+    EchoLoop, OPEN_PORT, PROTECTED_PORT, SERVICE,
     control::{client, ctl, ctl_json, ctl_refused, open_to_other_users, socket},
     knock::{KnockEnv, KnockSettings, TENANT},
     serial,
@@ -956,28 +956,55 @@ fn policy_apply_validates_first_then_swaps_through_the_hot_reload() {
 }
 
 #[test]
-fn sighup_reloads_now_and_reports_config_changes_that_need_a_restart() {
+fn sighup_applies_services_and_findings_and_reports_what_needs_a_restart() {
     let _serial = serial();
     let mut k = KnockEnv::start("ctlhup", &KnockSettings::default());
+    let _open = k.env.echo_server(false, OPEN_PORT);
     k.env
-        .edit_config(|c| format!("{c}\n[findings]\nflood_per_sec = 5\n"));
+        .connect(false, OPEN_PORT, Duration::from_secs(2))
+        .expect("OPEN_PORT is not protected yet");
+    k.env.edit_config(|c| {
+        format!(
+            "{c}\n[findings]\nflood_per_sec = 5\n[metrics]\nlisten = \"127.0.0.1:19191\"\n[[services]]\nname = \"embed\"\nport = {OPEN_PORT}\n"
+        )
+    });
     let pid = k.env.agent().pid().expect("agent pid") as libc::pid_t;
     // SAFETY: kill(2) on the test's own child.
     assert_eq!(unsafe { libc::kill(pid, libc::SIGHUP) }, 0);
     assert!(
-        k.wait_log("config sections changed", Duration::from_secs(5)),
+        k.wait_log("config sections applied", Duration::from_secs(5)),
         "{}",
         k.log()
     );
     let log = e2e::knock::strip_ansi(&k.log());
-    let line = log
+    let applied = log
         .lines()
-        .find(|l| l.contains("config sections changed"))
+        .find(|l| l.contains("config sections applied"))
         .unwrap();
     assert!(
-        line.contains("findings") && !line.contains("services"),
-        "{line}"
+        applied.contains("services,findings") && applied.contains("embed"),
+        "{applied}"
     );
+    let restart = log
+        .lines()
+        .find(|l| l.contains("take effect at the next restart"))
+        .expect("the rest is reported");
+    assert!(
+        restart.contains("metrics") && !restart.contains("services"),
+        "{restart}"
+    );
+    // The file's new service is enforced in the kernel now.
+    let services = ctl_json(&k.env, None, &["services"]);
+    assert!(
+        services
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "embed" && s["mode"] == "enforce"),
+        "{services}"
+    );
+    k.env
+        .assert_dropped(false, OPEN_PORT, false, "embed is protected after SIGHUP");
     // A file that no longer loads is reported; the agent runs on.
     k.env
         .edit_config(|c| format!("{c}\n[findings]\nbogus = 1\n"));
@@ -989,6 +1016,159 @@ fn sighup_reloads_now_and_reports_config_changes_that_need_a_restart() {
     );
     ctl_json(&k.env, None, &["status"]);
     k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
+}
+
+#[test]
+fn services_are_added_and_removed_at_run_time_cutting_the_removed_ones_admissions() {
+    let _serial = serial();
+    let k = KnockEnv::start("ctlsvc", &roles_settings(""));
+    open_to_other_users(&k.env);
+    let _open = k.env.echo_server(false, OPEN_PORT);
+    k.env
+        .connect(false, OPEN_PORT, Duration::from_secs(2))
+        .expect("not protected yet");
+    let add = [
+        "services",
+        "add",
+        "--name",
+        "embed",
+        "--port",
+        "8080",
+        "--price",
+        "per_request_micros=5",
+    ];
+    assert_eq!(OPEN_PORT, 8080);
+    let err = ctl_refused(&k.env, Some(VIEWER), &add);
+    assert!(err.contains("PermissionDenied"), "{err}");
+
+    // Bad edits: refused with the field, nothing changes.
+    for (args, says) in [
+        (
+            vec!["services", "add", "--name", "dup", "--port", "8000"],
+            "services[1].port",
+        ),
+        (
+            vec!["services", "add", "--name", "llm", "--port", "8081"],
+            "services[1].name",
+        ),
+        (
+            vec![
+                "services",
+                "add",
+                "--name",
+                "x",
+                "--port",
+                "62201",
+                "--protocol",
+                "udp",
+            ],
+            "knock port",
+        ),
+        (
+            vec![
+                "services",
+                "add",
+                "--name",
+                "x",
+                "--port",
+                "8081",
+                "--protocol",
+                "sctp",
+            ],
+            "services[1].protocol",
+        ),
+        (
+            vec![
+                "services",
+                "add",
+                "--name",
+                "x",
+                "--port",
+                "8081",
+                "--price",
+                "per_gib=1",
+            ],
+            "services[1].price.per_gib",
+        ),
+    ] {
+        let err = ctl_refused(&k.env, None, &args);
+        assert!(
+            err.contains("InvalidArgument") && err.contains(says),
+            "{args:?}: {err}"
+        );
+    }
+    let err = ctl_refused(&k.env, None, &["services", "remove", "nope"]);
+    assert!(err.contains("NotFound"), "{err}");
+    let err = ctl_refused(&k.env, None, &["services", "remove", SERVICE]);
+    assert!(err.contains("only protected service"), "{err}");
+    assert_eq!(
+        ctl_json(&k.env, None, &["services"])
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+
+    // Added: enforced in the kernel before the call returns.
+    let added = ctl_json(&k.env, None, &add);
+    assert!(
+        added["services"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["name"] == "embed" && s["port"] == 8080 && s["mode"] == "enforce"),
+        "{added}"
+    );
+    k.env
+        .assert_dropped(false, OPEN_PORT, false, "embed is protected");
+    // Knocks for it are admitted by its scope, like a configured one's.
+    k.knock_ok(
+        false,
+        &k.mint(&["model:embed:invoke"], TOKEN_TTL),
+        "embed",
+        &[],
+    );
+    k.env
+        .connect(false, OPEN_PORT, Duration::from_secs(2))
+        .expect("admitted to embed");
+
+    // Removed: its admissions are cut and recorded, the port is open
+    // again, and knocks for it are refused as an unknown service.
+    let removed = ctl_json(&k.env, None, &["services", "remove", "embed"]);
+    assert_eq!(removed["admissions_removed"], 1, "{removed}");
+    assert_eq!(removed["services"].as_array().unwrap().len(), 1);
+    let rev = portcullis_testkit::poll_until(Duration::from_secs(5), || {
+        k.env.spool_events().into_iter().find_map(|e| match e.body {
+            Some(Body::Revocation(r)) if r.target_kind == "service" => Some(r),
+            _ => None,
+        })
+    })
+    .expect("the removal's cut is on the record");
+    assert_eq!((rev.target.as_str(), rev.admissions_removed), ("embed", 1));
+    k.env
+        .connect(false, OPEN_PORT, Duration::from_secs(2))
+        .expect("not protected any more");
+    k.knock_refused(
+        false,
+        &k.mint(&["model:embed:invoke"], TOKEN_TTL),
+        "embed",
+        "removed service",
+    );
+    let calls: Vec<_> = control_calls(&k)
+        .into_iter()
+        .filter(|c| c.method.starts_with("Services."))
+        .collect();
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == "Services.Add" && c.outcome == "ok")
+    );
+    assert!(
+        calls
+            .iter()
+            .any(|c| c.method == "Services.Remove" && c.outcome == "ok")
+    );
+    assert!(calls.iter().any(|c| !c.allowed), "the viewer's refusal too");
 }
 
 #[test]

@@ -133,7 +133,9 @@ pub struct Admitter {
     verifier: Arc<Verifier>,
     nonces: NonceCache,
     limits: KnockLimits,
-    services: HashMap<String, ServiceInfo>,
+    /// The protected services by name, replaced when they change at run
+    /// time ([`set_services`](Self::set_services)).
+    services: std::sync::RwLock<Arc<HashMap<String, ServiceInfo>>>,
     grants: Mutex<Grants>,
     policies: Arc<PolicyStore>,
     /// Spend to date for the policy context; `None`: reported as 0.
@@ -183,21 +185,7 @@ impl Admitter {
             window: cfg.knock.window,
             ..KnockLimits::default()
         };
-        let services = cfg
-            .services
-            .iter()
-            .map(|s| {
-                (
-                    s.name.clone(),
-                    ServiceInfo {
-                        id: s.id,
-                        action: s.action,
-                        model: s.model.clone(),
-                        max_sources: s.max_sources_per_identity,
-                    },
-                )
-            })
-            .collect();
+        let services = std::sync::RwLock::new(Arc::new(service_infos(&cfg)));
         Admitter {
             nonces: NonceCache::new(limits.window, limits.max_nonces),
             cfg,
@@ -208,6 +196,19 @@ impl Admitter {
             policies,
             spend: None,
         }
+    }
+
+    /// Takes the services of `cfg` (changed at run time); knocks for a
+    /// removed one are refused as unknown from now on.
+    pub fn set_services(&self, cfg: &Config) {
+        *self.services.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(service_infos(cfg));
+    }
+
+    fn services(&self) -> Arc<HashMap<String, ServiceInfo>> {
+        self.services
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Feeds `spend_month` / `forecast_month` of policy requests from the
@@ -330,7 +331,8 @@ impl Admitter {
             refusal,
             attempt: Some(Box::new(attempt)),
         };
-        let Some(svc) = self.services.get(&k.service) else {
+        let services = self.services();
+        let Some(svc) = services.get(&k.service) else {
             return Err(deny(Refusal::UnknownService(k.service.clone()), attempt));
         };
         attempt.action = svc.action.as_str();
@@ -398,7 +400,7 @@ impl Admitter {
     pub fn reserve(&self, d: &Decided) -> Result<Reservation, Denied> {
         let at = (d.source, d.svc_id, d.source_port);
         let mut grants = self.grants();
-        if let Some(svc) = self.services.get(&d.service)
+        if let Some(svc) = self.services().get(&d.service)
             && let Err(refusal) = quota(&grants, &d.identity, &d.service, svc, &at)
         {
             return Err(Denied {
@@ -477,11 +479,12 @@ impl Admitter {
     /// admissions are not policy-governed. The caller revokes them in the
     /// kernel, then [`forget`](Self::forget)s each.
     pub fn reevaluate(&self, now: SystemTime) -> Vec<AdmissionRef> {
+        let services = self.services();
         self.grants()
             .iter()
             .filter(|(_, g)| g.claims.expires_at > now)
             .filter_map(|(&at, g)| {
-                let svc = self.services.get(&g.service)?;
+                let svc = services.get(&g.service)?;
                 let d = self.decide(&g.claims, &g.service, svc, at.0, g.method, now);
                 (!d.allow).then_some(at)
             })
@@ -591,4 +594,21 @@ fn quota(
         });
     }
     Ok(())
+}
+
+fn service_infos(cfg: &Config) -> HashMap<String, ServiceInfo> {
+    cfg.services
+        .iter()
+        .map(|s| {
+            (
+                s.name.clone(),
+                ServiceInfo {
+                    id: s.id,
+                    action: s.action,
+                    model: s.model.clone(),
+                    max_sources: s.max_sources_per_identity,
+                },
+            )
+        })
+        .collect()
 }

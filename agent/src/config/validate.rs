@@ -730,7 +730,7 @@ fn services(raw: &[RawService], knock: &KnockSection) -> Result<Vec<Service>, Co
     Ok(services)
 }
 
-fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
+pub(super) fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
     let field = |key: &str| format!("services[{i}].{key}");
     let name = required(
         &field("name"),
@@ -774,7 +774,11 @@ fn service(i: usize, raw: &RawService) -> Result<Service, ConfigError> {
 
 /// Rejects a service that repeats an earlier one's name, id or
 /// (protocol, port, address): the kernel tables have room for only one.
-fn check_service_is_new(i: usize, new: &Service, earlier: &[Service]) -> Result<(), ConfigError> {
+pub(super) fn check_service_is_new(
+    i: usize,
+    new: &Service,
+    earlier: &[Service],
+) -> Result<(), ConfigError> {
     for (j, old) in earlier.iter().enumerate() {
         if old.name == new.name {
             return Err(invalid(
@@ -813,7 +817,7 @@ fn check_service_is_new(i: usize, new: &Service, earlier: &[Service]) -> Result<
 
 /// Knock datagrams are UDP to knock.port; a UDP service there would receive
 /// them, and the kernel could not tell knocks from service traffic.
-fn check_not_knock_port(
+pub(super) fn check_not_knock_port(
     i: usize,
     service: &Service,
     knock: &KnockSection,
@@ -1014,7 +1018,7 @@ fn required<T>(field: &str, value: Option<T>, fix: &str) -> Result<T, ConfigErro
     value.ok_or_else(|| invalid(field, format!("missing; {fix}")))
 }
 
-fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+pub(super) fn invalid(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         field: field.into(),
         message: message.into(),

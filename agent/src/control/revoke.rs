@@ -61,9 +61,9 @@ pub fn revoke(node: &Node, target: &Target, reason: &str) -> Result<v1::RevokeRe
         }
         Target::Service(name) => {
             let id = node
-                .cfg
+                .cfg()
                 .service(name)
-                .ok_or_else(|| unknown_service(&node.cfg, name))?
+                .ok_or_else(|| unknown_service(&node.cfg(), name))?
                 .id;
             cut_and_record(
                 node,

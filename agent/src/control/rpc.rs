@@ -19,7 +19,8 @@ use super::{
     watch,
 };
 use crate::{
-    config::{Role, ServiceMode},
+    config::{Config, Role, ServiceMode, ServiceSpec},
+    daemon::services::ApplyError,
     daemon::{
         knock_service::{KnockRefusal, Refused},
         origin_word,
@@ -49,7 +50,7 @@ pub struct ControlApi {
 
 impl ControlApi {
     pub fn new(node: Arc<Node>) -> ControlApi {
-        let c = &node.cfg.control;
+        let c = &node.cfg().control;
         ControlApi {
             limiter: CallLimiter::new(c.calls_per_sec, c.calls_burst),
             rate_refused: DashMap::new(),
@@ -92,7 +93,7 @@ impl ControlApi {
             ));
         };
         let name = caller.name();
-        let roles = caller.roles(&self.node.cfg.control);
+        let roles = caller.roles(&self.node.cfg().control);
         let Some(role) = auth::authorise(method, &roles) else {
             let need: Vec<&str> = auth::allowed(method).iter().map(|r| r.as_str()).collect();
             let has: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
@@ -133,7 +134,8 @@ impl ControlApi {
             }
             return Err(Status::resource_exhausted(format!(
                 "{name}: over control.calls_per_sec ({} per second, burst {}); slow down and retry",
-                self.node.cfg.control.calls_per_sec, self.node.cfg.control.calls_burst
+                self.node.cfg().control.calls_per_sec,
+                self.node.cfg().control.calls_burst
             )));
         }
         Ok(Call {
@@ -226,10 +228,10 @@ impl ControlApi {
         let a = n.auditor.stats();
         Ok(v1::StatusReply {
             version: env!("CARGO_PKG_VERSION").to_string(),
-            node_id: n.cfg.agent.node_id.clone(),
+            node_id: n.cfg().agent.node_id.clone(),
             origin: origin_word(n.origin).to_string(),
-            interfaces: n.cfg.kernel.interfaces.clone(),
-            attach_mode: format!("{:?}", n.cfg.kernel.xdp_mode).to_lowercase(),
+            interfaces: n.cfg().kernel.interfaces.clone(),
+            attach_mode: format!("{:?}", n.cfg().kernel.xdp_mode).to_lowercase(),
             policy_version: self.policy_set().version().to_string(),
             tables: tables.iter().map(table_fill).collect(),
             spool_events: a.sealed_seq.saturating_sub(a.acked_seq),
@@ -240,7 +242,7 @@ impl ControlApi {
             live_admissions: admissions,
             live_flows: flows,
             shadow_services: n
-                .cfg
+                .cfg()
                 .services
                 .iter()
                 .filter(|s| n.enforcer.mode(s.id) == ServiceMode::Shadow)
@@ -262,7 +264,7 @@ impl ControlApi {
             .collect();
         let services = self
             .node
-            .cfg
+            .cfg()
             .services
             .iter()
             .map(|s| (s.id, s.name.clone()))
@@ -345,14 +347,14 @@ impl ControlApi {
             refusals,
             granted,
             identities,
-            currency: n.cfg.accounting.currency.clone(),
+            currency: n.cfg().accounting.currency.clone(),
         })
     }
 
     fn services_reply(&self) -> v1::ServicesReply {
         let services = self
             .node
-            .cfg
+            .cfg()
             .services
             .iter()
             .map(|s| v1::ServiceInfo {
@@ -365,13 +367,36 @@ impl ControlApi {
                 model_version: s.model.version.clone(),
             })
             .collect();
-        v1::ServicesReply { services }
+        v1::ServicesReply {
+            services,
+            ..Default::default()
+        }
+    }
+
+    /// Adds or removes a service: `edit` makes the next configuration from
+    /// the one in force; a refusal names the field.
+    fn edit_services(
+        &self,
+        edit: impl FnOnce(&Config) -> Result<Config, crate::config::ConfigError>,
+    ) -> Result<v1::ServicesReply, Status> {
+        let change = crate::daemon::services::edit(&self.node, "control API", edit).map_err(
+            |e| match e {
+                ApplyError::Invalid(e) => Status::invalid_argument(e.to_string()),
+                ApplyError::Policy(m) => Status::failed_precondition(m),
+                ApplyError::Kernel(m) => Status::internal(m),
+            },
+        )?;
+        Ok(v1::ServicesReply {
+            admissions_removed: u32::try_from(change.admissions_removed).unwrap_or(u32::MAX),
+            flows_removed: u32::try_from(change.flows_removed).unwrap_or(u32::MAX),
+            ..self.services_reply()
+        })
     }
 
     /// Switches a service's mode in the kernel. The switch is on the
     /// record as this call's `ControlCall` (and logged with the old mode).
     fn set_mode(&self, m: &v1::SetMode) -> Result<(), Status> {
-        let cfg = &self.node.cfg;
+        let cfg = &self.node.cfg();
         let svc = cfg
             .service(&m.service)
             .ok_or_else(|| listing::unknown_service(cfg, &m.service))?;
@@ -419,8 +444,8 @@ impl ControlApi {
                 req.source_port
             ))
         })?;
-        if self.node.cfg.service(&req.service).is_none() {
-            return Err(listing::unknown_service(&self.node.cfg, &req.service));
+        if self.node.cfg().service(&req.service).is_none() {
+            return Err(listing::unknown_service(&self.node.cfg(), &req.service));
         }
         let now = std::time::SystemTime::now();
         match k
@@ -479,7 +504,7 @@ impl ControlApi {
     fn candidate(&self, files: &v1::PolicyFiles) -> Result<PolicySources, Status> {
         let (policies, mut schema) = policy_files(files)?;
         if schema.is_none()
-            && let Some(dir) = &self.node.cfg.policy_dir
+            && let Some(dir) = &self.node.cfg().policy_dir
             && let Ok(entries) = std::fs::read_dir(dir)
         {
             schema = entries
@@ -496,13 +521,8 @@ impl ControlApi {
         policies: &[(String, String)],
         schema: Option<&str>,
     ) -> Result<PolicySet, String> {
-        let known: Vec<&str> = self
-            .node
-            .cfg
-            .services
-            .iter()
-            .map(|s| s.name.as_str())
-            .collect();
+        let cfg = self.node.cfg();
+        let known: Vec<&str> = cfg.services.iter().map(|s| s.name.as_str()).collect();
         PolicySet::from_sources(policies, schema)
             .and_then(|set| set.check_services(&known).map(|()| set))
             .map_err(|e| e.to_string())
@@ -662,7 +682,7 @@ impl Control for ControlApi {
         let call = self.begin(&req, "ListAdmissions", summary)?;
         let result = (|| {
             let r = req.get_ref();
-            let cfg = &self.node.cfg;
+            let cfg = &self.node.cfg();
             let filter = listing::Filter::parse(cfg, &r.identity, &r.service, &r.source)?;
             let size = listing::page_size(r.page_size, cfg.control.max_page_size)?;
             let names = self.names()?;
@@ -690,7 +710,7 @@ impl Control for ControlApi {
         let call = self.begin(&req, "ListFlows", summary)?;
         let result = (|| {
             let r = req.get_ref();
-            let cfg = &self.node.cfg;
+            let cfg = &self.node.cfg();
             let filter = listing::Filter::parse(cfg, &r.identity, &r.service, &r.source)?;
             let size = listing::page_size(r.page_size, cfg.control.max_page_size)?;
             let names = self.names()?;
@@ -727,13 +747,29 @@ impl Control for ControlApi {
                 "Services.SetMode",
                 format!("service={} mode={}", m.service, m.mode),
             ),
+            Some(Op::Add(a)) => (
+                "Services.Add",
+                format!(
+                    "name={} protocol={} port={} address={} action={} mode={} price={:?}",
+                    a.name, a.protocol, a.port, a.address, a.action, a.mode, a.price
+                ),
+            ),
+            Some(Op::Remove(name)) => ("Services.Remove", format!("name={name}")),
         };
         let call = self.begin(&req, method, summary)?;
         let result = match &req.get_ref().op {
-            Some(Op::SetMode(m)) => self.set_mode(m),
-            None | Some(Op::Get(_)) => Ok(()),
-        }
-        .map(|()| self.services_reply());
+            Some(Op::SetMode(m)) => self.set_mode(m).map(|()| self.services_reply()),
+            Some(Op::Add(a)) => self.edit_services(|cfg| cfg.with_service(&service_spec(a))),
+            Some(Op::Remove(name)) => {
+                let cfg = self.node.cfg();
+                if cfg.service(name).is_none() {
+                    Err(listing::unknown_service(&cfg, name))
+                } else {
+                    self.edit_services(|cfg| cfg.without_service(name))
+                }
+            }
+            None | Some(Op::Get(_)) => Ok(self.services_reply()),
+        };
         self.end(call, result)
     }
 
@@ -801,7 +837,7 @@ impl Control for ControlApi {
             Ok(f) => f,
             Err(e) => return self.end(call, Err(e)),
         };
-        let buffer = self.node.cfg.control.watch_buffer;
+        let buffer = self.node.cfg().control.watch_buffer;
         let (tx, rx) = mpsc::channel(buffer + 1);
         let events = self.node.auditor.subscribe();
         let auditor = self.node.auditor.clone();
@@ -824,5 +860,27 @@ impl Control for ControlApi {
         });
         let stream: WatchStream = Box::pin(ReceiverStream::new(rx));
         self.end(call, Ok(stream))
+    }
+}
+
+fn service_spec(a: &v1::ServiceSpec) -> ServiceSpec {
+    ServiceSpec {
+        name: a.name.clone(),
+        protocol: a.protocol.clone(),
+        port: i64::from(a.port),
+        address: a.address.clone(),
+        action: a.action.clone(),
+        mode: a.mode.clone(),
+        tenant: a.tenant.clone(),
+        version: a.version.clone(),
+        sensitivity: a.sensitivity.clone(),
+        cost_tier: a.cost_tier.clone(),
+        max_sources_per_identity: (a.max_sources_per_identity != 0)
+            .then_some(i64::from(a.max_sources_per_identity)),
+        price: a
+            .price
+            .iter()
+            .map(|(k, v)| (k.clone(), i64::try_from(*v).unwrap_or(i64::MAX)))
+            .collect(),
     }
 }

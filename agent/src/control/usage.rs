@@ -103,14 +103,14 @@ pub fn report(
             "report_id must be at most {MAX_REPORT_ID} printable characters"
         )));
     }
-    let service = node
-        .cfg
+    let cfg = node.cfg();
+    let service = cfg
         .service(&r.service)
-        .ok_or_else(|| listing::unknown_service(&node.cfg, &r.service))?;
+        .ok_or_else(|| listing::unknown_service(&cfg, &r.service))?;
     let usage = usage(r)?;
     let tenant = (!who.tenant.is_empty()).then_some(who.tenant.as_str());
     let name = IdentityName::new(tenant, &who.subject).display();
-    let currency = node.cfg.accounting.currency.clone();
+    let currency = node.cfg().accounting.currency.clone();
     let mut acct = node.accountant();
     if !acct.knows(&name) {
         return Err(Status::not_found(format!(
@@ -133,7 +133,7 @@ pub fn report(
         .report_usage(now, &name, tenant.unwrap_or(""), service.id, &usage)
         .map_err(|e| Status::unavailable(format!("usage not recorded: {e}")))?;
     let Some((cost, s)) = charged else {
-        return Err(listing::unknown_service(&node.cfg, &r.service));
+        return Err(listing::unknown_service(&node.cfg(), &r.service));
     };
     // Remembered under the accountant's lock: a retry racing the first
     // attempt waits for it and then finds its id.

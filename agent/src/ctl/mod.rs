@@ -174,6 +174,57 @@ enum ServicesCall {
         #[arg(value_name = "MODE")]
         mode: String,
     },
+    /// Protect one more service (operator); the keys of a [[services]]
+    /// table. Lasts until the agent restarts or SIGHUP re-reads the file.
+    Add(AddArgs),
+    /// Stop protecting a service (operator); its admissions are cut.
+    Remove {
+        #[arg(value_name = "SERVICE")]
+        service: String,
+    },
+}
+
+#[derive(Args)]
+struct AddArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long)]
+    port: u32,
+    /// `tcp` (default) or `udp`.
+    #[arg(long, default_value = "")]
+    protocol: String,
+    /// Only this destination address (default: every local address).
+    #[arg(long, default_value = "")]
+    address: String,
+    /// invoke (default), read, retrain or export.
+    #[arg(long, default_value = "")]
+    action: String,
+    /// enforce (default) or shadow.
+    #[arg(long, default_value = "")]
+    mode: String,
+    #[arg(long, default_value = "")]
+    tenant: String,
+    #[arg(long, default_value = "")]
+    version: String,
+    #[arg(long, default_value = "")]
+    sensitivity: String,
+    #[arg(long, default_value = "")]
+    cost_tier: String,
+    #[arg(long, default_value_t = 0)]
+    max_sources_per_identity: u32,
+    /// A price key, e.g. `per_mtok_out_micros=15000000`; repeatable.
+    #[arg(long = "price", value_name = "KEY=MICROS", value_parser = price_key)]
+    price: Vec<(String, u64)>,
+}
+
+fn price_key(s: &str) -> Result<(String, u64), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("{s:?}: give KEY=MICROS, e.g. per_mtok_out_micros=15000000"))?;
+    let v = v
+        .parse()
+        .map_err(|_| format!("{s:?}: {v:?} is not a whole number of micro-units"))?;
+    Ok((k.to_string(), v))
 }
 
 #[derive(Subcommand)]
@@ -329,17 +380,36 @@ async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
         }
         Call::Services { action } => {
             use v1::services_request::Op;
+            let edited = matches!(
+                action,
+                Some(ServicesCall::Add(_) | ServicesCall::Remove { .. })
+            );
             let op = match action {
                 None => Op::Get(v1::Empty {}),
                 Some(ServicesCall::SetMode { service, mode }) => {
                     Op::SetMode(v1::SetMode { service, mode })
                 }
+                Some(ServicesCall::Add(a)) => Op::Add(Box::new(v1::ServiceSpec {
+                    name: a.name,
+                    protocol: a.protocol,
+                    port: a.port,
+                    address: a.address,
+                    action: a.action,
+                    mode: a.mode,
+                    tenant: a.tenant,
+                    version: a.version,
+                    sensitivity: a.sensitivity,
+                    cost_tier: a.cost_tier,
+                    max_sources_per_identity: a.max_sources_per_identity,
+                    price: a.price.into_iter().collect(),
+                })),
+                Some(ServicesCall::Remove { service }) => Op::Remove(service),
             };
             let r = c
                 .services(v1::ServicesRequest { op: Some(op) })
                 .await
                 .map_err(server)?;
-            show::services(&r.into_inner(), json);
+            show::services(&r.into_inner(), json, edited);
         }
         Call::Policy { action } => {
             use v1::policy_request::Op;

@@ -289,7 +289,8 @@ pub fn stats(r: &v1::StatsReply, json: bool) {
     );
 }
 
-pub fn services(r: &v1::ServicesReply, json: bool) {
+/// The services; after an add or remove (`edited`) also what was cut.
+pub fn services(r: &v1::ServicesReply, json: bool, edited: bool) {
     if json {
         let v: Vec<Value> = r
             .services
@@ -299,7 +300,17 @@ pub fn services(r: &v1::ServicesReply, json: bool) {
                 "address": s.address, "action": s.action, "mode": s.mode, "model_version": s.model_version})
             })
             .collect();
+        if edited {
+            return print_json(&json!({"services": v,
+                "admissions_removed": r.admissions_removed, "flows_removed": r.flows_removed}));
+        }
         return print_json(&Value::from(v));
+    }
+    if edited && (r.admissions_removed > 0 || r.flows_removed > 0) {
+        println!(
+            "cut {} admissions and {} flows of the removed service",
+            r.admissions_removed, r.flows_removed
+        );
     }
     let rows: Vec<Vec<String>> = r
         .services

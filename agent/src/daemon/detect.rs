@@ -49,7 +49,8 @@ impl Detector {
 
     /// One second's readings; records what opened or closed.
     pub fn tick(&mut self, node: &Node, view: &Mutex<FindingsView>, now: SystemTime) {
-        let f = node.cfg.findings;
+        let cfg = node.cfg();
+        let f = cfg.findings;
         let mut found: Vec<Detection> = Vec::new();
         let read = node.enforcer.observe(|m| {
             Ok::<_, crate::loader::KernelError>((m.service_drops()?, m.reason_counts()?))
@@ -62,7 +63,7 @@ impl Detector {
             }
         };
         for (id, total) in drops {
-            let Some(svc) = node.cfg.services.iter().find(|s| s.id == id) else {
+            let Some(svc) = cfg.services.iter().find(|s| s.id == id) else {
                 continue;
             };
             // The first reading is the baseline, not a second's worth.
@@ -109,7 +110,7 @@ impl Detector {
             self.acked = (a.acked_seq, now);
         }
         let waiting = a.sealed_seq.saturating_sub(a.acked_seq);
-        let stalled = if node.cfg.audit.collector.is_some() && waiting > 0 {
+        let stalled = if node.cfg().audit.collector.is_some() && waiting > 0 {
             now.duration_since(self.acked.1)
                 .unwrap_or_default()
                 .as_secs()

@@ -13,6 +13,7 @@ pub mod knock_service;
 pub mod node;
 pub mod reload;
 pub mod reports;
+pub mod services;
 pub mod upkeep;
 
 use std::{
@@ -48,7 +49,7 @@ use upkeep::{KnockParts, Knocks, audit_key_set};
 
 pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
-    /// The config file, re-read on SIGHUP to report what changed.
+    /// The config file, re-read on SIGHUP.
     pub config_path: Option<PathBuf>,
 }
 
@@ -161,7 +162,6 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     // control socket another agent serves on, or a metrics address in use,
     // stops this one (nothing of the kernel's changes).
     let node = Arc::new(node::Node {
-        cfg: cfg.clone(),
         enforcer: enforcer.clone(),
         auditor: auditor.clone(),
         knocks: knocks.clone(),
@@ -170,6 +170,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         book: book.clone(),
         costs: costs.clone(),
         accountant: std::sync::Mutex::new(acct),
+        service_edits: Default::default(),
         findings: Default::default(),
     });
     let mut detector = detect::Detector::new(SystemTime::now());
@@ -254,13 +255,14 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
             }
             _ = hup.recv() => {
                 // Policy, keys and revocations now rather than within the
-                // second; the config file is compared with the one running.
+                // second; the config file's services and findings applied,
+                // the rest of its changes reported.
                 tracing::info!(event = "sighup", "reloading policy, token keys and revocations");
                 if let Some(k) = &knocks {
                     k.upkeep();
                 }
                 if let Some(path) = &opts.config_path {
-                    reload::report_config(&cfg, path);
+                    reload::reload_config(&node, path);
                 }
             }
             _ = term.recv() => break "SIGTERM".to_string(),

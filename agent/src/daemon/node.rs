@@ -15,7 +15,6 @@ use crate::{
 /// The running agent's parts, as the control API and the metrics endpoint
 /// see them: they read and act through these, never around them.
 pub struct Node {
-    pub cfg: Arc<Config>,
     pub enforcer: Arc<Enforcer>,
     pub auditor: Auditor,
     /// Knock admission (absent without `[tokens]`): `Admit` and token
@@ -28,6 +27,8 @@ pub struct Node {
     /// The one accountant: the main loop charges kernel counters every
     /// second, `ReportUsage` what model servers report.
     pub accountant: Mutex<Accountant>,
+    /// Held while the protected services change (`daemon/services.rs`).
+    pub service_edits: Mutex<()>,
     /// The detections' state, for the metrics.
     pub findings: Mutex<FindingsView>,
     pub origin: Origin,
@@ -35,6 +36,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// The configuration in force (services as changed at run time).
+    pub fn cfg(&self) -> Arc<Config> {
+        self.enforcer.config()
+    }
+
     /// The accountant, held briefly (a charge and a ledger write).
     pub fn accountant(&self) -> MutexGuard<'_, Accountant> {
         self.accountant.lock().unwrap_or_else(|p| p.into_inner())

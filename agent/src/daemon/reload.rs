@@ -1,12 +1,19 @@
 //! SIGHUP and the config file: the sections that differ from the running
-//! configuration are reported (logged), and which of them the running
-//! agent applies. Policy, token keys and revocations are re-read by the
-//! upkeep on the same signal; everything else in the file takes a restart
-//! (the kernel's pinned state keeps enforcing across it).
+//! configuration are reported (logged), and the ones the running agent can
+//! take are applied: `[[services]]` (through the one path of
+//! `agent/src/daemon/services.rs`, so services added or removed through
+//! the control API since are replaced by the file's) and `[findings]`.
+//! Policy, token keys and revocations are re-read by the upkeep on the
+//! same signal; everything else in the file takes a restart (the kernel's
+//! pinned state keeps enforcing across it).
 
 use std::path::Path;
 
+use super::{node::Node, services};
 use crate::config::Config;
+
+/// Sections a SIGHUP applies without a restart.
+pub const LIVE_SECTIONS: [&str; 2] = ["services", "findings"];
 
 /// The top-level sections of `new` that differ from `old`.
 pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
@@ -33,25 +40,54 @@ pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     out
 }
 
-/// Re-reads `path` and logs what differs from `running`: a file that does
-/// not load is reported with its error (the running config stays).
-pub fn report_config(running: &Config, path: &Path) {
-    match Config::load(path) {
+/// Re-reads `path`, applies the live sections that changed and logs the
+/// rest: a file that does not load, or services that do not apply, are
+/// reported with the error and the running configuration stays.
+pub fn reload_config(node: &Node, path: &Path) {
+    let new = match Config::load(path) {
+        Ok(c) => c,
         Err(e) => {
-            tracing::error!(event = "config_reload_failed", error = %e, "the config file does not load; the running config stays")
+            tracing::error!(event = "config_reload_failed", error = %e, "the config file does not load; the running config stays");
+            return;
         }
-        Ok(new) => {
-            let changed = changed_sections(running, &new);
-            if changed.is_empty() {
-                tracing::info!(event = "config_reload", "config file unchanged");
-            } else {
-                tracing::warn!(
-                    event = "config_reload",
-                    changed = %changed.join(","),
-                    "config sections changed; they take effect at the next restart (the kernel keeps enforcing across it)"
-                );
+    };
+    let running = node.cfg();
+    let changed = changed_sections(&running, &new);
+    if changed.is_empty() {
+        tracing::info!(event = "config_reload", "config file unchanged");
+        return;
+    }
+    let (live, restart): (Vec<&str>, Vec<&str>) =
+        changed.iter().partition(|s| LIVE_SECTIONS.contains(s));
+    if !live.is_empty() {
+        let applied = services::edit(node, "SIGHUP", |cfg| {
+            let mut next = cfg.clone();
+            next.services = new.services.clone();
+            next.findings = new.findings;
+            next.admissions
+                .retain(|a| new.services.iter().any(|s| s.name == a.service));
+            Ok(next)
+        });
+        match applied {
+            Ok(c) => tracing::warn!(
+                event = "config_reload",
+                applied = %live.join(","),
+                added = ?c.added,
+                removed = ?c.removed.iter().map(|(n, _)| n).collect::<Vec<_>>(),
+                changed = ?c.changed,
+                "config sections applied"
+            ),
+            Err(e) => {
+                tracing::error!(event = "config_reload_failed", sections = %live.join(","), error = %e, "config sections not applied; the running ones stay")
             }
         }
+    }
+    if !restart.is_empty() {
+        tracing::warn!(
+            event = "config_reload",
+            changed = %restart.join(","),
+            "config sections changed; they take effect at the next restart (the kernel keeps enforcing across it)"
+        );
     }
 }
 

@@ -10,7 +10,7 @@ pub mod configure;
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    sync::{Arc, Mutex, MutexGuard},
+    sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
 };
 
@@ -97,10 +97,26 @@ pub struct Admission<'a> {
     pub ttl: Duration,
 }
 
+/// What replacing the protected services changed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ServicesChanged {
+    pub added: Vec<String>,
+    /// Each removed service and the admissions to it that were cut.
+    pub removed: Vec<(String, usize)>,
+    /// Same name, another port, address, price, action or model.
+    pub changed: Vec<String>,
+    /// Admissions to removed services, cut first.
+    pub admissions_removed: usize,
+    pub flows_removed: usize,
+}
+
 /// The kernel's maps, written only through here.
 pub struct Enforcer {
     maps: Mutex<Maps>,
-    cfg: Arc<Config>,
+    /// The configuration in force: the file's, with the services as
+    /// changed at run time (`Services` add/remove, SIGHUP). Replaced only
+    /// with the maps' lock held, so the kernel and this always agree.
+    cfg: RwLock<Arc<Config>>,
     /// Ids of the services in shadow mode now: the config's, then as
     /// switched at run time. Changed only with the maps' lock held.
     shadow: Mutex<BTreeSet<u32>>,
@@ -116,9 +132,63 @@ impl Enforcer {
             .collect();
         Enforcer {
             maps: Mutex::new(maps),
-            cfg,
+            cfg: RwLock::new(cfg),
             shadow: Mutex::new(shadow),
         }
+    }
+
+    /// The configuration in force now.
+    pub fn config(&self) -> Arc<Config> {
+        self.cfg.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Makes `next` the configuration in force, with its services in the
+    /// kernel: admissions to services it no longer has are cut first (a
+    /// service added again later starts with none), then the port tables
+    /// are rewritten. A service keeps the mode it runs in unless `next`
+    /// adds it or changes its configured mode. Nothing changes if the
+    /// kernel refuses (the tables are rewritten in one sync).
+    pub fn replace_services(&self, next: Arc<Config>) -> Result<ServicesChanged, KernelError> {
+        let mut maps = self.maps();
+        let mut shadow = self.shadow();
+        let old = self.config();
+        let mut change = ServicesChanged::default();
+        let mut modes = BTreeSet::new();
+        for s in &next.services {
+            let keep = match old.services.iter().find(|o| o.name == s.name) {
+                None => {
+                    change.added.push(s.name.clone());
+                    false
+                }
+                Some(o) => {
+                    if o != s {
+                        change.changed.push(s.name.clone());
+                    }
+                    o.mode == s.mode
+                }
+            };
+            let shadowed = if keep {
+                shadow.contains(&s.id)
+            } else {
+                s.mode == ServiceMode::Shadow
+            };
+            if shadowed {
+                modes.insert(s.id);
+            }
+        }
+        maps.sync_services(&configure::service_entries(&next, &modes), next.knock.port)?;
+        let before = maps.flows_removed();
+        for o in &old.services {
+            if !next.services.iter().any(|s| s.id == o.id) {
+                let n = maps.revoke_service(o.id)?;
+                change.removed.push((o.name.clone(), n));
+                change.admissions_removed += n;
+            }
+        }
+        change.flows_removed = usize::try_from(maps.flows_removed() - before).unwrap_or(usize::MAX);
+        *shadow = modes;
+        *self.cfg.write().unwrap_or_else(|p| p.into_inner()) = next;
+        Ok(change)
     }
 
     fn shadow(&self) -> MutexGuard<'_, BTreeSet<u32>> {
@@ -149,10 +219,8 @@ impl Enforcer {
             ServiceMode::Shadow => next.insert(service),
             ServiceMode::Enforce => next.remove(&service),
         };
-        maps.sync_services(
-            &configure::service_entries(&self.cfg, &next),
-            self.cfg.knock.port,
-        )?;
+        let cfg = self.config();
+        maps.sync_services(&configure::service_entries(&cfg, &next), cfg.knock.port)?;
         *shadow = next;
         Ok(was)
     }
@@ -174,13 +242,13 @@ impl Enforcer {
     pub fn configure(&self, origin: Origin) -> Result<usize, KernelError> {
         let mut maps = self.maps();
         let shadow = self.shadow().clone();
-        configure::configure(&mut maps, &self.cfg, &shadow, origin)
+        configure::configure(&mut maps, &self.config(), &shadow, origin)
     }
 
     /// Writes (or extends) an admission; returns the identity's slot.
     pub fn admit(&self, a: &Admission<'_>) -> Result<u32, AdmitError> {
         let mut maps = self.maps();
-        let limits = self.cfg.identity_limits(a.limits_of);
+        let limits = self.config().identity_limits(a.limits_of);
         let (slot, _) = maps.upsert_identity(configure::identity_value(a.name, &limits), a.name)?;
         maps.admit(
             slot,
@@ -203,7 +271,7 @@ impl Enforcer {
     ) -> Result<(), KernelError> {
         configure::admit(
             &mut self.maps(),
-            &self.cfg,
+            &self.config(),
             identity,
             source,
             service,

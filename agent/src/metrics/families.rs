@@ -266,7 +266,7 @@ pub fn render(node: &Node) -> Result<String, KernelError> {
     );
 
     let shadow = Family::<ServiceLabel, Gauge>::default();
-    for s in &node.cfg.services {
+    for s in &node.cfg().services {
         let on = node.enforcer.mode(s.id) == ServiceMode::Shadow;
         shadow
             .get_or_create(&ServiceLabel {
