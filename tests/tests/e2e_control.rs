@@ -23,6 +23,8 @@ use portcullis_proto::v1::{self, AdmissionMethod, event::Body};
 use prost::Message as _;
 
 const INVOKE: &str = "model:llm:invoke";
+/// A policy set's base: everything the token's scope grants.
+const PERMIT: &str = "@id(\"permit-all\")\npermit(principal, action, resource);\n";
 const TOKEN_TTL: Duration = Duration::from_secs(300);
 
 /// Socket group, and the uids the roles are granted to.
@@ -869,7 +871,6 @@ fn over_tcp_only_with_a_client_certificate_whose_subject_has_a_role() {
 #[test]
 fn policy_apply_validates_first_then_swaps_through_the_hot_reload() {
     let _serial = serial();
-    const PERMIT: &str = "@id(\"permit-all\")\npermit(principal, action, resource);\n";
     const FORBID_ACME: &str = "@id(\"no-acme\")\nforbid(principal, action, resource)\nwhen { principal.tenant == \"acme\" };\n";
     let live = portcullis_testkit::TempDir::new("ctlpol-live").unwrap();
     std::fs::write(live.path().join("base.cedar"), PERMIT).unwrap();
@@ -1174,7 +1175,6 @@ fn services_are_added_and_removed_at_run_time_cutting_the_removed_ones_admission
 #[test]
 fn report_usage_prices_what_a_model_server_served_and_a_spend_policy_refuses_the_next_knock() {
     let _serial = serial();
-    const PERMIT: &str = "@id(\"permit-all\")\npermit(principal, action, resource);\n";
     // 1 currency unit this month: what the report below crosses.
     const CEILING: &str = "@id(\"spend-ceiling\")\nforbid(principal, action, resource)\nwhen { context.spend_month > 1000000 };\n";
     let pol = portcullis_testkit::TempDir::new("ctlusage-pol").unwrap();
