@@ -277,4 +277,11 @@ fn a_spool_the_collector_stopped_draining_is_a_detection() {
     .expect("the stall is detected");
     assert!(stall.open && stall.rate > 1, "{stall:?}");
     assert!(stall.detail.contains("events wait"), "{stall:?}");
+    // `ctl status` says how long the collector has not acknowledged.
+    let status = e2e::control::ctl_json(&k.env, None, &["status"]);
+    assert!(
+        status["collector_lag_secs"].as_u64().unwrap() >= 1
+            && status["spool_events"].as_u64().unwrap() > 0,
+        "{status}"
+    );
 }

@@ -238,6 +238,11 @@ impl ControlApi {
             spool_bytes: a.spool_bytes,
             sealed_seq: a.sealed_seq,
             acked_seq: a.acked_seq,
+            collector_lag_secs: n
+                .findings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .collector_lag_secs,
             pin_durability: n.pin_durability.clone(),
             live_admissions: admissions,
             live_flows: flows,

@@ -47,6 +47,7 @@ pub fn status(r: &v1::StatusReply, json: bool) {
             "policy_version": r.policy_version, "tables": tables_json(&r.tables),
             "spool_events": r.spool_events, "spool_bytes": r.spool_bytes,
             "sealed_seq": r.sealed_seq, "acked_seq": r.acked_seq,
+            "collector_lag_secs": r.collector_lag_secs,
             "pin_durability": r.pin_durability, "live_admissions": r.live_admissions,
             "live_flows": r.live_flows, "caller": r.caller, "roles": r.roles,
             "shadow_services": r.shadow_services,
@@ -69,8 +70,8 @@ pub fn status(r: &v1::StatusReply, json: bool) {
     }
     println!("admissions {}  flows {}", r.live_admissions, r.live_flows);
     println!(
-        "audit sealed {}  acknowledged {}  unacknowledged {} events / {} bytes",
-        r.sealed_seq, r.acked_seq, r.spool_events, r.spool_bytes
+        "audit sealed {}  acknowledged {}  unacknowledged {} events / {} bytes  collector lag {} s",
+        r.sealed_seq, r.acked_seq, r.spool_events, r.spool_bytes, r.collector_lag_secs
     );
     println!("caller {} roles {}", r.caller, r.roles.join(","));
     let rows: Vec<Vec<String>> = r

@@ -22,6 +22,9 @@ pub struct FindingsView {
     pub open: Vec<(String, String)>,
     /// Episodes opened since start, per kind.
     pub opened: BTreeMap<String, u64>,
+    /// Seconds since the collector last acknowledged while events wait
+    /// for it (0: nothing waits, or no collector).
+    pub collector_lag_secs: u64,
 }
 
 pub struct Detector {
@@ -137,6 +140,7 @@ impl Detector {
             }
         }
         let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
+        v.collector_lag_secs = stalled;
         v.open = [
             ("flood", &self.flood),
             ("refusal_storm", &self.refusals),
