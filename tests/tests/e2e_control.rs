@@ -858,6 +858,70 @@ fn over_tcp_only_with_a_client_certificate_whose_subject_has_a_role() {
         .unwrap();
     assert!(!out.status.success(), "no client certificate, no call");
 
+    // Every call works over mTLS as over the socket.
+    let ok_json = |who, args: &[&str]| -> serde_json::Value {
+        let (ok, stdout, stderr) = call(who, args);
+        assert!(ok, "{args:?}: {stderr}");
+        serde_json::from_str(&stdout).unwrap_or_else(|e| panic!("{args:?}: {e}: {stdout}"))
+    };
+    let token = k.token_file(&k.mint(&[INVOKE], TOKEN_TTL));
+    let client = k.env.topo.client_addr(false).to_string();
+    std::thread::scope(|scope| {
+        // A watcher over TLS sees the admission below as it is sealed.
+        let watcher = scope.spawn(|| {
+            ok_json(
+                &dash,
+                &["watch", "--kind", "admission_granted", "--count", "1"],
+            )
+        });
+        // Wait (bounded) until the watch is registered as a call.
+        wait_control_call(&k, |c| {
+            c.method == "Watch" && c.caller == "cert:CN=dashboard"
+        });
+        let admitted = ok_json(
+            &ops,
+            &[
+                "admit",
+                "--service",
+                SERVICE,
+                "--client",
+                &client,
+                "--token-file",
+                token.to_str().unwrap(),
+            ],
+        );
+        assert_eq!(admitted["tenant"], TENANT, "{admitted}");
+        let seen = watcher.join().unwrap();
+        assert!(seen.to_string().contains(&client), "{seen}");
+    });
+    assert_eq!(ok_json(&dash, &["admissions"]).as_array().unwrap().len(), 1);
+    ok_json(&dash, &["flows"]);
+    assert!(ok_json(&dash, &["stats"])["drops"].is_object());
+    ok_json(&dash, &["policy", "get"]);
+    ok_json(&ops, &["services", "set-mode", SERVICE, "shadow"]);
+    ok_json(&ops, &["services", "set-mode", SERVICE, "enforce"]);
+    let added = ok_json(
+        &ops,
+        &["services", "add", "--name", "embed", "--port", "8081"],
+    );
+    assert_eq!(added["services"].as_array().unwrap().len(), 2);
+    ok_json(&ops, &["services", "remove", "embed"]);
+    let used = ok_json(
+        &ops,
+        &[
+            "usage",
+            "--identity",
+            &format!("{TENANT}/alice"),
+            "--service",
+            SERVICE,
+            "--requests",
+            "1",
+        ],
+    );
+    assert_eq!(used["duplicate"], false, "{used}");
+    let revoked = ok_json(&ops, &["revoke", "--tenant", TENANT]);
+    assert_eq!(revoked["admissions_removed"], 1, "{revoked}");
+
     let audited = wait_control_call(&k, |c| c.caller == "cert:CN=dashboard" && !c.allowed);
     assert_eq!(audited.method, "Revoke");
     assert!(
