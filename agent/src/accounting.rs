@@ -267,21 +267,7 @@ impl Accountant {
     ) -> Result<TickSummary, LedgerError> {
         let before = self.state.clone();
         let first = self.started.is_none();
-        let wall = unix_secs(now);
-        if wall < self.state.clock_secs {
-            tracing::warn!(
-                wall_clock = wall,
-                ledger_clock = self.state.clock_secs,
-                "wall clock is behind the ledger's; charging the latest period"
-            );
-        }
-        let t = wall.max(self.state.clock_secs);
-        self.state.clock_secs = t;
-        self.started.get_or_insert(t);
-        self.roll(t);
-        if self.state.pending.start_unix_ns == 0 && self.state.pending.lines.is_empty() {
-            self.state.pending.start_unix_ns = unix_ns(now);
-        }
+        let t = self.advance(now);
         if self.state.counters != instance {
             if !self.state.counters.is_empty() {
                 tracing::info!(
@@ -293,9 +279,7 @@ impl Accountant {
             self.state.baselines.clear();
             self.state.counters = instance.to_string();
         }
-        for (key, named) in self.book.take_learned() {
-            self.names.entry(key).or_insert(named);
-        }
+        self.absorb_learned();
 
         let old = std::mem::take(&mut self.state.baselines);
         let mut summary = TickSummary::default();
@@ -368,13 +352,7 @@ impl Accountant {
         if !self.services.contains_key(&service) {
             return Ok(None);
         }
-        let t = unix_secs(now).max(self.state.clock_secs);
-        self.state.clock_secs = t;
-        self.started.get_or_insert(t);
-        self.roll(t);
-        if self.state.pending.start_unix_ns == 0 && self.state.pending.lines.is_empty() {
-            self.state.pending.start_unix_ns = unix_ns(now);
-        }
+        let t = self.advance(now);
         let tenant = self
             .state
             .identities
@@ -392,11 +370,38 @@ impl Accountant {
     /// Whether the accountant has seen `identity` (its kernel name): spend
     /// this month, or named by a knock, an `Admit` or the config.
     pub fn knows(&mut self, identity: &str) -> bool {
+        self.absorb_learned();
+        self.state.identities.contains_key(identity)
+            || self.names.contains_key(&identity_key(identity))
+    }
+
+    /// Moves the ledger's clock to `now` (never back), rolling periods
+    /// over, and opens the pending report's interval if none is open;
+    /// the ledger time charged usage belongs to.
+    fn advance(&mut self, now: SystemTime) -> i64 {
+        let wall = unix_secs(now);
+        if wall < self.state.clock_secs {
+            tracing::warn!(
+                wall_clock = wall,
+                ledger_clock = self.state.clock_secs,
+                "wall clock is behind the ledger's; charging the latest period"
+            );
+        }
+        let t = wall.max(self.state.clock_secs);
+        self.state.clock_secs = t;
+        self.started.get_or_insert(t);
+        self.roll(t);
+        if self.state.pending.start_unix_ns == 0 && self.state.pending.lines.is_empty() {
+            self.state.pending.start_unix_ns = unix_ns(now);
+        }
+        t
+    }
+
+    /// Names the identities the book learned since the last call.
+    fn absorb_learned(&mut self) {
         for (key, named) in self.book.take_learned() {
             self.names.entry(key).or_insert(named);
         }
-        self.state.identities.contains_key(identity)
-            || self.names.contains_key(&identity_key(identity))
     }
 
     fn name_of(&self, key: u64) -> (String, String) {
