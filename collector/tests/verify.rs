@@ -575,7 +575,7 @@ fn records_validate_against_the_ocsf_schema() {
     );
     let file = write(d.path(), "records.jsonl", &lines);
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../tests/ocsf/validate.py");
-    let out = Command::new("python3")
+    let out = Command::new(portcullis_testkit::require_python())
         .arg(&script)
         .arg(&file)
         .output()

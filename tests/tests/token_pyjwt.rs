@@ -5,8 +5,8 @@
 //! the right reason. The other direction too: PyJWT verifies tokens minted by
 //! `portcullis::devtoken`.
 //!
-//! Needs `python3` with PyJWT and cryptography (`cargo xtask setup` installs
-//! them). Missing them is a failure, not a skip.
+//! Needs the project's Python environment with PyJWT and cryptography
+//! (`cargo xtask setup` creates `.venv/`). Missing them is a failure, not a skip.
 
 use std::{
     path::PathBuf,
@@ -142,20 +142,20 @@ print(json.dumps(claims))
 "#;
 
 fn python_ready() {
-    let ok = Command::new("python3")
+    let ok = Command::new(portcullis_testkit::require_python())
         .args(["-c", "import jwt, cryptography"])
         .status()
         .is_ok_and(|s| s.success());
     assert!(
         ok,
-        "python3 with PyJWT and cryptography is required for this interop test: \
-         run `cargo xtask setup` (it installs them with `python3 -m pip install pyjwt cryptography`)"
+        "the project's Python environment lacks PyJWT or cryptography: \
+         run `cargo xtask setup` (it installs them into .venv)"
     );
 }
 
 fn python(script: &str, args: &[&str]) -> String {
     python_ready();
-    let out = Command::new("python3")
+    let out = Command::new(portcullis_testkit::python())
         .arg("-c")
         .arg(script)
         .args(args)

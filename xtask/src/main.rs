@@ -12,8 +12,15 @@ use clap::{Parser, Subcommand, ValueEnum};
 /// bpf-linker must link the same LLVM as the nightly rustc; 0.10.3 does.
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the tests and the demo use.
-// `prometheus` for `promtool check metrics` in the metrics test.
-const APT_PACKAGES: &[&str] = &["iproute2", "iputils-ping", "ethtool", "prometheus"];
+// `prometheus` for `promtool check metrics` in the metrics test; `systemd`
+// for `systemd-analyze verify` of deploy/systemd.
+const APT_PACKAGES: &[&str] = &[
+    "iproute2",
+    "iputils-ping",
+    "ethtool",
+    "prometheus",
+    "systemd",
+];
 const BPFFS: &str = "/sys/fs/bpf";
 
 #[derive(Parser)]
@@ -108,6 +115,7 @@ fn setup() -> Result<()> {
     ensure_bpf_linker()?;
     ensure_apt_packages()?;
     ensure_python_packages()?;
+    ensure_kustomize()?;
     ensure_bpffs()?;
     println!("setup: done");
     Ok(())
@@ -312,25 +320,46 @@ fn ensure_apt_packages() -> Result<()> {
 /// PyJWT with `cryptography`: the independent JWT implementation the
 /// interop tests and the admission benchmark mint tokens with;
 /// `pydantic-ocsf`: the OCSF schema exports and models that
-/// tests/ocsf/validate.py checks the collector's records against.
-const PYTHON_PACKAGES: [&str; 3] = ["pyjwt", "cryptography", "pydantic-ocsf==3.0.0"];
+/// tests/ocsf/validate.py checks the collector's records against;
+/// `kubernetes-validate`: the Kubernetes OpenAPI schemas (bundled, no
+/// cluster or network needed) that deploy/kubernetes is validated against.
+const PYTHON_PACKAGES: [&str; 4] = [
+    "pyjwt==2.15.1",
+    "cryptography==48.0.0",
+    "pydantic-ocsf==3.0.0",
+    "kubernetes-validate==1.34.1",
+];
+/// What the probe imports: every package above.
+const PYTHON_PROBE: &str = "import jwt, cryptography, ocsf.v1_7_0.events, kubernetes_validate";
+
+/// The project's virtual environment (`.venv/`): the tests use its
+/// interpreter (tests/kit/src/python.rs); nothing goes into the system's.
+fn venv_python() -> PathBuf {
+    workspace_root().join(".venv/bin/python3")
+}
 
 fn ensure_python_packages() -> Result<()> {
-    let probe = Command::new("python3")
-        .args(["-c", "import jwt, cryptography, ocsf.v1_7_0.events"])
-        .output();
+    let python = venv_python();
+    if !python.exists() {
+        println!("setup: creating the Python environment .venv");
+        run(Command::new("python3")
+            .args(["-m", "venv"])
+            .arg(workspace_root().join(".venv")))
+        .context("python3 -m venv (Debian: apt-get install python3-venv)")?;
+    }
+    let probe = Command::new(&python).args(["-c", PYTHON_PROBE]).output();
     if probe.is_ok_and(|o| o.status.success()) {
         println!(
-            "setup: Python packages present ({})",
+            "setup: Python packages present in .venv ({})",
             PYTHON_PACKAGES.join(", ")
         );
         return Ok(());
     }
     println!(
-        "setup: installing Python packages: {}",
+        "setup: installing Python packages into .venv: {}",
         PYTHON_PACKAGES.join(", ")
     );
-    run(Command::new("python3")
+    run(Command::new(&python)
         .args([
             "-m",
             "pip",
@@ -339,6 +368,28 @@ fn ensure_python_packages() -> Result<()> {
             "--disable-pip-version-check",
         ])
         .args(PYTHON_PACKAGES))
+}
+
+/// deploy/kubernetes is rendered with kubectl's built-in kustomize (v5
+/// syntax). Debian's own kubectl is too old for it, so it is not installed
+/// from there: the machine image provides it.
+fn ensure_kustomize() -> Result<()> {
+    let out = Command::new("kubectl")
+        .args(["version", "--client"])
+        .output();
+    match out {
+        Ok(o)
+            if o.status.success()
+                && String::from_utf8_lossy(&o.stdout).contains("Kustomize Version: v5") =>
+        {
+            println!("setup: kubectl with kustomize v5 present");
+            Ok(())
+        }
+        _ => bail!(
+            "kubectl with kustomize v5 (kubectl 1.27 or later) is needed to render deploy/kubernetes: \
+             install it from https://kubernetes.io/docs/tasks/tools/"
+        ),
+    }
 }
 
 fn dpkg_installed(package: &str) -> bool {

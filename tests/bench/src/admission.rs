@@ -113,10 +113,10 @@ struct Minted {
 }
 
 fn mint(count: usize) -> Result<Minted> {
-    let out = Command::new("python3")
+    let out = Command::new(portcullis_testkit::python())
         .args(["-c", MINT_PY, ISSUER, AUDIENCE, &count.to_string()])
         .output()
-        .context("running python3 (needs PyJWT and cryptography: `cargo xtask setup`)")?;
+        .context("running the project's Python (.venv, with PyJWT and cryptography: `cargo xtask setup`)")?;
     if !out.status.success() {
         bail!(
             "minting tokens with PyJWT failed ({}); `cargo xtask setup` installs PyJWT and \

@@ -32,6 +32,7 @@ mod mounts;
 mod netns;
 pub mod packet;
 mod process;
+mod python;
 mod tempdir;
 mod traffic;
 
@@ -39,6 +40,7 @@ pub use command::*;
 pub use mounts::*;
 pub use netns::*;
 pub use process::*;
+pub use python::*;
 pub use tempdir::*;
 pub use traffic::*;
 
