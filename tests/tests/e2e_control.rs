@@ -1083,6 +1083,40 @@ fn sighup_applies_services_and_findings_and_reports_what_needs_a_restart() {
     k.knock_ok(false, &k.mint(&[INVOKE], TOKEN_TTL), SERVICE, &[]);
 }
 
+/// A Kubernetes ConfigMap update: the file is replaced under its name (a
+/// new file renamed over it), no signal is sent, and the agent applies it
+/// within a couple of seconds.
+#[test]
+fn a_config_file_replaced_in_place_is_applied_without_a_signal() {
+    let _serial = serial();
+    let mut k = KnockEnv::start("ctlwatch", &KnockSettings::default());
+    let _open = k.env.echo_server(false, OPEN_PORT);
+    k.env
+        .connect(false, OPEN_PORT, Duration::from_secs(2))
+        .expect("OPEN_PORT is not protected yet");
+    let path = k.env.config.clone();
+    let text = std::fs::read_to_string(&path).unwrap();
+    let staged = path.with_extension("staged");
+    std::fs::write(
+        &staged,
+        format!("{text}\n[[services]]\nname = \"embed\"\nport = {OPEN_PORT}\n"),
+    )
+    .unwrap();
+    std::fs::rename(&staged, &path).unwrap();
+    assert!(
+        k.wait_log("config sections applied", Duration::from_secs(5)),
+        "{}",
+        k.log()
+    );
+    k.env.assert_dropped(
+        false,
+        OPEN_PORT,
+        false,
+        "embed is protected without a SIGHUP",
+    );
+    assert!(k.env.agent().pid().is_some(), "the agent runs on");
+}
+
 #[test]
 fn services_are_added_and_removed_at_run_time_cutting_the_removed_ones_admissions() {
     let _serial = serial();

@@ -49,7 +49,7 @@ use upkeep::{KnockParts, Knocks, audit_key_set};
 
 pub struct RunOptions {
     pub ready_file: Option<PathBuf>,
-    /// The config file, re-read on SIGHUP.
+    /// The config file, re-read on SIGHUP and when its bytes change.
     pub config_path: Option<PathBuf>,
 }
 
@@ -214,6 +214,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
     let mut last_refusals = Vec::new();
     let mut flows_live = None;
     let mut unpinned_reported = HashSet::new();
+    let mut config_watch = opts.config_path.as_deref().map(reload::ConfigWatch::new);
     let stop_reason = loop {
         tokio::select! {
             _ = tick.tick() => {
@@ -233,6 +234,11 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 reports::account(&enforcer, &mut node.accountant());
                 if let Some(k) = &knocks {
                     k.upkeep();
+                }
+                if let Some(w) = &mut config_watch
+                    && w.changed()
+                {
+                    reload::reload_config(&node, w.path(), "config file changed");
                 }
                 if let Some(lost) = reports::watch_links(&links, &auditor, &mut unpinned_reported) {
                     break lost;
@@ -261,8 +267,9 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 if let Some(k) = &knocks {
                     k.upkeep();
                 }
-                if let Some(path) = &opts.config_path {
-                    reload::reload_config(&node, path);
+                if let Some(w) = &mut config_watch {
+                    w.changed();
+                    reload::reload_config(&node, w.path(), "SIGHUP");
                 }
             }
             _ = term.recv() => break "SIGTERM".to_string(),

@@ -1,4 +1,5 @@
-//! SIGHUP and the config file: the sections that differ from the running
+//! SIGHUP, or a change of the config file's bytes (a Kubernetes ConfigMap
+//! update, an edit): the sections that differ from the running
 //! configuration are reported (logged), and the ones the running agent can
 //! take are applied: `[[services]]` (through the one path of
 //! `agent/src/daemon/services.rs`, so services added or removed through
@@ -7,7 +8,7 @@
 //! same signal; everything else in the file takes a restart (the kernel's
 //! pinned state keeps enforcing across it).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::{node::Node, services};
 use crate::config::Config;
@@ -40,10 +41,51 @@ pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     out
 }
 
+/// Notices when the config file's bytes change, so a file updated in place
+/// (a ConfigMap's atomic symlink swap, an editor's rewrite) is applied
+/// within the second without a signal. Compares content, not mtimes: a
+/// ConfigMap swap keeps old timestamps.
+pub struct ConfigWatch {
+    path: PathBuf,
+    seen: Option<ring::digest::Digest>,
+}
+
+impl ConfigWatch {
+    /// Starts from the file as it is now (the config the agent started with).
+    pub fn new(path: &Path) -> ConfigWatch {
+        ConfigWatch {
+            path: path.to_path_buf(),
+            seen: digest(path),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// True once each time the bytes differ from the last seen. A file
+    /// that cannot be read is no change: the running config stays, and the
+    /// next readable content is compared with the last one applied.
+    pub fn changed(&mut self) -> bool {
+        let Some(now) = digest(&self.path) else {
+            return false;
+        };
+        let differs = self.seen.is_none_or(|s| s.as_ref() != now.as_ref());
+        self.seen = Some(now);
+        differs
+    }
+}
+
+fn digest(path: &Path) -> Option<ring::digest::Digest> {
+    let bytes = std::fs::read(path).ok()?;
+    Some(ring::digest::digest(&ring::digest::SHA256, &bytes))
+}
+
 /// Re-reads `path`, applies the live sections that changed and logs the
 /// rest: a file that does not load, or services that do not apply, are
-/// reported with the error and the running configuration stays.
-pub fn reload_config(node: &Node, path: &Path) {
+/// reported with the error and the running configuration stays. `why`
+/// (`SIGHUP`, `config file changed`) goes into the audit record.
+pub fn reload_config(node: &Node, path: &Path, why: &str) {
     let new = match Config::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -60,7 +102,7 @@ pub fn reload_config(node: &Node, path: &Path) {
     let (live, restart): (Vec<&str>, Vec<&str>) =
         changed.iter().partition(|s| LIVE_SECTIONS.contains(s));
     if !live.is_empty() {
-        let applied = services::edit(node, "SIGHUP", |cfg| {
+        let applied = services::edit(node, why, |cfg| {
             let mut next = cfg.clone();
             next.services = new.services.clone();
             next.findings = new.findings;
@@ -94,6 +136,28 @@ pub fn reload_config(node: &Node, path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_change_of_bytes_is_noticed_once_and_an_unreadable_file_is_none() {
+        let dir = std::env::temp_dir().join(format!("pcl-cw-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("agent.toml");
+        std::fs::write(&path, "a").unwrap();
+        let mut w = ConfigWatch::new(&path);
+        assert!(!w.changed(), "the starting content is not a change");
+        std::fs::write(&path, "b").unwrap();
+        assert!(w.changed());
+        assert!(!w.changed(), "reported once");
+        // A ConfigMap update: a new file renamed over the old name.
+        std::fs::write(dir.join("new"), "c").unwrap();
+        std::fs::rename(dir.join("new"), &path).unwrap();
+        assert!(w.changed());
+        std::fs::remove_file(&path).unwrap();
+        assert!(!w.changed(), "a missing file keeps the running config");
+        std::fs::write(&path, "c").unwrap();
+        assert!(!w.changed(), "the same content as last applied");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn the_changed_sections_are_named() {
