@@ -5,6 +5,8 @@
 //!   subcommands, and the knock setup (`tests/e2e_*.rs`);
 //! - [`devtoken`]: a development token issuer (`portcullis-devtoken`);
 //! - [`demo`]: the self-contained demo (`portcullis-demo`);
+//! - [`fleet`]: several nodes, one client, one collector (`portcullis-fleet`);
+//! - [`story`]: how the demo and the fleet narrate and check their steps;
 //! - [`pipeline`]: the knock path in process, for tests and benchmarks.
 //!
 //! The namespace harness itself is `portcullis-testkit` (`tests/kit`).
@@ -12,5 +14,7 @@
 pub mod demo;
 pub mod devtoken;
 pub mod e2e;
+pub mod fleet;
 pub mod pipeline;
 pub mod pki;
+pub mod story;

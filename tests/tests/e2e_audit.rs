@@ -12,23 +12,24 @@ use portcullis_e2e::e2e;
 
 use std::{
     collections::BTreeMap,
-    fs::{self, File, OpenOptions},
+    fs::{self, File},
     io::Write as _,
     net::SocketAddr,
     path::{Path, PathBuf},
-    process::{Child, Stdio},
+    process::Stdio,
     sync::atomic::{AtomicBool, AtomicU64, Ordering},
     time::{Duration, Instant},
 };
 
 use e2e::{
     SERVICE,
+    collector::Collector,
     knock::{KnockEnv, KnockSettings},
     serial,
 };
 use portcullis_e2e::devtoken;
 use portcullis_proto::v1;
-use portcullis_testkit::{Netns, TempDir, poll_until};
+use portcullis_testkit::{TempDir, poll_until};
 use portcullis_trail::frame::read_segment_file;
 use prost::Message as _;
 
@@ -38,81 +39,6 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The client knocks (each admitted knock is one audit event) until the
 /// test has seen what it needs, but never longer than this.
 const KNOCKING_AT_MOST: Duration = Duration::from_secs(240);
-
-/// `portcullis collector` inside a namespace; killed on drop.
-struct Collector {
-    child: Option<Child>,
-    binary: PathBuf,
-    ns_path: PathBuf,
-    out: PathBuf,
-    log: PathBuf,
-}
-
-impl Collector {
-    fn start(binary: &Path, ns: &Netns, out: &Path, log_dir: &Path) -> Collector {
-        let mut c = Collector {
-            child: None,
-            binary: binary.to_path_buf(),
-            ns_path: ns.path(),
-            out: out.to_path_buf(),
-            log: log_dir.join("collector.log"),
-        };
-        c.spawn(ns);
-        c
-    }
-
-    fn spawn(&mut self, ns: &Netns) {
-        assert!(self.child.is_none());
-        assert_eq!(ns.path(), self.ns_path);
-        let log = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&self.log)
-            .expect("collector log");
-        let listen = SocketAddr::from(([127, 0, 0, 1], COLLECTOR_PORT)).to_string();
-        let child = ns
-            .exec(&self.binary)
-            .args(["collector", "--listen", &listen, "--out"])
-            .arg(&self.out)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone().expect("log"))
-            .stderr(log)
-            .spawn()
-            .expect("spawn collector");
-        self.child = Some(child);
-    }
-
-    fn kill9(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-
-    fn terminate(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            // SAFETY: kill(2) on our own unreaped child.
-            unsafe { libc::kill(c.id() as libc::pid_t, libc::SIGTERM) };
-            if poll_until(Duration::from_secs(10), || c.try_wait().ok().flatten()).is_none() {
-                let _ = c.kill();
-                let _ = c.wait();
-            }
-        }
-    }
-
-    fn log(&self) -> String {
-        fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Collector {
-    fn drop(&mut self) {
-        self.kill9();
-        if std::thread::panicking() {
-            eprintln!("---- collector log ----\n{}---- end ----", self.log());
-        }
-    }
-}
 
 /// The collector's output files in write order.
 fn output_files(dir: &Path) -> Vec<PathBuf> {
@@ -250,6 +176,7 @@ fn every_event_reaches_the_collector_exactly_once_through_crashes_and_outages() 
     let mut collector = Collector::start(
         &k.env.binary,
         &k.env.topo.server,
+        SocketAddr::from(([127, 0, 0, 1], COLLECTOR_PORT)),
         out_dir.path(),
         k.env.state_dir(),
     );

@@ -55,6 +55,11 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Run `portcullis-fleet`: three nodes with their own agents, one client, one collector, in network namespaces; extra arguments go to it
+    Fleet {
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
     /// Build and run `portcullis-demo` with the release node binary; extra arguments go to the demo
     Demo {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
@@ -101,6 +106,7 @@ fn dispatch(task: Task) -> Result<()> {
         }
         Task::Bench { what, args } => bench(what, &args),
         Task::Demo { args } => demo(&args),
+        Task::Fleet { args } => fleet(&args),
     }
 }
 
@@ -243,9 +249,23 @@ fn bench_run(name: &str, args: &[String]) -> Result<()> {
 }
 
 fn demo(args: &[String]) -> Result<()> {
+    namespaced("portcullis-demo", args)
+}
+
+fn fleet(args: &[String]) -> Result<()> {
+    namespaced("portcullis-fleet", args)
+}
+
+/// Builds, then runs a program of the test crate that sets up network
+/// namespaces, with the release node binary.
+fn namespaced(program: &str, args: &[String]) -> Result<()> {
+    require_root(
+        program,
+        "it creates network namespaces and loads BPF programs",
+    )?;
     build()?;
     let release = target_dir().join("release");
-    run(Command::new(release.join("portcullis-demo"))
+    run(Command::new(release.join(program))
         .current_dir(workspace_root())
         .arg("--agent-bin")
         .arg(release.join("portcullis"))

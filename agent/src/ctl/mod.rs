@@ -2,6 +2,7 @@
 //! Human tables by default, `--json` for automation; a refused call exits
 //! non-zero with the server's message.
 
+mod fleet;
 mod show;
 
 use std::{
@@ -43,6 +44,18 @@ pub struct CtlCmd {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+    /// Call several agents at once: `NAME=TARGET`, TARGET a control socket
+    /// path or `https://HOST:PORT` (with --ca/--cert/--key); repeatable.
+    /// Each node's reply is printed under its name; the exit status is 1
+    /// if any node failed.
+    #[arg(long = "node", value_name = "NAME=TARGET", global = true)]
+    nodes: Vec<String>,
+    /// Nodes from a file: one `NAME TARGET` per line, `#` comments.
+    #[arg(long, value_name = "FILE", global = true)]
+    nodes_file: Option<PathBuf>,
+    /// With several nodes: how long each node may take.
+    #[arg(long, value_name = "SECS", default_value_t = 10, global = true)]
+    node_timeout_secs: u64,
     #[command(subcommand)]
     call: Call,
 }
@@ -256,6 +269,20 @@ pub async fn run(cmd: CtlCmd) -> ExitCode {
 }
 
 async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
+    if !cmd.nodes.is_empty() || cmd.nodes_file.is_some() {
+        let nodes = fleet::nodes(&cmd.nodes, cmd.nodes_file.as_deref())?;
+        match &cmd.call {
+            Call::Watch { .. } => {
+                bail!("watch streams from one node: give --socket or --endpoint, not --node")
+            }
+            Call::Admit { token_file, .. } if token_file == Path::new("-") => {
+                bail!("--token-file - is read once: with several nodes give a file")
+            }
+            _ => {}
+        }
+        let timeout = std::time::Duration::from_secs(cmd.node_timeout_secs.max(1));
+        return fleet::run(nodes, cmd.json, timeout).await;
+    }
     let mut c = match &cmd.endpoint {
         Some(url) => {
             let file = |flag: &str, p: &Option<PathBuf>| -> anyhow::Result<Vec<u8>> {

@@ -28,6 +28,7 @@
 //! Requires root (CAP_SYS_ADMIN, CAP_NET_ADMIN) and `ip` from iproute2.
 
 mod command;
+mod fleet;
 mod mounts;
 mod netns;
 pub mod packet;
@@ -37,6 +38,7 @@ mod tempdir;
 mod traffic;
 
 pub use command::*;
+pub use fleet::*;
 pub use mounts::*;
 pub use netns::*;
 pub use process::*;

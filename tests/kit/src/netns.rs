@@ -186,33 +186,13 @@ impl Topology {
     }
 
     fn configure(&self) -> io::Result<()> {
-        for ns in [&self.client, &self.server] {
-            // No duplicate address detection: addresses (link-local too)
-            // are usable at once instead of after about two seconds.
-            ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0")?;
-            ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0")?;
-            ns.ip(&["link", "set", "dev", "lo", "up"])?;
-        }
-        // Created inside the client namespace with its peer placed straight
-        // into the server namespace: nothing appears in the host namespace.
-        self.client.ip(&[
-            "link",
-            "add",
-            "name",
-            &self.client_if,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &self.server_if,
-            "netns",
-            self.server.name(),
-        ])?;
-        let sides = [
+        prepare(&self.client)?;
+        prepare(&self.server)?;
+        veth(
             (
                 &self.client,
                 &self.client_if,
-                vec![
+                &[
                     (IpAddr::V4(self.client_v4), false),
                     (IpAddr::V4(self.client_v4_alt), true),
                     (IpAddr::V6(self.client_v6), false),
@@ -222,55 +202,19 @@ impl Topology {
             (
                 &self.server,
                 &self.server_if,
-                vec![
+                &[
                     (IpAddr::V4(self.server_v4), false),
                     (IpAddr::V6(self.server_v6), false),
                 ],
             ),
-        ];
-        for (ns, ifname, addrs) in sides {
-            for (addr, alt) in addrs {
-                let cidr = format!("{addr}/{}", if addr.is_ipv6() { 64 } else { 24 });
-                let mut args = vec!["addr", "add", &cidr, "dev", ifname.as_str()];
-                if addr.is_ipv6() {
-                    args.push("nodad");
-                    if alt {
-                        // Deprecated: never picked as a source address
-                        // unless a socket binds it explicitly. (An IPv4
-                        // secondary address is never picked anyway.)
-                        args.extend(["preferred_lft", "0"]);
-                    }
-                }
-                ns.ip(&args)?;
-            }
-            ns.ip(&["link", "set", "dev", ifname, "up"])?;
-        }
-        Ok(())
+        )
     }
 
     fn settle(&self) -> io::Result<()> {
-        let ready = |ns: &Netns, ifname: &str| -> bool {
-            let link = ns.ip(&["link", "show", "dev", ifname]).unwrap_or_default();
-            let addrs = ns
-                .ip(&["-6", "addr", "show", "dev", ifname])
-                .unwrap_or_default();
-            link.contains("LOWER_UP")
-                && !addrs.contains("tentative")
-                && addrs.contains("scope global")
-        };
-        poll_until(SETTLE_TIMEOUT, || {
-            (ready(&self.client, &self.client_if) && ready(&self.server, &self.server_if))
-                .then_some(())
-        })
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::TimedOut,
-                format!(
-                    "veth {}/{} not up with usable IPv6 addresses after {SETTLE_TIMEOUT:?}",
-                    self.client_if, self.server_if
-                ),
-            )
-        })
+        settle(&[
+            (&self.client, &self.client_if),
+            (&self.server, &self.server_if),
+        ])
     }
 
     pub fn server_addr(&self, v6: bool) -> IpAddr {
@@ -310,4 +254,79 @@ impl Drop for Topology {
         let _ = self.client.ip(&["link", "del", "dev", &self.client_if]);
         // The namespaces are deleted by their own Drop.
     }
+}
+
+/// Makes addresses usable at once in `ns`: no duplicate address detection
+/// (link-local too, instead of after about two seconds), loopback up.
+pub(crate) fn prepare(ns: &Netns) -> io::Result<()> {
+    ns.set_sysctl("net/ipv6/conf/all/accept_dad", "0")?;
+    ns.set_sysctl("net/ipv6/conf/default/accept_dad", "0")?;
+    ns.ip(&["link", "set", "dev", "lo", "up"])?;
+    Ok(())
+}
+
+/// One side of a veth: its namespace, interface name and addresses (`true`
+/// marks a secondary address).
+pub(crate) type Side<'a> = (&'a Netns, &'a str, &'a [(IpAddr, bool)]);
+
+/// A veth pair from `a` to `b`, created inside `a` with its peer placed
+/// straight into `b` (nothing appears in the host namespace), addressed
+/// (/24, /64) and up.
+pub(crate) fn veth(a: Side, b: Side) -> io::Result<()> {
+    a.0.ip(&[
+        "link",
+        "add",
+        "name",
+        a.1,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        b.1,
+        "netns",
+        b.0.name(),
+    ])?;
+    for (ns, ifname, addrs) in [a, b] {
+        for (addr, alt) in addrs {
+            let cidr = format!("{addr}/{}", if addr.is_ipv6() { 64 } else { 24 });
+            let mut args = vec!["addr", "add", &cidr, "dev", ifname];
+            if addr.is_ipv6() {
+                args.push("nodad");
+                if *alt {
+                    // Deprecated: never picked as a source address unless
+                    // a socket binds it explicitly. (An IPv4 secondary
+                    // address is never picked anyway.)
+                    args.extend(["preferred_lft", "0"]);
+                }
+            }
+            ns.ip(&args)?;
+        }
+        ns.ip(&["link", "set", "dev", ifname, "up"])?;
+    }
+    Ok(())
+}
+
+/// Waits (bounded) until every link is up with a usable global IPv6
+/// address.
+pub(crate) fn settle(links: &[(&Netns, &str)]) -> io::Result<()> {
+    let ready = |ns: &Netns, ifname: &str| -> bool {
+        let link = ns.ip(&["link", "show", "dev", ifname]).unwrap_or_default();
+        let addrs = ns
+            .ip(&["-6", "addr", "show", "dev", ifname])
+            .unwrap_or_default();
+        link.contains("LOWER_UP") && !addrs.contains("tentative") && addrs.contains("scope global")
+    };
+    poll_until(SETTLE_TIMEOUT, || {
+        links.iter().all(|(ns, i)| ready(ns, i)).then_some(())
+    })
+    .ok_or_else(|| {
+        let names: Vec<&str> = links.iter().map(|(_, i)| *i).collect();
+        io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!(
+                "veth {} not up with usable IPv6 addresses after {SETTLE_TIMEOUT:?}",
+                names.join("/")
+            ),
+        )
+    })
 }

@@ -528,5 +528,6 @@ impl Drop for EchoLoop {
 
 // ---- knock admission (e2e_knock.rs) -----------------------------------------
 
+pub mod collector;
 pub mod control;
 pub mod knock;
