@@ -29,6 +29,7 @@
 
 mod command;
 mod fleet;
+mod interrupt;
 mod mounts;
 mod netns;
 pub mod packet;
@@ -39,6 +40,7 @@ mod traffic;
 
 pub use command::*;
 pub use fleet::*;
+pub use interrupt::*;
 pub use mounts::*;
 pub use netns::*;
 pub use process::*;

@@ -15,11 +15,16 @@ struct Cli {
     /// The `portcullis` node binary (default: next to this program).
     #[arg(long, value_name = "PATH")]
     agent_bin: Option<PathBuf>,
+    /// Run straight through without waiting for Enter between chapters
+    /// (also when standard input is not a terminal); every step's outcome
+    /// is still checked and a failed one makes the exit status 1.
+    #[arg(long)]
+    non_interactive: bool,
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    match portcullis_e2e::demo::run(cli.agent_bin) {
+    match portcullis_e2e::demo::run(cli.agent_bin, !cli.non_interactive) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("portcullis-demo: error: {e:#}");
