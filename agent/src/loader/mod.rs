@@ -263,7 +263,7 @@ impl Kernel {
         }
         let mut ebpf = loader
             .load(object::OBJECT)
-            .map_err(|e| KernelError::program("object", format!("{e:#}")))?;
+            .map_err(|e| KernelError::program("object", with_causes(&e)))?;
         let mut any_replaced = false;
         {
             let xdp: &mut Xdp = program(&mut ebpf, programs::INGRESS)?;
@@ -371,7 +371,7 @@ impl Unattached {
     fn load_with(mut loader: EbpfLoader<'_>) -> Result<Unattached, KernelError> {
         let mut ebpf = loader
             .load(object::OBJECT)
-            .map_err(|e| KernelError::program("object", format!("{e:#}")))?;
+            .map_err(|e| KernelError::program("object", with_causes(&e)))?;
         Self::finish(&mut ebpf)?;
         let maps = Maps::from_ebpf(&mut ebpf)?;
         Ok(Unattached { ebpf, maps })
@@ -429,7 +429,35 @@ where
 
 /// Verifier rejections carry the log in the alternate Display form.
 fn verifier(e: aya::programs::ProgramError) -> String {
-    format!("{e:#}")
+    with_causes(&e)
+}
+
+/// What the capabilities check costs a start: which ones, and where the
+/// deployment files grant them.
+const PRIVILEGE_HINT: &str = "the kernel refused for lack of privilege: the agent needs CAP_BPF and CAP_PERFMON (kernel 5.8 or later; before it CAP_SYS_ADMIN), CAP_NET_ADMIN, and CAP_SYS_RESOURCE on kernels before 5.11, as deploy/systemd/portcullis-agent.service and deploy/kubernetes grant them";
+
+/// The error with each of its causes; a refusal for lack of privilege
+/// (EPERM anywhere in the chain) says which capabilities are missing.
+fn with_causes(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut eperm = false;
+    let mut cause = e.source();
+    while let Some(c) = cause {
+        let more = c.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        eperm |= c
+            .downcast_ref::<io::Error>()
+            .is_some_and(|io| io.raw_os_error() == Some(libc::EPERM));
+        cause = c.source();
+    }
+    if eperm || text.contains("Operation not permitted") {
+        text.push_str("; ");
+        text.push_str(PRIVILEGE_HINT);
+    }
+    text
 }
 
 /// Attaches (or atomically re-points a pinned link to) the XDP program.

@@ -34,6 +34,19 @@ impl AgentProcess {
         config: &Path,
         extra_args: &[&str],
     ) -> io::Result<AgentProcess> {
+        AgentProcess::spawn_wrapped(&[], binary, ns, config, extra_args)
+    }
+
+    /// As [`AgentProcess::spawn`], with the agent run by `wrapper` (a
+    /// program and its arguments, e.g. `setpriv --bounding-set ... --`)
+    /// inside the namespace.
+    pub fn spawn_wrapped(
+        wrapper: &[&str],
+        binary: &Path,
+        ns: &Netns,
+        config: &Path,
+        extra_args: &[&str],
+    ) -> io::Result<AgentProcess> {
         if !binary.is_file() {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
@@ -44,8 +57,15 @@ impl AgentProcess {
         let ready_file = dir.path().join("ready");
         let log_file = dir.path().join("agent.log");
         let log = File::create(&log_file)?;
-        let child = ns
-            .exec(binary)
+        let mut cmd = match wrapper.split_first() {
+            Some((program, args)) => {
+                let mut c = ns.exec(program);
+                c.args(args).arg(binary);
+                c
+            }
+            None => ns.exec(binary),
+        };
+        let child = cmd
             .arg("agent")
             .arg("--config")
             .arg(config)
