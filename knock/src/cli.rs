@@ -23,15 +23,19 @@ const MAX_INPUT_FILE: u64 = 64 * 1024;
 #[derive(Debug, Clone, clap::Args)]
 pub struct KnockArgs {
     /// File holding the access token (JWT); `-` reads standard input.
-    #[arg(long, value_name = "FILE")]
-    pub token_file: PathBuf,
+    #[arg(long, value_name = "FILE", required_unless_present = "print_jkt")]
+    pub token_file: Option<PathBuf>,
     /// The service to be admitted to.
-    #[arg(long, value_name = "NAME")]
-    pub service: String,
+    #[arg(long, value_name = "NAME", required_unless_present = "print_jkt")]
+    pub service: Option<String>,
     /// The node: a name or address, optionally with `:PORT`; IPv6 literals
     /// with a port go in brackets (`[2001:db8::1]:62201`).
-    #[arg(value_name = "HOST")]
-    pub host: String,
+    #[arg(value_name = "HOST", required_unless_present = "print_jkt")]
+    pub host: Option<String>,
+    /// Print the RFC 7638 thumbprint of --pop-key (the value your identity
+    /// provider puts in the token's `cnf.jkt`) and exit.
+    #[arg(long, requires = "pop_key", conflicts_with_all = ["token_file", "service", "host"])]
+    pub print_jkt: bool,
     /// The node's knock port (default 62201) when HOST gives none.
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
@@ -63,8 +67,6 @@ pub struct KnockArgs {
 /// Runs `portcullis knock`: prints the admission on success; an error
 /// (exit status 1) on refusal, timeout or bad input.
 pub fn run_cli(args: KnockArgs) -> anyhow::Result<()> {
-    let token = read_token(&args.token_file)?;
-    let server = resolve_host(&args.host, args.port)?;
     let pop_key = match &args.pop_key {
         Some(path) => {
             let bytes = read_small(path)?;
@@ -75,6 +77,18 @@ pub fn run_cli(args: KnockArgs) -> anyhow::Result<()> {
         }
         None => None,
     };
+    if args.print_jkt {
+        let key = pop_key.context("--print-jkt needs --pop-key FILE")?;
+        println!("{}", key.thumbprint());
+        return Ok(());
+    }
+    let (Some(token_file), Some(service), Some(host)) =
+        (&args.token_file, args.service, &args.host)
+    else {
+        bail!("give --token-file FILE, --service NAME and the node's HOST");
+    };
+    let token = read_token(token_file)?;
+    let server = resolve_host(host, args.port)?;
     let node_public_key = match &args.node_key_pub {
         Some(path) => Some(
             parse_node_public_key(&read_small(path)?)
@@ -85,7 +99,7 @@ pub fn run_cli(args: KnockArgs) -> anyhow::Result<()> {
     let opts = KnockOptions {
         server,
         token,
-        service: args.service,
+        service,
         source_port: args.source_port,
         client_addr: args.client_addr,
         pop_key,

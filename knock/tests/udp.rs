@@ -321,9 +321,10 @@ fn cli_args(dir: &std::path::Path, host: String, timeout_ms: u64) -> KnockArgs {
     let token_file = dir.join("token");
     std::fs::write(&token_file, format!("{TOKEN}\n")).unwrap();
     KnockArgs {
-        token_file,
-        service: "llm".into(),
-        host,
+        token_file: Some(token_file),
+        service: Some("llm".into()),
+        host: Some(host),
+        print_jkt: false,
         port: None,
         source_port: 0,
         client_addr: None,
@@ -374,4 +375,52 @@ fn cli_entry_point() {
         "{err:#}"
     );
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `--print-jkt`: the thumbprint a client gives its identity provider for
+/// `cnf.jkt`, checked against RFC 8037 Appendix A.3 (the Ed25519 key of
+/// A.1, whose RFC 7638 thumbprint A.3 gives).
+#[test]
+fn print_jkt_gives_the_rfc_8037_thumbprint() {
+    use base64::Engine as _;
+    let dir = std::env::temp_dir().join(format!("portcullis-knock-jkt-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let seed = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode("nWGxne_9WmC6hEr0kuwsxERJxWl7MmkZcDusAxyuf2A")
+        .unwrap();
+    // PKCS#8 v1 (RFC 8410 §7): the private key alone.
+    let mut der = hex_bytes("302e020100300506032b657004220420");
+    der.extend_from_slice(&seed);
+    let key = dir.join("pop.der");
+    std::fs::write(&key, &der).unwrap();
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis-knock"))
+        .arg("--print-jkt")
+        .arg("--pop-key")
+        .arg(&key)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    );
+    // Without a key it says what is missing; with a token it refuses the mix.
+    let bare = std::process::Command::new(env!("CARGO_BIN_EXE_portcullis-knock"))
+        .arg("--print-jkt")
+        .output()
+        .unwrap();
+    assert!(!bare.status.success());
+    assert!(String::from_utf8_lossy(&bare.stderr).contains("--pop-key"));
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+fn hex_bytes(s: &str) -> Vec<u8> {
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).unwrap())
+        .collect()
 }
