@@ -329,7 +329,7 @@ mod tests {
         assert_eq!(w.k.timeout_ms, 2000);
         assert_eq!(w.k.retries, 2);
         assert_eq!(w.k.source_port, 0);
-        assert_eq!(w.k.host, "[::1]:5");
+        assert_eq!(w.k.host.as_deref(), Some("[::1]:5"));
         // --client-addr needs --pop-key.
         assert!(
             Wrap::try_parse_from([
