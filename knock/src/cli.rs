@@ -239,7 +239,14 @@ pub(crate) fn parse_node_public_key(bytes: &[u8]) -> anyhow::Result<[u8; 32]> {
                 .ok_or_else(|| anyhow::anyhow!("JWK has no `x`"))?;
             decode_b64(x).context("JWK `x` is not base64url")?
         }
-        Ok(t) if bytes.len() != 32 => decode_b64(t).context("not base64url and not a JWK")?,
+        // As `portcullis agent status` and `ctl status` print it.
+        Ok(t) if t.len() == 64 && t.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            return portcullis_trail::hex::parse_hex::<32>(t)
+                .ok_or_else(|| anyhow::anyhow!("not 64 hex digits"));
+        }
+        Ok(t) if bytes.len() != 32 => {
+            decode_b64(t).context("not hex, not base64url and not a JWK")?
+        }
         _ => bytes.to_vec(),
     };
     <[u8; 32]>::try_from(decoded.as_slice())
@@ -300,6 +307,8 @@ mod tests {
         let std = base64::engine::general_purpose::STANDARD.encode(pk);
         assert_eq!(parse_node_public_key(std.as_bytes()).unwrap(), pk);
         assert_eq!(parse_node_public_key(&pk).unwrap(), pk);
+        let hex = format!("{}\n", portcullis_trail::hex::hex(&pk));
+        assert_eq!(parse_node_public_key(hex.as_bytes()).unwrap(), pk);
         let jwk = format!(r#"{{"kty":"OKP","crv":"Ed25519","x":"{b64}"}}"#);
         assert_eq!(parse_node_public_key(jwk.as_bytes()).unwrap(), pk);
         assert!(parse_node_public_key(br#"{"kty":"EC","crv":"P-256","x":"AA"}"#).is_err());
