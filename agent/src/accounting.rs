@@ -1,4 +1,4 @@
-//! Cost accounting (README.md, "Audit trail and cost"): every second the kernel's
+//! Cost accounting (docs/events.md): every second the kernel's
 //! cumulative per-(identity, service) counters become deltas, the deltas
 //! become cost by the service's price table, and the cost adds up to
 //! month- and day-to-date spend per identity and tenant, kept in the ledger

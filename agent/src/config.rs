@@ -36,7 +36,7 @@ pub use ids::{fnv1a32, identity_key, service_id};
 pub use metrics::MetricsSection;
 
 /// A complete, commented configuration documenting every key with its
-/// default (`portcullis agent --print-example-config`, the README).
+/// default (`portcullis agent --print-example-config`, docs/configuration.md).
 pub const EXAMPLE: &str = include_str!("config/example.toml");
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -329,7 +329,7 @@ pub const BYTE_COST_SHIFT: u32 = 16;
 
 /// `PCL_RATES[slot]`: GCRA theoretical arrival times, shared by all CPUs.
 /// Updates race between CPUs; the error is bounded by the packets in flight
-/// on other CPUs at the same instant (documented in the README).
+/// on other CPUs at the same instant (docs/data-plane.md).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RateState {

@@ -1,4 +1,4 @@
-//! The XDP decision (README.md, "Data plane"): unprotected traffic passes on
+//! The XDP decision (docs/data-plane.md): unprotected traffic passes on
 //! one array lookup; traffic to a protected service passes only on a live
 //! flow or admission, within the identity's rates; everything else drops
 //! with a counted reason. No RST, no ICMP: the port looks closed.

@@ -8,7 +8,7 @@
 ///
 /// Concurrent CPUs may read the same `tat` and both conform: the overshoot
 /// is bounded by the packets in flight at that instant (no 64-bit atomics in
-/// this eBPF toolchain; see the README).
+/// this eBPF toolchain; see docs/data-plane.md).
 #[inline(always)]
 pub fn conform(tat: *mut u64, now: u64, cost_ns: u64, burst_ns: u64) -> bool {
     if cost_ns == 0 {

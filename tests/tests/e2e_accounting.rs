@@ -1,4 +1,4 @@
-//! End to end: cost accounting (README.md, "Audit trail and cost"). One
+//! End to end: cost accounting (docs/events.md). One
 //! identity admitted to two services with different prices moves a measured
 //! amount of traffic through the real XDP and TC programs; the kernel's
 //! per-(identity, service) counters, priced by the config, must give

@@ -1,5 +1,4 @@
-//! End to end: the audit stream with real processes (README.md, "Audit
-//! trail and cost"). The agent (knock admission on, one checkpoint and
+//! End to end: the audit stream with real processes (docs/events.md). The agent (knock admission on, one checkpoint and
 //! one report a second) and `portcullis collector` both run in the server
 //! namespace, talking over its loopback. A client knocks continuously, so
 //! events keep flowing while the test kills the agent with SIGKILL (and

@@ -1,4 +1,4 @@
-//! End to end: the control API (README.md, "Control API"). The real agent
+//! End to end: the control API (docs/control-api.md). The real agent
 //! serves `portcullis.v1.Control` on a Unix socket in the test's directory;
 //! callers are the real `portcullis ctl` run as root or as other uids (the
 //! socket's peer credentials decide the role), or an in-process client for

@@ -1,5 +1,5 @@
 //! End to end: the real agent, the real XDP/TC programs on a veth, real TCP
-//! and UDP between two network namespaces (README.md, "Running the agent").
+//! and UDP between two network namespaces (docs/operations.md).
 //!
 //! Each test builds its own topology, bpffs and agent; the tests of this
 //! file run one at a time (`e2e::serial`) because several assert

@@ -1,4 +1,4 @@
-//! End to end: admission by knock (README.md, "Admission: tokens and knocks"). The real agent
+//! End to end: admission by knock (docs/admission.md). The real agent
 //! with a `[tokens]` section runs in the server namespace; tokens come from
 //! the development issuer (`portcullis_agent::devtoken`) in a temporary
 //! directory; clients knock with the real `portcullis knock` CLI, or send

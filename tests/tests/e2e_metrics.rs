@@ -1,4 +1,4 @@
-//! End to end: the Prometheus endpoint (README.md, "Metrics"). The real
+//! End to end: the Prometheus endpoint (docs/metrics.md). The real
 //! agent serves `GET /metrics` on a loopback address of the server
 //! namespace; the test scrapes it from inside that namespace, checks the
 //! text with `promtool check metrics`, and compares the values with the

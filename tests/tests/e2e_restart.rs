@@ -1,6 +1,5 @@
 //! End to end: fail static across agent crashes and restarts, adoption of
-//! the pinned state, and `agent detach` (README.md, "Running the
-//! agent").
+//! the pinned state, and `agent detach` (docs/operations.md).
 
 use portcullis_e2e::e2e;
 

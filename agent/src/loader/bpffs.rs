@@ -1,7 +1,6 @@
 //! The bpf filesystem that pins live on. A fresh machine has none mounted;
 //! the agent mounts one where the config says instead of failing. Pins are
-//! what keeps enforcement alive when the agent is gone (README.md,
-//! "Running the agent"), so the agent also proves they will outlive it:
+//! what keeps enforcement alive when the agent is gone (docs/operations.md), so the agent also proves they will outlive it:
 //! a bpffs that exists only in the agent's own mount namespace (`ip netns
 //! exec`, a container without the host's /sys/fs/bpf) dies with the agent
 //! and takes the XDP program with it.

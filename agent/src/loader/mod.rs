@@ -1,6 +1,6 @@
 //! Load, attach, pin and adopt the kernel programs; the only module that
 //! touches aya. A restarted agent adopts what is pinned instead of reloading
-//! it, so enforcement never gaps (README.md, "Running the agent").
+//! it, so enforcement never gaps (docs/operations.md).
 
 pub mod bpffs;
 pub mod clock;

@@ -58,7 +58,7 @@ const AUDIENCE: &str = "portcullis-bench";
 const SERVICE: &str = "llm";
 /// Knocks (and tokens) spent per algorithm before measuring.
 const WARMUP: usize = 200;
-/// Targets the README's "Benchmarks" section states.
+/// Targets docs/benchmarks.md states.
 const CACHED_P99_TARGET: Duration = Duration::from_micros(50);
 const COLD_OVER_BARE_TARGET: f64 = 2.0;
 

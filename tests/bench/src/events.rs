@@ -70,7 +70,7 @@ pub const USAGE: &str =
 const NODE: &str = "bench-node";
 /// Every SAMPLE_EVERY-th event is timed.
 const SAMPLE_EVERY: u64 = 64;
-/// The target the README's "Benchmarks" section states.
+/// The target docs/benchmarks.md states.
 const TARGET_PER_SEC: f64 = 100_000.0;
 /// Bounds on the phases around the measured window.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(20);

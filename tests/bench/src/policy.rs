@@ -75,7 +75,7 @@ const REQUESTS: usize = 4096;
 /// durable record included) on the CI machine kind, used when the kernel
 /// maps cannot be loaded.
 const REFERENCE_CACHED_ADMISSION: Duration = Duration::from_micros(185);
-/// The target the README's "Benchmarks" section states: the decision is under 20% of a cached admission at
+/// The target docs/benchmarks.md states: the decision is under 20% of a cached admission at
 /// 100 policies.
 const TARGET_SHARE: f64 = 0.20;
 const TARGET_POLICIES: usize = 100;
