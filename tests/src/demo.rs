@@ -139,44 +139,13 @@ impl Demo {
 
     /// A development token for `tenant/subject` granting the model.
     fn mint(&self, tenant: &str, subject: &str) -> anyhow::Result<PathBuf> {
-        let token = crate::devtoken::mint(
-            &self.dir.join("issuer/issuer.key"),
-            crate::devtoken::MintClaims {
-                issuer: ISSUER.into(),
-                audience: AUDIENCE.into(),
-                subject: subject.into(),
-                tenant: Some(tenant.into()),
-                client_id: None,
-                roles: vec![],
-                scopes: vec!["model:llm:invoke".into()],
-                ttl: Duration::from_secs(300),
-                cnf_jkt: None,
-            },
-        )?;
-        let path = self.dir.join(format!("{subject}.jwt"));
-        std::fs::write(&path, token)?;
-        Ok(path)
+        crate::story::mint_file(&self.dir, ISSUER, AUDIENCE, tenant, subject)
     }
 
     /// `portcullis knock` from the client namespace; true when admitted.
     fn knock(&self, token: &Path, v6: bool) -> anyhow::Result<bool> {
         let server = self.topo.server_addr(v6).to_string();
-        let token = token.to_string_lossy();
-        let args = [
-            "knock",
-            "--token-file",
-            &token,
-            "--service",
-            "llm",
-            "--timeout-ms",
-            "700",
-            "--retries",
-            "1",
-            &server,
-        ];
-        Ok(run_in(&self.topo.client, &self.exe, &args)?
-            .status
-            .success())
+        crate::story::knock(&self.topo.client, &self.exe, token, &server, 700, 1)
     }
 
     /// `portcullis ctl ARGS` on the node's control socket.
@@ -235,25 +204,7 @@ impl Demo {
 
     /// The collector's records so far, in order.
     fn records(&self) -> Vec<Value> {
-        let mut files: Vec<PathBuf> = std::fs::read_dir(&self.out)
-            .map(|rd| {
-                rd.filter_map(|e| e.ok().map(|e| e.path()))
-                    .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-                    .collect()
-            })
-            .unwrap_or_default();
-        files.sort();
-        files
-            .iter()
-            .flat_map(|f| {
-                std::fs::read_to_string(f)
-                    .unwrap_or_default()
-                    .lines()
-                    .map(str::to_owned)
-                    .collect::<Vec<_>>()
-            })
-            .filter_map(|l| serde_json::from_str(&l).ok())
-            .collect()
+        crate::e2e::collector::records(&self.out)
     }
 
     /// Waits (bounded) for a collector record `pick` accepts.

@@ -117,43 +117,12 @@ struct Run<'a> {
 
 impl Run<'_> {
     fn mint(&self, subject: &str) -> anyhow::Result<PathBuf> {
-        let token = crate::devtoken::mint(
-            &self.dir.join("issuer/issuer.key"),
-            crate::devtoken::MintClaims {
-                issuer: ISSUER.into(),
-                audience: AUDIENCE.into(),
-                subject: subject.into(),
-                tenant: Some("acme".into()),
-                client_id: None,
-                roles: vec![],
-                scopes: vec!["model:llm:invoke".into()],
-                ttl: Duration::from_secs(300),
-                cnf_jkt: None,
-            },
-        )?;
-        let path = self.dir.join(format!("{subject}.jwt"));
-        std::fs::write(&path, token)?;
-        Ok(path)
+        crate::story::mint_file(&self.dir, ISSUER, AUDIENCE, "acme", subject)
     }
 
     fn knock(&self, k: usize, token: &Path) -> anyhow::Result<bool> {
         let node = self.fleet.nodes[k].node_v4.to_string();
-        let token = token.to_string_lossy();
-        let args = [
-            "knock",
-            "--token-file",
-            &token,
-            "--service",
-            "llm",
-            "--timeout-ms",
-            "1000",
-            "--retries",
-            "2",
-            &node,
-        ];
-        Ok(run_in(&self.fleet.client, &self.exe, &args)?
-            .status
-            .success())
+        crate::story::knock(&self.fleet.client, &self.exe, token, &node, 1000, 2)
     }
 
     fn answers(&self, k: usize) -> bool {

@@ -4,11 +4,12 @@
 //! an error when any claim failed (`--non-interactive` runs assert it).
 
 use std::{
-    path::PathBuf,
+    path::{Path, PathBuf},
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, bail};
+use portcullis_testkit::{Netns, run_in};
 
 pub struct Story {
     start: Instant,
@@ -106,4 +107,60 @@ pub fn node_binary(given: Option<PathBuf>) -> anyhow::Result<PathBuf> {
         );
     }
     Ok(exe)
+}
+
+/// A development token for `tenant/subject` with scope `model:llm:invoke`
+/// and five minutes to live, from the issuer at `dir/issuer`, written to
+/// `dir/SUBJECT.jwt`.
+pub fn mint_file(
+    dir: &Path,
+    issuer: &str,
+    audience: &str,
+    tenant: &str,
+    subject: &str,
+) -> anyhow::Result<PathBuf> {
+    let token = crate::devtoken::mint(
+        &dir.join("issuer/issuer.key"),
+        crate::devtoken::MintClaims {
+            issuer: issuer.into(),
+            audience: audience.into(),
+            subject: subject.into(),
+            tenant: Some(tenant.into()),
+            client_id: None,
+            roles: vec![],
+            scopes: vec!["model:llm:invoke".into()],
+            ttl: Duration::from_secs(300),
+            cnf_jkt: None,
+        },
+    )?;
+    let path = dir.join(format!("{subject}.jwt"));
+    std::fs::write(&path, token)?;
+    Ok(path)
+}
+
+/// `portcullis knock` for service `llm` from namespace `ns`; true when
+/// admitted (a refusal is silence, so false after the retries).
+pub fn knock(
+    ns: &Netns,
+    exe: &Path,
+    token: &Path,
+    host: &str,
+    timeout_ms: u32,
+    retries: u32,
+) -> anyhow::Result<bool> {
+    let token = token.to_string_lossy();
+    let (timeout, retries) = (timeout_ms.to_string(), retries.to_string());
+    let args = [
+        "knock",
+        "--token-file",
+        &token,
+        "--service",
+        "llm",
+        "--timeout-ms",
+        &timeout,
+        "--retries",
+        &retries,
+        host,
+    ];
+    Ok(run_in(ns, exe, &args)?.status.success())
 }

@@ -347,3 +347,85 @@ fn the_systemd_units_verify_without_a_warning() {
         "a missing program passed"
     );
 }
+
+/// `enroll-nodes.sh` with a stand-in `kubectl` on PATH that answers as a
+/// cluster with two agent pods would (`agent status` printing what
+/// `portcullis agent status` prints) and runs the real `portcullis
+/// collector enroll` for the collector: both nodes end up enrolled under
+/// their own node ids, and a pod without a key makes the script fail.
+#[test]
+fn enroll_nodes_records_each_agents_key_at_the_collector() {
+    let tmp = TempDir::new("deploy-enroll").unwrap();
+    let bin = tmp.path().join("bin");
+    let out = tmp.path().join("collector");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::create_dir_all(&out).unwrap();
+    let keys = [
+        ("gpu-node-a", portcullis_trail::hex::hex(&[0x11; 32])),
+        ("gpu-node-b", portcullis_trail::hex::hex(&[0x22; 32])),
+    ];
+    let fake = format!(
+        r#"#!/bin/sh
+# A stand-in for kubectl: two agent pods and a collector.
+case "$*" in
+  *"get pods"*) printf 'pod/portcullis-agent-a\npod/portcullis-agent-b\n{extra}' ;;
+  *"exec pod/portcullis-agent-a -- /portcullis agent status"*) printf 'passed 10\nnode_id {na}\nnode_key {ka}\npins host mount namespace\n' ;;
+  *"exec pod/portcullis-agent-b -- /portcullis agent status"*) printf 'node_id {nb}\nnode_key {kb}\n' ;;
+  *"exec pod/"*) printf 'node_id broken\nnode_key unreadable (no such file)\n' ;;
+  *"exec statefulset/portcullis-collector -- /portcullis collector enroll"*)
+      shift 5; shift 1
+      # the arguments after `collector enroll`, with the collector's
+      # directory replaced by this test's
+      [ "$1 $2 $3" = "collector enroll --out" ] || exit 9
+      shift 4
+      exec "{portcullis}" collector enroll --out "{out}" "$@" ;;
+  *) echo "unexpected: $*" >&2; exit 3 ;;
+esac
+"#,
+        extra = "{extra}",
+        na = keys[0].0,
+        ka = keys[0].1,
+        nb = keys[1].0,
+        kb = keys[1].1,
+        portcullis = agent_binary().display(),
+        out = out.display(),
+    );
+    let script = deploy().join("kubernetes/enroll-nodes.sh");
+    let run = |extra: &str| -> Output {
+        let kubectl = bin.join("kubectl");
+        std::fs::write(&kubectl, fake.replace("{extra}", extra)).unwrap();
+        use std::os::unix::fs::PermissionsExt as _;
+        std::fs::set_permissions(&kubectl, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let path = format!(
+            "{}:{}",
+            bin.display(),
+            std::env::var("PATH").unwrap_or_default()
+        );
+        Command::new("sh")
+            .arg(&script)
+            .env("PATH", path)
+            .output()
+            .unwrap()
+    };
+    let ok = run("");
+    assert!(ok.status.success(), "{}", said(&ok));
+    for (node, key) in &keys {
+        assert!(
+            said(&ok).contains(&format!("{node}: enrolled {key}")),
+            "{}",
+            said(&ok)
+        );
+    }
+    let enrolled = std::fs::read_dir(out.join("keys"))
+        .map(|rd| rd.count())
+        .unwrap_or(0);
+    assert!(enrolled >= 2, "keys recorded: {enrolled}: {}", said(&ok));
+    // A third pod whose agent has no key yet: reported, exit status 1.
+    let broken = run("pod/portcullis-agent-c\\n");
+    assert!(!broken.status.success(), "{}", said(&broken));
+    assert!(
+        said(&broken).contains("no node key yet"),
+        "{}",
+        said(&broken)
+    );
+}

@@ -22,7 +22,7 @@ use std::{
 
 use e2e::{
     SERVICE,
-    collector::Collector,
+    collector::{Collector, output_files},
     knock::{KnockEnv, KnockSettings},
     serial,
 };
@@ -38,19 +38,6 @@ const DELIVERY_TIMEOUT: Duration = Duration::from_secs(60);
 /// The client knocks (each admitted knock is one audit event) until the
 /// test has seen what it needs, but never longer than this.
 const KNOCKING_AT_MOST: Duration = Duration::from_secs(240);
-
-/// The collector's output files in write order.
-fn output_files(dir: &Path) -> Vec<PathBuf> {
-    let mut files: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|rd| {
-            rd.filter_map(|e| e.ok().map(|e| e.path()))
-                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
-                .collect()
-        })
-        .unwrap_or_default();
-    files.sort();
-    files
-}
 
 fn json_u64(v: &serde_json::Value) -> Option<u64> {
     v.as_u64().or_else(|| v.as_str()?.parse().ok())

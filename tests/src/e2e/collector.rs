@@ -111,3 +111,31 @@ impl Drop for Collector {
         }
     }
 }
+
+/// A collector's output files (`*.jsonl`) in write order.
+pub fn output_files(dir: &Path) -> Vec<PathBuf> {
+    let mut files: Vec<PathBuf> = fs::read_dir(dir)
+        .map(|rd| {
+            rd.filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|x| x == "jsonl"))
+                .collect()
+        })
+        .unwrap_or_default();
+    files.sort();
+    files
+}
+
+/// Every record of a collector's output, parsed, in order (lines that are
+/// not JSON are skipped: a line being written).
+pub fn records(dir: &Path) -> Vec<serde_json::Value> {
+    output_files(dir)
+        .iter()
+        .flat_map(|f| {
+            fs::read_to_string(f)
+                .unwrap_or_default()
+                .lines()
+                .filter_map(|l| serde_json::from_str(l).ok())
+                .collect::<Vec<_>>()
+        })
+        .collect()
+}
