@@ -449,7 +449,12 @@ pub struct EventBudget {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Meta {
     pub layout_version: u32,
-    pub _pad: u32,
+    /// Changed by every process that changes which identity a slot of
+    /// `PCL_IDENT` holds (the agent, `agent admit`): a process whose
+    /// identity index was built at another generation rebuilds it, and one
+    /// at the same generation knows a key missing from its index is new.
+    /// The kernel never reads it.
+    pub identity_gen: u32,
     /// SHA-256 prefix of the eBPF object that is attached.
     pub object_hash: [u8; 32],
 }

@@ -39,6 +39,10 @@ pub struct Maps {
     pub service_drops: PerCpuArray<MapData, u64>,
     /// Identity key → slot, built on first use.
     slots: Option<std::collections::HashMap<u64, u32>>,
+    /// `Meta::identity_gen` when `slots` was last known complete.
+    known_gen: u32,
+    /// Times the index was rebuilt from the kernel (one lookup per slot).
+    index_rebuilds: u64,
     /// Flows removed by revocations since open (how many a revocation cut
     /// is the difference across it, read under the same lock).
     flows_removed: u64,
@@ -163,6 +167,8 @@ impl Maps {
             knock_sources: typed!(names::KNOCK_SRC),
             service_drops: typed!(names::SERVICE_DROPS),
             slots: None,
+            known_gen: 0,
+            index_rebuilds: 0,
             flows_removed: 0,
         })
     }
@@ -390,21 +396,34 @@ impl Maps {
 
     /// The slot holding the identity with this key, if any. Answered from an
     /// in-memory index (a scan of every slot costs thousands of syscalls),
-    /// confirmed against the kernel entry, and rebuilt when they disagree
-    /// (another process, such as `agent admit`, may have written slots).
+    /// confirmed against the kernel entry. A key the index lacks is new
+    /// unless another process (such as `agent admit`) changed a slot since
+    /// the index was built, which `Meta::identity_gen` tells in one lookup;
+    /// only then, or when the kernel disagrees with the index, is it
+    /// rebuilt.
     pub fn find_identity(&mut self, key: u64) -> Result<Option<u32>, KernelError> {
-        if let Some(&slot) = self.index()?.get(&key) {
+        if let Some(slot) = self.index()?.get(&key).copied() {
             let id = self.identity(slot)?;
             if id.state != IDENTITY_FREE && id.key == key {
                 return Ok(Some(slot));
             }
+        } else if self.read_meta()?.identity_gen == self.known_gen {
+            return Ok(None);
         }
         self.slots = None;
         Ok(self.index()?.get(&key).copied())
     }
 
+    /// How many times the identity index was rebuilt from the kernel.
+    pub fn index_rebuilds(&self) -> u64 {
+        self.index_rebuilds
+    }
+
     fn index(&mut self) -> Result<&mut std::collections::HashMap<u64, u32>, KernelError> {
         if self.slots.is_none() {
+            // The generation first: a slot changed during the scan changes
+            // it, and the next miss rebuilds again.
+            self.known_gen = self.read_meta()?.identity_gen;
             let mut index = std::collections::HashMap::new();
             for slot in 1..MAX_IDENTITIES {
                 let id = self.identity(slot)?;
@@ -413,8 +432,23 @@ impl Maps {
                 }
             }
             self.slots = Some(index);
+            self.index_rebuilds += 1;
         }
         Ok(self.slots.get_or_insert_default())
+    }
+
+    /// After this process changed which identity a slot holds: a new
+    /// generation, so other processes' indexes rebuild. Ours stays valid
+    /// unless another process changed the generation since we last saw it.
+    fn bump_identity_gen(&mut self) -> Result<(), KernelError> {
+        let mut meta = self.read_meta()?;
+        if meta.identity_gen != self.known_gen {
+            self.slots = None;
+        }
+        meta.identity_gen = meta.identity_gen.wrapping_add(1);
+        self.write_meta(meta)?;
+        self.known_gen = meta.identity_gen;
+        Ok(())
     }
 
     /// The name written with a slot's identity (see [`Maps::upsert_identity`]).
@@ -473,13 +507,17 @@ impl Maps {
                 .set(slot, 0, 0)
                 .map_err(|e| KernelError::map(names::FLOW_COUNT, e))?;
         }
-        if cur.state == IDENTITY_FREE || cur.key != ident.key {
+        let new_key = cur.state == IDENTITY_FREE || cur.key != ident.key;
+        if new_key {
             self.write_identity_name(slot, name)?;
         }
         self.identities
             .set(slot, ident, 0)
             .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
         self.index()?.insert(ident.key, slot);
+        if new_key {
+            self.bump_identity_gen()?;
+        }
         Ok((slot, ident.epoch))
     }
 
@@ -539,6 +577,9 @@ impl Maps {
                 .set(*slot, freed, 0)
                 .map_err(|e| KernelError::map(names::IDENTITIES, e))?;
             self.index()?.remove(key);
+        }
+        if !idle.is_empty() {
+            self.bump_identity_gen()?;
         }
         Ok(idle.len())
     }

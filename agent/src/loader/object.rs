@@ -24,7 +24,7 @@ pub fn object_hash() -> [u8; 32] {
 pub fn meta() -> portcullis_common::Meta {
     portcullis_common::Meta {
         layout_version: LAYOUT_VERSION,
-        _pad: 0,
+        identity_gen: 0,
         object_hash: object_hash(),
     }
 }

@@ -58,6 +58,8 @@ const AUDIENCE: &str = "portcullis-bench";
 const SERVICE: &str = "llm";
 /// Knocks (and tokens) spent per algorithm before measuring.
 const WARMUP: usize = 200;
+/// The new-identity row's knocks at most (each takes an identity slot).
+const NEW_IDENTITIES_MAX: usize = 3000;
 /// Targets docs/benchmarks.md states.
 const CACHED_P99_TARGET: Duration = Duration::from_micros(50);
 const COLD_OVER_BARE_TARGET: f64 = 2.0;
@@ -97,6 +99,13 @@ for alg, kid, key, _ in keys:
                   "scope": "model:llm:invoke"}
         token = jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": "at+jwt"})
         out.append(alg + " " + token)
+# EdDSA tokens of as many identities, one each: the new-identity row.
+alg, kid, key, _ = keys[0]
+for i in range(int(sys.argv[4])):
+    claims = {"iss": iss, "aud": aud, "sub": "new-%d" % i, "tenant": "acme", "client_id": "bench",
+              "iat": now, "nbf": now, "exp": now + 1800, "jti": secrets.token_urlsafe(16),
+              "scope": "model:llm:invoke"}
+    out.append("new " + jwt.encode(claims, key, algorithm=alg, headers={"kid": kid, "typ": "at+jwt"}))
 sys.stdout.write("\n".join(out) + "\n")
 "#;
 
@@ -110,11 +119,14 @@ use crate::support::Row;
 struct Minted {
     jwks: String,
     tokens: HashMap<&'static str, Vec<String>>,
+    /// EdDSA tokens of distinct identities (subjects `new-0`, `new-1`, ...).
+    new_identities: Vec<String>,
 }
 
-fn mint(count: usize) -> Result<Minted> {
+fn mint(count: usize, new_identities: usize) -> Result<Minted> {
     let out = Command::new(portcullis_testkit::python())
         .args(["-c", MINT_PY, ISSUER, AUDIENCE, &count.to_string()])
+        .arg(new_identities.to_string())
         .output()
         .context("running the project's Python (.venv, with PyJWT and cryptography: `cargo xtask setup`)")?;
     if !out.status.success() {
@@ -128,10 +140,15 @@ fn mint(count: usize) -> Result<Minted> {
     let text = String::from_utf8(out.stdout).context("python output is not UTF-8")?;
     let mut jwks = None;
     let mut tokens: HashMap<&'static str, Vec<String>> = HashMap::new();
+    let mut new = Vec::new();
     for line in text.lines() {
         let (tag, rest) = line.split_once(' ').context("malformed python output")?;
         if tag == "jwks" {
             jwks = Some(rest.to_string());
+            continue;
+        }
+        if tag == "new" {
+            new.push(rest.to_string());
             continue;
         }
         let (alg, _) = ALGS
@@ -150,7 +167,17 @@ fn mint(count: usize) -> Result<Minted> {
             bail!("python minted {n} {alg} tokens, expected {count}");
         }
     }
-    Ok(Minted { jwks, tokens })
+    if new.len() != new_identities {
+        bail!(
+            "python minted {} new-identity tokens, expected {new_identities}",
+            new.len()
+        );
+    }
+    Ok(Minted {
+        jwks,
+        tokens,
+        new_identities: new,
+    })
 }
 
 /// 16 random bytes from the kernel.
@@ -288,7 +315,9 @@ async fn run_async(n: usize) -> Result<()> {
         "minting {} tokens per algorithm with PyJWT...",
         n + WARMUP + 1
     );
-    let minted = mint(n + WARMUP + 1)?;
+    // Identity slots are a fixed 4095; the other rows hold one.
+    let new_identities = n.min(NEW_IDENTITIES_MAX);
+    let minted = mint(n + WARMUP + 1, new_identities)?;
     std::fs::write(dir.path().join("jwks.json"), &minted.jwks).context("write jwks.json")?;
     let cfg = crate::support::agent_config(
         dir.path(),
@@ -388,6 +417,22 @@ async fn run_async(n: usize) -> Result<()> {
             );
         }
         targets.push((alg, cold.pct(0.5).as_secs_f64() / base, cached.pct(0.99)));
+        if alg.as_str() == "EdDSA" {
+            // (e) a new identity each time: a slot allocated, the identity
+            // index consulted and written, then the admission.
+            let new = bench
+                .knocks(&bench.datagrams(&minted.new_identities)?)
+                .await?;
+            let _ = writeln!(
+                table,
+                "| {alg} | new identity knock ({} identities) | {:.0} | {:.1} | {:.1} | {:.2}x |",
+                minted.new_identities.len(),
+                new.per_sec(),
+                new.pct(0.5).as_secs_f64() * 1e6,
+                new.pct(0.99).as_secs_f64() * 1e6,
+                new.pct(0.5).as_secs_f64() / base
+            );
+        }
     }
 
     println!(
