@@ -27,6 +27,7 @@ mod events;
 mod policy;
 mod support;
 mod xdp;
+mod xdp_scale;
 
 const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
   --repeat N   runs per BPF_PROG_TEST_RUN call (default 1000000)

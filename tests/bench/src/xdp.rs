@@ -2,7 +2,8 @@
 //! the XDP ingress program's paths, measured with BPF_PROG_TEST_RUN (the
 //! kernel-reported average over `repeat` runs of the same frame), against a
 //! program that only returns XDP_DROP. Each figure is the median of five
-//! measurements.
+//! measurements. Then the scale table (`tests/bench/src/xdp_scale.rs`):
+//! the same paths with up to a million live admissions.
 
 use std::{net::IpAddr, time::Duration};
 
@@ -358,6 +359,13 @@ fn run(args: &Args) -> Result<()> {
         "  adds allocating a fresh entry: single runs of distinct 5-tuples, compared with the"
     );
     println!("  baseline measured the same way (timer overhead included in both).");
+    println!();
+    println!(
+        "scale: the same paths with 10, 10,000 and 1,000,000 live admissions (repeat {}, median of {SAMPLES})",
+        args.repeat
+    );
+    println!();
+    crate::xdp_scale::print(&crate::xdp_scale::run(args.repeat)?);
     Ok(())
 }
 
