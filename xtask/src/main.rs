@@ -13,13 +13,18 @@ use clap::{Parser, Subcommand, ValueEnum};
 const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the tests and the demo use.
 // `prometheus` for `promtool check metrics` in the metrics test; `systemd`
-// for `systemd-analyze verify` of deploy/systemd.
+// for `systemd-analyze verify` of deploy/systemd; the peers `bench peers`
+// compares with: iptables with ipset, nftables, xdp-tools (xdp-filter).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
     "ethtool",
     "prometheus",
     "systemd",
+    "iptables",
+    "ipset",
+    "nftables",
+    "xdp-tools",
 ];
 const BPFFS: &str = "/sys/fs/bpf";
 
@@ -79,6 +84,8 @@ enum Bench {
     Events,
     /// Control API: Admit vs a knock, Revoke delay (a real agent in namespaces)
     Control,
+    /// A spoofed SYN flood against portcullis, iptables, nftables, xdp-filter and a trivial XDP_DROP
+    Peers,
     /// Every benchmark, each with its defaults
     All,
 }
@@ -217,10 +224,14 @@ fn bench(what: Bench, args: &[String]) -> Result<()> {
             build()?;
             bench_run("control", args)
         }
+        Bench::Peers => {
+            build()?;
+            bench_run("peers", args)
+        }
         Bench::All => {
             if !args.is_empty() {
                 bail!(
-                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events|control ARGS`"
+                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events|control|peers ARGS`"
                 );
             }
             bench_run("xdp", &[])?;
@@ -228,7 +239,8 @@ fn bench(what: Bench, args: &[String]) -> Result<()> {
             bench_run("policy", &[])?;
             build()?;
             bench_run("events", &[])?;
-            bench_run("control", &[])
+            bench_run("control", &[])?;
+            bench_run("peers", &[])
         }
     }
 }

@@ -17,13 +17,19 @@
 //! XDP ingress program's paths, measured with BPF_PROG_TEST_RUN (the
 //! kernel-reported average over `repeat` runs of the same frame), against a
 //! program that only returns XDP_DROP. Each figure is the median of five
-//! measurements. Benchmarks report; they never fail on a missed target.
+//! measurements.
+//!
+//! `portcullis-bench peers [--secs N] [--windows N]`: a spoofed SYN flood
+//! against portcullis and the filters it is compared with, node CPU per
+//! packet (`tests/bench/src/peers.rs`). Benchmarks report; they never fail on a missed target.
 
 use std::process::ExitCode;
 
 mod admission;
 mod control;
 mod events;
+mod flood;
+mod peers;
 mod policy;
 mod support;
 mod xdp;
@@ -39,7 +45,10 @@ const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
        portcullis-bench control [--n N]
   --n N        calls per row (default 1000)
        portcullis-bench events [--secs N] [--inflight N] [--rate N] [--portcullis PATH]
-  --secs N     seconds per scenario (default 30)";
+  --secs N     seconds per scenario (default 30)
+       portcullis-bench peers [--secs N] [--windows N]
+  --secs N     seconds per window (default 5)
+  --windows N  windows per configuration (default 3)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -50,6 +59,7 @@ fn main() -> ExitCode {
         Some("policy") => policy::main(args),
         Some("events") => events::main(args),
         Some("control") => control::main(args),
+        Some("peers") => peers::main(args),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

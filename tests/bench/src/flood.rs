@@ -1,0 +1,129 @@
+//! The flood generator of `portcullis-bench peers`: pre-built TCP SYNs
+//! from 65,536 spoofed sources, sent round-robin from an AF_PACKET socket
+//! (qdisc bypassed, `sendmmsg` batches) on the client's veth, from a
+//! thread pinned to its own CPU, for a bounded time.
+
+use std::{
+    io,
+    net::Ipv4Addr,
+    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    time::{Duration, Instant},
+};
+
+use anyhow::{Result, bail};
+use portcullis_e2e::e2e::PROTECTED_PORT;
+use portcullis_testkit::packet::Packet;
+
+/// Spoofed sources: 172.16.0.0/16.
+pub const SOURCES: u32 = 65_536;
+const BATCH: usize = 64;
+
+/// Pre-built SYNs from every spoofed source, with the node's MAC (so the
+/// stack does not discard them as another host's before any filter).
+pub fn frames(dst: [u8; 6], src: [u8; 6], server: Ipv4Addr) -> Vec<Vec<u8>> {
+    (0..SOURCES)
+        .map(|i| {
+            let from = Ipv4Addr::new(172, 16, (i >> 8) as u8, i as u8);
+            let mut f = Packet::tcp4(from, server, 1024 + (i % 50_000) as u16, PROTECTED_PORT)
+                .syn()
+                .build();
+            f[..6].copy_from_slice(&dst);
+            f[6..12].copy_from_slice(&src);
+            f
+        })
+        .collect()
+}
+
+/// Sends the frames round-robin from an AF_PACKET socket on `ifname`
+/// (qdisc bypassed) until `stop` or `limit`.
+pub fn flood(
+    ifname: &str,
+    frames: &[Vec<u8>],
+    stop: &AtomicBool,
+    sent: &AtomicU64,
+    limit: Duration,
+) -> Result<()> {
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: plain libc calls with checked results; buffers outlive them.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        if ifindex == 0 {
+            bail!("{ifname}: {}", io::Error::last_os_error());
+        }
+        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if fd < 0 {
+            bail!("AF_PACKET socket: {}", io::Error::last_os_error());
+        }
+        let _close = scopeguard(fd);
+        let one: libc::c_int = 1;
+        libc::setsockopt(
+            fd,
+            libc::SOL_PACKET,
+            libc::PACKET_QDISC_BYPASS,
+            (&one as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as u32,
+        );
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        if libc::bind(
+            fd,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        ) != 0
+        {
+            bail!("bind AF_PACKET: {}", io::Error::last_os_error());
+        }
+        let start = Instant::now();
+        let mut next = 0usize;
+        let mut iov: Vec<libc::iovec> = Vec::with_capacity(BATCH);
+        let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
+        while !stop.load(Ordering::Relaxed) && start.elapsed() < limit {
+            iov.clear();
+            msgs.clear();
+            for _ in 0..BATCH {
+                let f = &frames[next];
+                next = (next + 1) % frames.len();
+                iov.push(libc::iovec {
+                    iov_base: f.as_ptr() as *mut libc::c_void,
+                    iov_len: f.len(),
+                });
+            }
+            for v in iov.iter_mut() {
+                let mut m: libc::mmsghdr = std::mem::zeroed();
+                m.msg_hdr.msg_iov = v;
+                m.msg_hdr.msg_iovlen = 1;
+                msgs.push(m);
+            }
+            let n = libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0);
+            if n > 0 {
+                sent.fetch_add(n as u64, Ordering::Relaxed);
+            }
+        }
+    }
+    Ok(())
+}
+
+struct CloseFd(i32);
+impl Drop for CloseFd {
+    fn drop(&mut self) {
+        // SAFETY: our own descriptor, closed once.
+        unsafe { libc::close(self.0) };
+    }
+}
+fn scopeguard(fd: i32) -> CloseFd {
+    CloseFd(fd)
+}
+
+pub fn pin(cpu: usize) -> Result<()> {
+    // SAFETY: a zeroed cpu_set_t with one bit set, for this thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            bail!("pin to CPU {cpu}: {}", io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
