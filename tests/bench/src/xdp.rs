@@ -18,14 +18,14 @@ use crate::support::number;
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
 const SAMPLES: usize = 5;
-const PORT: u16 = 8000;
-const SERVICE: u32 = 1;
+pub const PORT: u16 = 8000;
+pub const SERVICE: u32 = 1;
 /// The same service in shadow mode, on the next port.
 const SHADOW_PORT: u16 = 8001;
 const SHADOW_SERVICE: u32 = 2;
-const CLIENT: [u8; 4] = [10, 0, 0, 2];
-const SERVER: [u8; 4] = [10, 0, 0, 1];
-const STRANGER: [u8; 4] = [192, 0, 2, 7];
+pub const CLIENT: [u8; 4] = [10, 0, 0, 2];
+pub const SERVER: [u8; 4] = [10, 0, 0, 1];
+pub const STRANGER: [u8; 4] = [192, 0, 2, 7];
 
 pub const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
   --repeat N   runs per BPF_PROG_TEST_RUN call (default 1000000)
@@ -73,40 +73,34 @@ struct Path {
     counter: Option<usize>,
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
-fn run(args: &Args) -> Result<()> {
-    portcullis_testkit::pin_to_current_cpu().context("pin to one CPU")?;
-    let mut k = Unattached::load().context("load the eBPF object (needs root)")?;
-    k.maps.sync_services(
-        &[
-            ServiceEntry {
-                id: SERVICE,
-                proto: PROTO_TCP,
-                port: PORT,
-                addr: None,
-                shadow: false,
-            },
-            ServiceEntry {
-                id: SHADOW_SERVICE,
-                proto: PROTO_TCP,
-                port: SHADOW_PORT,
-                addr: None,
-                shadow: true,
-            },
-        ],
-        0,
-    )?;
-    // Realistic knobs: events sampled (100/s), a connection limit high
-    // enough never to bite (1e9/s) but evaluated on every new flow.
-    k.maps.set_kernel_config(KernelConfig {
+/// The objects' common setup, as the agent would write it: the TCP
+/// service on PORT (and its shadow-mode twin on SHADOW_PORT when `shadow`),
+/// events sampled (100/s), and one identity whose connection limit is
+/// high enough never to bite (1e9/s) but evaluated on every new flow.
+/// Returns the identity's slot.
+pub fn prepare(maps: &mut Maps, shadow: bool) -> Result<u32> {
+    let mut services = vec![ServiceEntry {
+        id: SERVICE,
+        proto: PROTO_TCP,
+        port: PORT,
+        addr: None,
+        shadow: false,
+    }];
+    if shadow {
+        services.push(ServiceEntry {
+            id: SHADOW_SERVICE,
+            proto: PROTO_TCP,
+            port: SHADOW_PORT,
+            addr: None,
+            shadow: true,
+        });
+    }
+    maps.sync_services(&services, 0)?;
+    maps.set_kernel_config(KernelConfig {
         events_per_sec: 100,
         ..KernelConfig::default()
     })?;
-    let (slot, _) = k.maps.upsert_identity(
+    let (slot, _) = maps.upsert_identity(
         Identity {
             key: 1,
             conn_cost_ns: 1,
@@ -115,6 +109,18 @@ fn run(args: &Args) -> Result<()> {
         },
         "bench",
     )?;
+    Ok(slot)
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+fn run(args: &Args) -> Result<()> {
+    portcullis_testkit::pin_to_current_cpu().context("pin to one CPU")?;
+    let mut k = Unattached::load().context("load the eBPF object (needs root)")?;
+    let slot = prepare(&mut k.maps, true)?;
     let hour = monotonic_ns() + 3600 * 1_000_000_000;
     k.maps.admit(slot, IpAddr::from(CLIENT), SERVICE, 0, hour)?;
     for b in 0..=255u8 {

@@ -12,19 +12,14 @@ use std::{net::IpAddr, path::PathBuf};
 
 use anyhow::{Context, Result, bail};
 use aya::programs::{TestRun, TestRunOptions, Xdp};
-use portcullis_agent::loader::{
-    AttachMode, Options, ServiceEntry, Unattached, clock::monotonic_ns,
-};
-use portcullis_common::{Identity, KernelConfig, PROTO_TCP, programs};
+use portcullis_agent::loader::{AttachMode, Options, Unattached, clock::monotonic_ns};
+use portcullis_common::programs;
 use portcullis_testkit::packet::Packet;
+
+use crate::xdp::{CLIENT, PORT, SERVER, SERVICE, STRANGER};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const PORT: u16 = 8000;
-const SERVICE: u32 = 1;
-const CLIENT: [u8; 4] = [10, 0, 0, 2];
-const SERVER: [u8; 4] = [10, 0, 0, 1];
-const STRANGER: [u8; 4] = [192, 0, 2, 7];
 const FILLS: [u32; 3] = [10, 10_000, 1_000_000];
 /// At most this slowdown at 1M admissions against 10.
 pub const TARGET: f64 = 1.10;
@@ -66,29 +61,7 @@ fn object(fill: u32) -> Result<Unattached> {
     };
     let mut k =
         Unattached::load_sized(&opts).context("load the eBPF object sized for 1M admissions")?;
-    k.maps.sync_services(
-        &[ServiceEntry {
-            id: SERVICE,
-            proto: PROTO_TCP,
-            port: PORT,
-            addr: None,
-            shadow: false,
-        }],
-        0,
-    )?;
-    k.maps.set_kernel_config(KernelConfig {
-        events_per_sec: 100,
-        ..KernelConfig::default()
-    })?;
-    let (slot, _) = k.maps.upsert_identity(
-        Identity {
-            key: 1,
-            conn_cost_ns: 1,
-            conn_burst_ns: 1_000_000_000,
-            ..Identity::default()
-        },
-        "bench",
-    )?;
+    let slot = crate::xdp::prepare(&mut k.maps, false)?;
     let hour = monotonic_ns() + 3600 * 1_000_000_000;
     k.maps.admit(slot, IpAddr::from(CLIENT), SERVICE, 0, hour)?;
     eprintln!("scale: filling an object to {fill} admissions ...");
