@@ -1,9 +1,9 @@
 //! `portcullis-bench control [--n N]`: the control API of a real agent in
 //! network namespaces (the e2e harness). `Admit` over the Unix socket next
-//! to a knock with the same token, both timed from the request to the
-//! grant's answer (the grant durable and in the kernel); and `Revoke`, timed
-//! from the call to its return, by which the admission is gone from the
-//! kernel (checked after every call).
+//! to a knock with the same token and a knock from a new identity each
+//! time, timed from the request to the grant's answer (the grant durable
+//! and in the kernel); and `Revoke`, timed from the call to its return, by
+//! which the admission is gone from the kernel (checked after every call).
 
 use std::{
     net::IpAddr,
@@ -58,6 +58,31 @@ pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
     }
     let knock = Row::new(knock, started.elapsed());
 
+    // Knocks from identities the node has never seen (subjects new-0,
+    // new-1, ...): each allocates an identity slot. At most 3000, as the
+    // node has 4095 slots.
+    let fresh: Vec<String> = (0..n.min(3000))
+        .map(|i| {
+            let mut c = k.claims(&["model:llm:invoke"], Duration::from_secs(3600));
+            c.subject = format!("new-{i}");
+            portcullis_e2e::devtoken::mint(&k.issuer.key_path, c).context("mint")
+        })
+        .collect::<Result<_>>()?;
+    let mut new_identity = Vec::with_capacity(fresh.len());
+    let started = Instant::now();
+    for (i, t) in fresh.iter().enumerate() {
+        let (d, nonce) = k.datagram(false, t, SERVICE, 0);
+        let at = Instant::now();
+        sock.send_to(&d, k.knock_addr(false))?;
+        if k.await_reply(&sock, &nonce, Duration::from_secs(5))
+            .is_none()
+        {
+            bail!("new-identity knock {i}: no reply");
+        }
+        new_identity.push(at.elapsed());
+    }
+    let new_identity = Row::new(new_identity, started.elapsed());
+
     let (admit, revoke) = rt.block_on(async {
         let mut c = client(&k.env).await;
         let admit_req = |addr: IpAddr| v1::AdmitRequest {
@@ -105,6 +130,7 @@ pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
     println!("|---|---|---|---|");
     for (name, r) in [
         ("knock (UDP, signed reply)", &knock),
+        ("knock, a new identity each time", &new_identity),
         ("Admit RPC, same token", &admit),
         ("Revoke RPC (effective in the kernel on return)", &revoke),
     ] {
