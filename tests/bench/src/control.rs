@@ -43,20 +43,23 @@ pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
 
     // Knocks from the client namespace, each waiting for its signed reply.
     let sock = k.client_udp(false, None);
-    let mut knock = Vec::with_capacity(n);
-    let started = Instant::now();
-    for i in 0..n {
-        let (d, nonce) = k.datagram(false, &token, SERVICE, 0);
-        let t = Instant::now();
-        sock.send_to(&d, k.knock_addr(false))?;
-        if k.await_reply(&sock, &nonce, Duration::from_secs(5))
-            .is_none()
-        {
-            bail!("knock {i}: no reply");
+    let knocks = |tokens: &[&str], what: &str| -> Result<Row> {
+        let mut lat = Vec::with_capacity(tokens.len());
+        let started = Instant::now();
+        for (i, t) in tokens.iter().enumerate() {
+            let (d, nonce) = k.datagram(false, t, SERVICE, 0);
+            let at = Instant::now();
+            sock.send_to(&d, k.knock_addr(false))?;
+            if k.await_reply(&sock, &nonce, Duration::from_secs(5))
+                .is_none()
+            {
+                bail!("{what} {i}: no reply");
+            }
+            lat.push(at.elapsed());
         }
-        knock.push(t.elapsed());
-    }
-    let knock = Row::new(knock, started.elapsed());
+        Ok(Row::new(lat, started.elapsed()))
+    };
+    let knock = knocks(&vec![token.as_str(); n], "knock")?;
 
     // Knocks from identities the node has never seen (subjects new-0,
     // new-1, ...): each allocates an identity slot. At most 3000, as the
@@ -68,20 +71,8 @@ pub fn main(args: impl Iterator<Item = String>) -> Result<()> {
             portcullis_e2e::devtoken::mint(&k.issuer.key_path, c).context("mint")
         })
         .collect::<Result<_>>()?;
-    let mut new_identity = Vec::with_capacity(fresh.len());
-    let started = Instant::now();
-    for (i, t) in fresh.iter().enumerate() {
-        let (d, nonce) = k.datagram(false, t, SERVICE, 0);
-        let at = Instant::now();
-        sock.send_to(&d, k.knock_addr(false))?;
-        if k.await_reply(&sock, &nonce, Duration::from_secs(5))
-            .is_none()
-        {
-            bail!("new-identity knock {i}: no reply");
-        }
-        new_identity.push(at.elapsed());
-    }
-    let new_identity = Row::new(new_identity, started.elapsed());
+    let fresh: Vec<&str> = fresh.iter().map(String::as_str).collect();
+    let new_identity = knocks(&fresh, "new-identity knock")?;
 
     let (admit, revoke) = rt.block_on(async {
         let mut c = client(&k.env).await;
