@@ -376,6 +376,12 @@ impl KnockService {
     }
 
     async fn granted(&self, sock: &UdpSocket, g: &Granted, peer: SocketAddr) {
+        // The reply first: the client is waiting for it, the log is not.
+        if let Some(reply) = self.reply(g)
+            && let Err(e) = sock.send_to(&reply, peer).await
+        {
+            tracing::warn!(error = %e, %peer, "knock reply not sent");
+        }
         tracing::info!(
             event = "admission_granted",
             subject = %g.subject,
@@ -389,11 +395,6 @@ impl KnockService {
             ttl_secs = g.expires.duration_since(SystemTime::now()).map_or(0, |d| d.as_secs()),
             "knock admitted"
         );
-        if let Some(reply) = self.reply(g)
-            && let Err(e) = sock.send_to(&reply, peer).await
-        {
-            tracing::warn!(error = %e, %peer, "knock reply not sent");
-        }
     }
 }
 

@@ -6,13 +6,17 @@
 use std::{
     io,
     net::Ipv4Addr,
-    sync::atomic::{AtomicBool, AtomicU64, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread::JoinHandle,
     time::{Duration, Instant},
 };
 
 use anyhow::{Result, bail};
 use portcullis_e2e::e2e::PROTECTED_PORT;
-use portcullis_testkit::packet::Packet;
+use portcullis_testkit::{Netns, packet::Packet};
 
 /// Spoofed sources: 172.16.0.0/16.
 pub const SOURCES: u32 = 65_536;
@@ -34,15 +38,82 @@ pub fn frames(dst: [u8; 6], src: [u8; 6], server: Ipv4Addr) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A running generator: sends until [`Flood::finish`], drop, or its time
+/// limit, whichever comes first.
+pub struct Flood {
+    stop: Arc<AtomicBool>,
+    sent: Arc<AtomicU64>,
+    thread: Option<JoinHandle<Result<()>>>,
+}
+
+impl Flood {
+    /// Floods `ifname` in `ns` with `frames` from a thread pinned to `cpu`,
+    /// for at most `limit`; at most `pps` packets a second when given (as
+    /// fast as it goes otherwise).
+    pub fn start(
+        ns: &Netns,
+        ifname: &str,
+        frames: Arc<Vec<Vec<u8>>>,
+        cpu: usize,
+        limit: Duration,
+        pps: Option<u64>,
+    ) -> Flood {
+        let stop = Arc::new(AtomicBool::new(false));
+        let sent = Arc::new(AtomicU64::new(0));
+        let thread = {
+            let (stop, sent) = (stop.clone(), sent.clone());
+            let (ns, ifname) = (ns.path(), ifname.to_string());
+            std::thread::spawn(move || -> Result<()> {
+                portcullis_testkit::enter_path(&ns)?;
+                pin(cpu)?;
+                flood(&ifname, &frames, &stop, &sent, limit, pps)
+            })
+        };
+        Flood {
+            stop,
+            sent,
+            thread: Some(thread),
+        }
+    }
+
+    /// Packets sent so far.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+
+    /// Stops the generator and reports its error, if it had one.
+    pub fn finish(mut self) -> Result<()> {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.thread.take().map(JoinHandle::join) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => bail!("the generator panicked"),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Flood {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// Sends the frames round-robin from an AF_PACKET socket on `ifname`
-/// (qdisc bypassed) until `stop` or `limit`.
-pub fn flood(
+/// (qdisc bypassed) until `stop` or `limit`, paced to `pps` when given.
+fn flood(
     ifname: &str,
     frames: &[Vec<u8>],
     stop: &AtomicBool,
     sent: &AtomicU64,
     limit: Duration,
+    pps: Option<u64>,
 ) -> Result<()> {
+    // Pacing spins on the clock: the generator owns its CPU, and a sleep
+    // cannot keep a schedule of one batch every few tens of microseconds.
+    let per_batch = pps.map(|r| Duration::from_secs_f64(BATCH as f64 / r.max(1) as f64));
     let name = std::ffi::CString::new(ifname)?;
     // SAFETY: plain libc calls with checked results; buffers outlive them.
     unsafe {
@@ -76,10 +147,17 @@ pub fn flood(
             bail!("bind AF_PACKET: {}", io::Error::last_os_error());
         }
         let start = Instant::now();
+        let mut due = start;
         let mut next = 0usize;
         let mut iov: Vec<libc::iovec> = Vec::with_capacity(BATCH);
         let mut msgs: Vec<libc::mmsghdr> = Vec::with_capacity(BATCH);
         while !stop.load(Ordering::Relaxed) && start.elapsed() < limit {
+            if let Some(step) = per_batch {
+                while Instant::now() < due {
+                    std::hint::spin_loop();
+                }
+                due += step;
+            }
             iov.clear();
             msgs.clear();
             for _ in 0..BATCH {

@@ -29,6 +29,7 @@ mod admission;
 mod control;
 mod events;
 mod flood;
+mod goodput;
 mod peers;
 mod policy;
 mod support;

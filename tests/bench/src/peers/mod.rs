@@ -1,6 +1,7 @@
-//! `portcullis-bench peers [--secs N] [--windows N]`: what a SYN flood from
-//! many spoofed sources costs the node under portcullis and under the
-//! filters it is compared with, in one run with the same traffic.
+//! `portcullis-bench peers`: what a SYN flood from many spoofed sources
+//! costs the node under portcullis and under the filters it is compared
+//! with, and what is left for an admitted client, in one run with the same
+//! traffic.
 //!
 //! Each configuration gets a fresh client and node namespace joined by a
 //! veth (the e2e harness). The node's receive work runs in its veth's
@@ -9,11 +10,13 @@
 //! protected port, runs on CPU 0; RPS steers the node's backlog (the path
 //! without XDP) to CPU 1 as well. Node CPU per packet is CPU 1's busy time
 //! (`/proc/stat`) over the packets the veth delivered to the node, median
-//! of the windows. Configurations,
-//! each as its documentation recommends for dropping a port's traffic
-//! from unknown sources:
+//! of the windows. Then the admitted client (`goodput.rs`) without and
+//! under a flood of the same rate in every configuration. Configurations
+//! (`configs.rs`), each as its documentation recommends for dropping a
+//! port's traffic from unknown sources:
 //!
-//! - no filter: the kernel's own stack (no listener: it answers RST);
+//! - no filter: the kernel's own stack (a listener on the port: SYN
+//!   cookies under the flood);
 //! - iptables: `raw` PREROUTING, drop unless the source is in an ipset;
 //! - nftables: a `netdev` ingress chain on the device, drop unless the
 //!   source is in a set;
@@ -25,96 +28,83 @@
 //! namespaces, programs and rules go with the harness's guards.
 
 use std::{
+    net::SocketAddr,
     process::Command,
-    sync::{
-        Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
 use anyhow::{Context, Result, bail};
-use aya::programs::{Xdp, XdpMode};
-use portcullis_agent::loader::Unattached;
-use portcullis_common::programs;
-use portcullis_e2e::e2e::{Env, PROTECTED_PORT, Settings};
+use portcullis_e2e::e2e::{Env, PROTECTED_PORT, SERVICE, Settings};
 use portcullis_testkit::{Netns, poll_until};
 
+mod configs;
+mod knock;
+
+use configs::{Config, install, keys};
+
 use crate::{
-    flood::{SOURCES, flood, frames, pin},
+    flood::{Flood, SOURCES, frames},
+    goodput::{self, Goodput, OFFERED_MBIT, Sink},
     support::number,
 };
 
-pub const USAGE: &str = "usage: portcullis-bench peers [--secs N] [--windows N]
-  --secs N     seconds per measurement window (default 5)
-  --windows N  windows per configuration, median reported (default 3)";
+pub const USAGE: &str = "usage: portcullis-bench peers [flood] [knock] [OPTIONS]
+  flood          the SYN flood and the admitted client's goodput under it
+  knock          knock to open against fwknop's SPA
+                 (both when neither is named)
+  --trials N     knock-to-open trials per client (default 200, at most 250)
+  --secs N       seconds per measurement window (default 5)
+  --windows N    windows per configuration, median reported (default 3)
+  --goodput-kpps N  the flood's rate while the admitted client is measured,
+                 the same for every configuration (default 800)
+  --only CONFIG  run only this configuration (repeatable): stack, iptables,
+                 nftables, xdp-filter, xdp-drop, portcullis";
 
-/// Spoofed sources: 172.16.0.0/16.
 const GENERATOR_CPU: usize = 0;
 const NODE_CPU: usize = 1;
 
+/// The report's parts, in order.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Config {
-    Stack,
-    Iptables,
-    Nftables,
-    XdpFilter,
-    XdpDrop,
-    Portcullis,
-}
-
-impl Config {
-    const ALL: [Config; 6] = [
-        Config::Stack,
-        Config::Iptables,
-        Config::Nftables,
-        Config::XdpFilter,
-        Config::XdpDrop,
-        Config::Portcullis,
-    ];
-
-    fn name(self) -> &'static str {
-        match self {
-            Config::Stack => "no filter (kernel stack)",
-            Config::Iptables => "iptables raw + ipset",
-            Config::Nftables => "nftables netdev ingress + set",
-            Config::XdpFilter => "xdp-filter (xdp-tools), native",
-            Config::XdpDrop => "trivial XDP_DROP",
-            Config::Portcullis => "portcullis (port-wide service, no admissions)",
-        }
-    }
-
-    /// As run, for the report.
-    fn how(self) -> &'static str {
-        match self {
-            Config::Stack => "nothing loaded; no listener on the port",
-            Config::Iptables => {
-                "ipset create allow hash:ip; iptables -t raw -A PREROUTING -p tcp --dport 8000 -m set ! --match-set allow src -j DROP"
-            }
-            Config::Nftables => {
-                "table netdev f { set allow { type ipv4_addr; }; chain in { type filter hook ingress device IF priority -500; tcp dport 8000 ip saddr != @allow drop; } }"
-            }
-            Config::XdpFilter => "xdp-filter load IF -m native; xdp-filter port 8000 -m dst",
-            Config::XdpDrop => "portcullis_baseline_drop (returns XDP_DROP), XDP native",
-            Config::Portcullis => "portcullis agent, [[services]] llm tcp 8000, xdp_mode auto",
-        }
-    }
+enum Part {
+    Flood,
+    Knock,
 }
 
 struct Args {
+    parts: Vec<Part>,
     secs: u64,
     windows: usize,
+    only: Vec<Config>,
+    goodput_kpps: u64,
+    trials: usize,
 }
 
 pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
     let mut a = Args {
+        parts: Vec::new(),
+        trials: 200,
         secs: 5,
         windows: 3,
+        only: Vec::new(),
+        goodput_kpps: 800,
     };
     while let Some(flag) = args.next() {
         match flag.as_str() {
             "--secs" => a.secs = number("--secs", args.next(), 1..=60)?,
             "--windows" => a.windows = number("--windows", args.next(), 1..=15)? as usize,
+            "--goodput-kpps" => a.goodput_kpps = number("--goodput-kpps", args.next(), 1..=20_000)?,
+            "--trials" => a.trials = number("--trials", args.next(), 10..=250)? as usize,
+            "flood" => a.parts.push(Part::Flood),
+            "knock" => a.parts.push(Part::Knock),
+            "--only" => {
+                let key = args.next().context("--only needs a configuration")?;
+                let cfg = Config::ALL
+                    .into_iter()
+                    .find(|c| c.key() == key)
+                    .with_context(|| format!("--only {key:?}: not one of {}", keys()))?;
+                a.only.push(cfg);
+            }
             "-h" | "--help" => {
                 println!("{USAGE}");
                 return Ok(());
@@ -122,18 +112,35 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
             other => bail!("unknown option {other:?}\n{USAGE}"),
         }
     }
+    if a.parts.is_empty() {
+        a.parts = vec![Part::Flood, Part::Knock];
+    }
+    if a.parts.contains(&Part::Flood) {
+        flood_part(&a)?;
+    }
+    if a.parts.contains(&Part::Knock) {
+        eprintln!("peers: knock to open, {} trials each ...", a.trials);
+        knock::print(&knock::run(a.trials)?);
+    }
+    Ok(())
+}
+
+fn flood_part(a: &Args) -> Result<()> {
     if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
         bail!("peers needs two CPUs: one for the generator, one for the node");
     }
     let mut rows = Vec::new();
     for cfg in Config::ALL {
+        if !a.only.is_empty() && !a.only.contains(&cfg) {
+            continue;
+        }
         eprintln!("peers: {} ...", cfg.name());
-        match measure(cfg, &a) {
+        match measure(cfg, a) {
             Ok(r) => rows.push((cfg, Ok(r))),
             Err(e) => rows.push((cfg, Err(format!("{e:#}")))),
         }
     }
-    report(&rows, &a);
+    report(&rows, a);
     Ok(())
 }
 
@@ -145,10 +152,34 @@ struct Figures {
     /// The node CPU's busy share: near 100% means it, not the generator,
     /// set the rate.
     node_busy: f64,
+    /// The admitted client without and with the flood; `None` where the
+    /// configuration drops the client too.
+    goodput: Option<UnderFlood>,
+}
+
+struct UnderFlood {
+    calm: Goodput,
+    flood: Goodput,
+    /// The flood's rate while the client was measured.
+    offered_pps: f64,
+    /// The share of the node's packets the veth dropped before any filter
+    /// ran (its receive ring full: the node's CPU saturated).
+    ring_drops: f64,
 }
 
 fn measure(cfg: Config, a: &Args) -> Result<Figures> {
-    let mut env = Env::new("peers", &Settings::default());
+    let settings = Settings {
+        // The connect probes must not meet portcullis's own rate limit.
+        conn_limits: (100_000, 100_000),
+        ..Settings::default()
+    };
+    let mut env = Env::new("peers", &settings);
+    let client_v4 = env.topo.client_v4;
+    env.edit_config(|t| {
+        format!(
+            "{t}\n[[admissions]]\nidentity = \"bench\"\nsource = \"{client_v4}\"\nservice = \"{SERVICE}\"\nttl_secs = 3600\n"
+        )
+    });
     let node_if = env.topo.server_if.clone();
     let node_ns = env.topo.server.name().to_string();
     // Threaded NAPI (veth runs NAPI with GRO on) makes the node's receive
@@ -183,23 +214,34 @@ fn measure(cfg: Config, a: &Args) -> Result<Figures> {
         .output()
         .context("rps")?;
     let _filter = install(cfg, &mut env, &node_ns, &node_if)?;
+    let sink = Sink::start(
+        &env.topo.server,
+        SocketAddr::new(env.topo.server_v4.into(), PROTECTED_PORT),
+        NODE_CPU,
+    )?;
+    let admits_client = cfg.admits_client();
+    let calm = match admits_client {
+        true => Some(goodput::measure(
+            &env.topo.client,
+            &sink,
+            a.secs,
+            GENERATOR_CPU,
+        )?),
+        false => None,
+    };
 
     let server_mac = mac(&env.topo.server, &node_if)?;
     let client_mac = mac(&env.topo.client, &env.topo.client_if)?;
     let frames = Arc::new(frames(server_mac, client_mac, env.topo.server_v4));
-    let stop = Arc::new(AtomicBool::new(false));
-    let sent = Arc::new(AtomicU64::new(0));
-    let total = Duration::from_secs(a.secs * a.windows as u64 + 2);
-    let generator = {
-        let (frames, stop, sent) = (frames.clone(), stop.clone(), sent.clone());
-        let client_if = env.topo.client_if.clone();
-        let client = env.topo.client.path();
-        std::thread::spawn(move || -> Result<()> {
-            portcullis_testkit::enter_path(&client)?;
-            pin(GENERATOR_CPU)?;
-            flood(&client_if, &frames, &stop, &sent, total)
-        })
-    };
+    let (client, client_if) = (&env.topo.client, env.topo.client_if.as_str());
+    let flood = Flood::start(
+        client,
+        client_if,
+        frames.clone(),
+        GENERATOR_CPU,
+        Duration::from_secs(a.secs * a.windows as u64 + 2),
+        None,
+    );
     // A second of warm-up, then the windows.
     std::thread::sleep(Duration::from_secs(1));
     let mut offered = Vec::new();
@@ -208,16 +250,16 @@ fn measure(cfg: Config, a: &Args) -> Result<Figures> {
     let mut busy = Vec::new();
     for _ in 0..a.windows {
         let (s0, t0, r0) = (
-            sent.load(Ordering::Relaxed),
-            tx_packets(&env.topo.client, &env.topo.client_if)?,
+            flood.sent(),
+            tx_packets(client, client_if)?,
             cpu_busy_ns(NODE_CPU)?,
         );
         let start = Instant::now();
         std::thread::sleep(Duration::from_secs(a.secs));
         let secs = start.elapsed().as_secs_f64();
         let (s1, t1, r1) = (
-            sent.load(Ordering::Relaxed),
-            tx_packets(&env.topo.client, &env.topo.client_if)?,
+            flood.sent(),
+            tx_packets(client, client_if)?,
             cpu_busy_ns(NODE_CPU)?,
         );
         let got = t1.saturating_sub(t0);
@@ -229,10 +271,38 @@ fn measure(cfg: Config, a: &Args) -> Result<Figures> {
         per_packet.push(r1.saturating_sub(r0) as f64 / got as f64);
         busy.push(r1.saturating_sub(r0) as f64 / (secs * 1e9));
     }
-    stop.store(true, Ordering::Relaxed);
-    generator
-        .join()
-        .map_err(|_| anyhow::anyhow!("the generator panicked"))??;
+    flood.finish()?;
+
+    // The admitted client under a flood offered at the same rate in every
+    // configuration (the generator's top speed differs with the node's
+    // configuration), after the CPU windows: its own packets would count
+    // in them.
+    let under = match calm {
+        Some(calm) => {
+            let flood = Flood::start(
+                client,
+                client_if,
+                frames,
+                GENERATOR_CPU,
+                Duration::from_secs(a.secs + 4),
+                Some(a.goodput_kpps * 1000),
+            );
+            std::thread::sleep(Duration::from_secs(1));
+            let (s0, d0) = (flood.sent(), tx_dropped(client, client_if)?);
+            let start = Instant::now();
+            let g = goodput::measure(client, &sink, a.secs, GENERATOR_CPU)?;
+            let secs = start.elapsed().as_secs_f64();
+            let (s1, d1) = (flood.sent(), tx_dropped(client, client_if)?);
+            flood.finish()?;
+            Some(UnderFlood {
+                calm,
+                flood: g,
+                offered_pps: (s1 - s0) as f64 / secs,
+                ring_drops: d1.saturating_sub(d0) as f64 / (s1 - s0).max(1) as f64,
+            })
+        }
+        None => None,
+    };
     if cfg == Config::Portcullis {
         let st = env.status();
         if st.get("no_admission").copied().unwrap_or(0) == 0 {
@@ -244,113 +314,8 @@ fn measure(cfg: Config, a: &Args) -> Result<Figures> {
         delivered_pps: median(delivered),
         ns_per_packet: median(per_packet),
         node_busy: median(busy),
+        goodput: under,
     })
-}
-
-/// What a configuration loaded; removed on drop (the namespace's deletion
-/// removes rules and sets; XDP programs go with the veth).
-struct Installed {
-    xdp_filter_if: Option<(String, String)>,
-    xdp_drop: Option<Unattached>,
-}
-
-impl Drop for Installed {
-    fn drop(&mut self) {
-        if let Some((ns, ifname)) = &self.xdp_filter_if {
-            let _ = Command::new("nsenter")
-                .args([
-                    &format!("--net=/run/netns/{ns}"),
-                    "xdp-filter",
-                    "unload",
-                    ifname,
-                ])
-                .output();
-        }
-    }
-}
-
-fn install(cfg: Config, env: &mut Env, ns: &str, ifname: &str) -> Result<Installed> {
-    let mut out = Installed {
-        xdp_filter_if: None,
-        xdp_drop: None,
-    };
-    let client = env.topo.client_v4.to_string();
-    let in_ns = |args: &[&str]| -> Result<()> {
-        run(Command::new("ip").args(["netns", "exec", ns]).args(args))
-    };
-    match cfg {
-        Config::Stack => {}
-        Config::Iptables => {
-            in_ns(&["ipset", "create", "allow", "hash:ip"])?;
-            in_ns(&["ipset", "add", "allow", &client])?;
-            in_ns(&[
-                "iptables",
-                "-t",
-                "raw",
-                "-A",
-                "PREROUTING",
-                "-p",
-                "tcp",
-                "--dport",
-                "8000",
-                "-m",
-                "set",
-                "!",
-                "--match-set",
-                "allow",
-                "src",
-                "-j",
-                "DROP",
-            ])?;
-        }
-        Config::Nftables => {
-            let rules = format!(
-                "table netdev pcl {{\n  set allow {{\n    type ipv4_addr\n    elements = {{ {client} }}\n  }}\n  chain ingress {{\n    type filter hook ingress device {ifname} priority -500; policy accept;\n    tcp dport {PROTECTED_PORT} ip saddr != @allow drop\n  }}\n}}\n"
-            );
-            let file = std::env::temp_dir().join(format!("pcl-peers-{}.nft", std::process::id()));
-            std::fs::write(&file, rules)?;
-            let r = in_ns(&["nft", "-f", &file.to_string_lossy()]);
-            let _ = std::fs::remove_file(&file);
-            r?;
-        }
-        Config::XdpFilter => {
-            // nsenter keeps the host's mounts (xdp-filter pins in bpffs).
-            let nsx = |args: &[&str]| -> Result<()> {
-                run(Command::new("nsenter")
-                    .arg(format!("--net=/run/netns/{ns}"))
-                    .args(args))
-            };
-            nsx(&["xdp-filter", "load", ifname, "-m", "native"])?;
-            out.xdp_filter_if = Some((ns.to_string(), ifname.to_string()));
-            nsx(&[
-                "xdp-filter",
-                "port",
-                &PROTECTED_PORT.to_string(),
-                "-m",
-                "dst",
-            ])?;
-        }
-        Config::XdpDrop => {
-            // The object's own baseline program, attached natively from a
-            // thread inside the node's namespace; detached when the object
-            // is dropped with the guard.
-            let mut k = Unattached::load().context("load the eBPF object")?;
-            let prog: &mut Xdp = k
-                .ebpf
-                .program_mut(programs::BASELINE_DROP)
-                .context("baseline program")?
-                .try_into()?;
-            let ifname = ifname.to_string();
-            env.topo
-                .server
-                .run(|| prog.attach(&ifname, XdpMode::Driver))??;
-            out.xdp_drop = Some(k);
-        }
-        Config::Portcullis => {
-            env.start_agent();
-        }
-    }
-    Ok(out)
 }
 
 /// The pid of `napi/<ifname>-N`, the veth's threaded NAPI kthread.
@@ -389,11 +354,21 @@ fn cpu_busy_ns(cpu: usize) -> Result<u64> {
 
 /// Packets the client's veth handed to the node (`ip -s -j link`).
 fn tx_packets(ns: &Netns, ifname: &str) -> Result<u64> {
+    tx_stat(ns, ifname, "packets")
+}
+
+/// Packets the client's veth could not hand over: the node's receive ring
+/// was full.
+fn tx_dropped(ns: &Netns, ifname: &str) -> Result<u64> {
+    tx_stat(ns, ifname, "dropped")
+}
+
+fn tx_stat(ns: &Netns, ifname: &str, what: &str) -> Result<u64> {
     let out = ns.ip(&["-s", "-j", "link", "show", "dev", ifname])?;
     let v: serde_json::Value = serde_json::from_str(&out).context("ip -j")?;
-    v[0]["stats64"]["tx"]["packets"]
+    v[0]["stats64"]["tx"][what]
         .as_u64()
-        .context("tx packets")
+        .with_context(|| format!("tx {what}"))
 }
 
 fn mac(ns: &Netns, ifname: &str) -> Result<[u8; 6]> {
@@ -451,6 +426,46 @@ fn report(rows: &[(Config, Result<Figures, String>)], a: &Args) {
                 base.map_or("-".to_string(), |b| format!("{:.2}x", f.ns_per_packet / b))
             ),
             Err(e) => println!("| {} | - | - | - | - | could not run: {e} |", cfg.name()),
+        }
+    }
+    println!();
+    println!(
+        "The admitted client (its own address, admitted where the configuration can admit): a TCP upload offered at {OFFERED_MBIT} Mbit/s for {} s with a connect probe every 100 ms, first without the flood, then under a flood offered at {} kpps in every configuration",
+        a.secs, a.goodput_kpps
+    );
+    println!();
+    println!(
+        "| configuration | goodput Mbit/s, no flood | under flood | ratio | connect p50 / p99 ms, no flood | under flood | probes failed | flood kpps | lost at the node's ring |"
+    );
+    println!("|---|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    for (cfg, r) in rows {
+        match r {
+            Ok(Figures {
+                goodput: Some(u), ..
+            }) => println!(
+                "| {} | {:.0} | {:.0} | {:.0}% | {:.2} / {:.2} | {:.2} / {:.2} | {} of {} | {:.0} | {:.2}% |",
+                cfg.name(),
+                u.calm.mbit_s,
+                u.flood.mbit_s,
+                100.0 * u.flood.mbit_s / u.calm.mbit_s.max(f64::MIN_POSITIVE),
+                ms(u.calm.connect_p50),
+                ms(u.calm.connect_p99),
+                ms(u.flood.connect_p50),
+                ms(u.flood.connect_p99),
+                u.flood.connect_failed,
+                u.flood.probes,
+                u.offered_pps / 1e3,
+                u.ring_drops * 100.0
+            ),
+            Ok(_) => println!(
+                "| {} | - | - | - | - | - | - | - | drops the admitted client too: no per-source allow for a port |",
+                cfg.name()
+            ),
+            Err(_) => println!(
+                "| {} | - | - | - | - | - | - | - | could not run |",
+                cfg.name()
+            ),
         }
     }
     println!();
