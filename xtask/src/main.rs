@@ -14,7 +14,9 @@ const BPF_LINKER_VERSION: &str = "0.10.3";
 /// Debian packages the tests and the demo use.
 // `prometheus` for `promtool check metrics` in the metrics test; `systemd`
 // for `systemd-analyze verify` of deploy/systemd; the peers `bench peers`
-// compares with: iptables with ipset, nftables, xdp-tools (xdp-filter).
+// compares with: iptables with ipset, nftables, xdp-tools (xdp-filter),
+// fwknop's SPA server and client (installed with START_DAEMON="no": nothing
+// runs on the host).
 const APT_PACKAGES: &[&str] = &[
     "iproute2",
     "iputils-ping",
@@ -25,6 +27,8 @@ const APT_PACKAGES: &[&str] = &[
     "ipset",
     "nftables",
     "xdp-tools",
+    "fwknop-server",
+    "fwknop-client",
 ];
 const BPFFS: &str = "/sys/fs/bpf";
 
