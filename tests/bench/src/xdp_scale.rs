@@ -20,7 +20,7 @@ use crate::xdp::{CLIENT, PORT, SERVER, SERVICE, STRANGER};
 
 const XDP_DROP: u32 = 1;
 const XDP_PASS: u32 = 2;
-const FILLS: [u32; 3] = [10, 10_000, 1_000_000];
+pub const FILLS: [u32; 3] = [10, 10_000, 1_000_000];
 /// At most this slowdown at 1M admissions against 10.
 pub const TARGET: f64 = 1.10;
 
@@ -47,7 +47,7 @@ const ROUNDS: usize = 7;
 
 /// An object sized for 1M admissions, with the service, one identity, an
 /// established flow from the client, and `fill` admissions in all.
-fn object(fill: u32) -> Result<Unattached> {
+pub fn object(fill: u32) -> Result<Unattached> {
     let opts = Options {
         pin_dir: PathBuf::new(),
         bpffs: PathBuf::new(),

@@ -437,6 +437,24 @@ fn client_mac(topo: &Topology) -> Result<String> {
     Ok(v[0]["address"].as_str().context("no MAC")?.to_string())
 }
 
+/// The to-open p50 and p99 of each client, for the chart.
+pub fn bars(r: &KnockReport) -> Vec<super::chart::Bar> {
+    let ms = |d: Duration| d.as_secs_f64() * 1e3;
+    let bar = |label: &str, k: &KnockRows| super::chart::Bar {
+        label: label.to_string(),
+        value: ms(k.to_open.pct(0.5)),
+        upper: Some(ms(k.to_open.pct(0.99))),
+    };
+    let mut v = vec![
+        bar("portcullis, client library", &r.library),
+        bar("portcullis knock (CLI)", &r.cli),
+    ];
+    if let Ok(f) = &r.fwknop {
+        v.push(bar("fwknop SPA (UDP server, iptables)", f));
+    }
+    v
+}
+
 /// The knock table, for the peers report.
 pub fn print(r: &KnockReport) {
     let ms = |d: Duration| d.as_secs_f64() * 1e3;

@@ -38,8 +38,10 @@ use anyhow::{Context, Result, bail};
 use portcullis_e2e::e2e::{Env, PROTECTED_PORT, SERVICE, Settings};
 use portcullis_testkit::{Netns, poll_until};
 
+mod chart;
 mod configs;
 mod knock;
+mod scale;
 
 use configs::{Config, install, keys};
 
@@ -52,8 +54,10 @@ use crate::{
 pub const USAGE: &str = "usage: portcullis-bench peers [flood] [knock] [OPTIONS]
   flood          the SYN flood and the admitted client's goodput under it
   knock          knock to open against fwknop's SPA
-                 (both when neither is named)
+  scale          connect latency with 10, 10k and 1M live admissions
+                 (all three when none is named)
   --trials N     knock-to-open trials per client (default 200, at most 250)
+  --chart FILE   also draw the figures as an SVG chart into FILE
   --secs N       seconds per measurement window (default 5)
   --windows N    windows per configuration, median reported (default 3)
   --goodput-kpps N  the flood's rate while the admitted client is measured,
@@ -69,6 +73,7 @@ const NODE_CPU: usize = 1;
 enum Part {
     Flood,
     Knock,
+    Scale,
 }
 
 struct Args {
@@ -78,12 +83,14 @@ struct Args {
     only: Vec<Config>,
     goodput_kpps: u64,
     trials: usize,
+    chart: Option<std::path::PathBuf>,
 }
 
 pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
     let mut a = Args {
         parts: Vec::new(),
         trials: 200,
+        chart: None,
         secs: 5,
         windows: 3,
         only: Vec::new(),
@@ -95,8 +102,10 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
             "--windows" => a.windows = number("--windows", args.next(), 1..=15)? as usize,
             "--goodput-kpps" => a.goodput_kpps = number("--goodput-kpps", args.next(), 1..=20_000)?,
             "--trials" => a.trials = number("--trials", args.next(), 10..=250)? as usize,
+            "--chart" => a.chart = Some(args.next().context("--chart needs a file")?.into()),
             "flood" => a.parts.push(Part::Flood),
             "knock" => a.parts.push(Part::Knock),
+            "scale" => a.parts.push(Part::Scale),
             "--only" => {
                 let key = args.next().context("--only needs a configuration")?;
                 let cfg = Config::ALL
@@ -113,19 +122,51 @@ pub fn main(mut args: impl Iterator<Item = String>) -> Result<()> {
         }
     }
     if a.parts.is_empty() {
-        a.parts = vec![Part::Flood, Part::Knock];
+        a.parts = vec![Part::Flood, Part::Knock, Part::Scale];
     }
+    let mut panels = Vec::new();
     if a.parts.contains(&Part::Flood) {
-        flood_part(&a)?;
+        let rows = flood_part(&a)?;
+        let bars = rows
+            .iter()
+            .filter_map(|(c, r)| {
+                r.as_ref().ok().map(|f| chart::Bar {
+                    label: c.name().to_string(),
+                    value: f.ns_per_packet,
+                    upper: None,
+                })
+            })
+            .collect();
+        panels.push((
+            "Node CPU per dropped SYN under the flood (lower is better)".to_string(),
+            "ns per packet",
+            bars,
+        ));
     }
     if a.parts.contains(&Part::Knock) {
         eprintln!("peers: knock to open, {} trials each ...", a.trials);
-        knock::print(&knock::run(a.trials)?);
+        let r = knock::run(a.trials)?;
+        knock::print(&r);
+        panels.push((
+            "Knock to open: p50 (dark), p99 (light)".to_string(),
+            "ms from the start of asking to the first connect",
+            knock::bars(&r),
+        ));
+    }
+    if a.parts.contains(&Part::Scale) {
+        eprintln!("peers: connect latency at scale ...");
+        scale::print(&scale::run()?);
+    }
+    if let Some(file) = &a.chart {
+        chart::draw(file, &panels)?;
+        eprintln!("peers: chart written to {}", file.display());
     }
     Ok(())
 }
 
-fn flood_part(a: &Args) -> Result<()> {
+type Rows = Vec<(Config, Result<Figures, String>)>;
+
+fn flood_part(a: &Args) -> Result<Rows> {
     if std::thread::available_parallelism().map_or(1, usize::from) < 2 {
         bail!("peers needs two CPUs: one for the generator, one for the node");
     }
@@ -141,7 +182,7 @@ fn flood_part(a: &Args) -> Result<()> {
         }
     }
     report(&rows, a);
-    Ok(())
+    Ok(rows)
 }
 
 /// One configuration's result: medians over the windows.
