@@ -300,9 +300,18 @@ impl Auditor {
 
     /// Enqueues an event and waits until it is fsynced; returns its seq.
     pub async fn record_durable(&self, body: Body) -> Result<u64, AuditError> {
+        self.record_durable_started(body)?.await
+    }
+
+    /// Enqueues an event now and returns what resolves once it is fsynced
+    /// (its seq), so that the caller can work while the writer syncs.
+    pub fn record_durable_started(
+        &self,
+        body: Body,
+    ) -> Result<impl Future<Output = Result<u64, AuditError>> + use<>, AuditError> {
         let (tx, rx) = oneshot::channel();
         self.send(body, Some(tx))?;
-        rx.await.unwrap_or(Err(AuditError::Closed))
+        Ok(async move { rx.await.unwrap_or(Err(AuditError::Closed)) })
     }
 
     /// Every event made durable from now on: its seq and canonical bytes.

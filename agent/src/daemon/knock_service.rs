@@ -4,7 +4,8 @@
 //! 2. durable: the grant's record is in the audit spool (fsynced, shared
 //!    with concurrent grants: group commit) before anything changes;
 //! 3. commit: the kernel admission, written by `agent/src/enforce/`;
-//! 4. reply: a node-signed reply, only on success (silence otherwise).
+//! 4. reply: a node-signed reply, sent only on success (silence
+//!    otherwise); the listener signs it while step 2's fsync runs.
 //!
 //! The listener, the admission tests and `cargo xtask bench admission` all
 //! run [`KnockService::handle`] (the listener splits it at the point where
@@ -272,21 +273,44 @@ impl KnockService {
     /// record durable, then write the kernel. Concurrent calls share one
     /// fsync.
     pub async fn finish(&self, decided: Decided) -> Result<Granted, Refused> {
+        self.finish_overlapped(decided, |_| ())
+            .await
+            .map(|(g, ())| g)
+    }
+
+    /// [`finish`](Self::finish), running `meanwhile` while the writer
+    /// fsyncs the grant's record (the knock's reply is signed there, off
+    /// the critical path; it is sent only once the kernel is written).
+    pub async fn finish_overlapped<R>(
+        &self,
+        decided: Decided,
+        meanwhile: impl FnOnce(&Decided) -> R,
+    ) -> Result<(Granted, R), Refused> {
         let reservation = self
             .admitter
             .reserve(&decided)
             .map_err(|d| self.refused(d.into()))?;
         let body = Body::AdmissionGranted(decided.audit_event());
-        if let Err(e) = self.auditor.record_durable(body).await {
-            self.admitter.release(reservation);
-            // The grant's record may still reach the spool once the disk
-            // recovers: the refusal follows it there, so the trail never
-            // shows a grant that was not made.
-            return Err(self.refused(Refused::after(
-                &decided,
-                KnockRefusal::AuditFailed(e.to_string()),
-            )));
-        }
+        let durable = match self.auditor.record_durable_started(body) {
+            Ok(synced) => {
+                let during = meanwhile(&decided);
+                synced.await.map(|_| during)
+            }
+            Err(e) => Err(e),
+        };
+        let during = match durable {
+            Ok(during) => during,
+            Err(e) => {
+                self.admitter.release(reservation);
+                // The grant's record may still reach the spool once the
+                // disk recovers: the refusal follows it there, so the trail
+                // never shows a grant that was not made.
+                return Err(self.refused(Refused::after(
+                    &decided,
+                    KnockRefusal::AuditFailed(e.to_string()),
+                )));
+            }
+        };
         // The expiry was fixed when it was decided: time spent recording
         // it only shortens it.
         let ttl = decided
@@ -306,7 +330,7 @@ impl KnockService {
         match written {
             Ok(slot) => {
                 self.counters.granted.fetch_add(1, Ordering::Relaxed);
-                Ok(Granted::of(decided, slot))
+                Ok((Granted::of(decided, slot), during))
             }
             Err(e) => {
                 self.admitter.release(reservation);
@@ -327,13 +351,22 @@ impl KnockService {
     }
 
     /// Step 4: the signed reply to a granted knock: `None` when replies are
-    /// off or it would be larger than the knock. Signed after the kernel
-    /// write, so the admission is live before the reply costs anything.
+    /// off or it would be larger than the knock. Sent only after the kernel
+    /// write, so the admission is live when the client learns of it.
     pub fn reply(&self, g: &Granted) -> Option<Vec<u8>> {
         if !self.reply {
             return None;
         }
         portcullis_knock::reply_to(&self.node, &g.nonce, &g.service, g.expires, g.request_len)
+    }
+
+    /// The same reply, signed from the decision while its record syncs:
+    /// the grant carries the decision's nonce, service, expiry and size.
+    fn reply_to(&self, d: &Decided) -> Option<Vec<u8>> {
+        if !self.reply {
+            return None;
+        }
+        portcullis_knock::reply_to(&self.node, &d.nonce, &d.service, d.expires, d.request_len)
     }
 
     /// Binds the knock port: one dual-stack socket, IPv4 knocks arrive as
@@ -364,8 +397,8 @@ impl KnockService {
                 Ok(decided) => {
                     let (svc, sock) = (self.clone(), sock.clone());
                     tokio::spawn(async move {
-                        match svc.finish(decided).await {
-                            Ok(g) => svc.granted(&sock, &g, peer).await,
+                        match svc.finish_overlapped(decided, |d| svc.reply_to(d)).await {
+                            Ok((g, reply)) => svc.granted(&sock, &g, reply, peer).await,
                             Err(r) => log_refusal(&r, peer),
                         }
                     });
@@ -375,9 +408,15 @@ impl KnockService {
         }
     }
 
-    async fn granted(&self, sock: &UdpSocket, g: &Granted, peer: SocketAddr) {
+    async fn granted(
+        &self,
+        sock: &UdpSocket,
+        g: &Granted,
+        reply: Option<Vec<u8>>,
+        peer: SocketAddr,
+    ) {
         // The reply first: the client is waiting for it, the log is not.
-        if let Some(reply) = self.reply(g)
+        if let Some(reply) = reply
             && let Err(e) = sock.send_to(&reply, peer).await
         {
             tracing::warn!(error = %e, %peer, "knock reply not sent");

@@ -240,6 +240,12 @@ fn measure(cfg: Config, a: &Args) -> Result<Figures> {
     let napi = poll_until(Duration::from_secs(5), || napi_thread(&node_if))
         .with_context(|| format!("no NAPI thread for {node_if}"))?;
     run(Command::new("taskset").args(["-p", "-c", &NODE_CPU.to_string(), &napi.to_string()]))?;
+    // A NIC's NAPI runs in softirq context, which no process preempts; a
+    // threaded NAPI kthread is an ordinary thread unless it is given a
+    // real-time priority, and the node's own processes (the sink, an
+    // agent) would otherwise stall it long enough to overflow the veth's
+    // ring.
+    run(Command::new("chrt").args(["-f", "-p", "50", &napi.to_string()]))?;
     // Without XDP a veth hands packets to the stack through the backlog:
     // RPS steers that to the node's CPU too.
     env.topo
