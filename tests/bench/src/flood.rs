@@ -6,6 +6,7 @@
 use std::{
     io,
     net::Ipv4Addr,
+    os::fd::{AsRawFd, FromRawFd, OwnedFd},
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicU64, Ordering},
@@ -114,38 +115,17 @@ fn flood(
     // Pacing spins on the clock: the generator owns its CPU, and a sleep
     // cannot keep a schedule of one batch every few tens of microseconds.
     let per_batch = pps.map(|r| Duration::from_secs_f64(BATCH as f64 / r.max(1) as f64));
-    let name = std::ffi::CString::new(ifname)?;
     // SAFETY: plain libc calls with checked results; buffers outlive them.
     unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        if ifindex == 0 {
-            bail!("{ifname}: {}", io::Error::last_os_error());
-        }
-        let fd = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
-        if fd < 0 {
-            bail!("AF_PACKET socket: {}", io::Error::last_os_error());
-        }
-        let _close = scopeguard(fd);
+        let fd = packet_socket(ifname)?;
         let one: libc::c_int = 1;
         libc::setsockopt(
-            fd,
+            fd.as_raw_fd(),
             libc::SOL_PACKET,
             libc::PACKET_QDISC_BYPASS,
             (&one as *const libc::c_int).cast(),
             std::mem::size_of::<libc::c_int>() as u32,
         );
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        if libc::bind(
-            fd,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        ) != 0
-        {
-            bail!("bind AF_PACKET: {}", io::Error::last_os_error());
-        }
         let start = Instant::now();
         let mut due = start;
         let mut next = 0usize;
@@ -174,7 +154,7 @@ fn flood(
                 m.msg_hdr.msg_iovlen = 1;
                 msgs.push(m);
             }
-            let n = libc::sendmmsg(fd, msgs.as_mut_ptr(), BATCH as u32, 0);
+            let n = libc::sendmmsg(fd.as_raw_fd(), msgs.as_mut_ptr(), BATCH as u32, 0);
             if n > 0 {
                 sent.fetch_add(n as u64, Ordering::Relaxed);
             }
@@ -183,15 +163,36 @@ fn flood(
     Ok(())
 }
 
-struct CloseFd(i32);
-impl Drop for CloseFd {
-    fn drop(&mut self) {
-        // SAFETY: our own descriptor, closed once.
-        unsafe { libc::close(self.0) };
+/// An AF_PACKET raw socket bound to `ifname` for every protocol: it sends
+/// frames as given and sees the device's packets both ways.
+pub fn packet_socket(ifname: &str) -> Result<OwnedFd> {
+    let name = std::ffi::CString::new(ifname)?;
+    // SAFETY: plain libc calls with checked results; the descriptor is
+    // owned by the returned OwnedFd from its creation.
+    unsafe {
+        let ifindex = libc::if_nametoindex(name.as_ptr());
+        if ifindex == 0 {
+            bail!("{ifname}: {}", io::Error::last_os_error());
+        }
+        let raw = libc::socket(libc::AF_PACKET, libc::SOCK_RAW, 0);
+        if raw < 0 {
+            bail!("AF_PACKET socket: {}", io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(raw);
+        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
+        sll.sll_family = libc::AF_PACKET as u16;
+        sll.sll_ifindex = ifindex as i32;
+        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
+        if libc::bind(
+            raw,
+            (&sll as *const libc::sockaddr_ll).cast(),
+            std::mem::size_of::<libc::sockaddr_ll>() as u32,
+        ) != 0
+        {
+            bail!("bind AF_PACKET on {ifname}: {}", io::Error::last_os_error());
+        }
+        Ok(fd)
     }
-}
-fn scopeguard(fd: i32) -> CloseFd {
-    CloseFd(fd)
 }
 
 pub fn pin(cpu: usize) -> Result<()> {

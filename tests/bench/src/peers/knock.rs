@@ -558,53 +558,26 @@ impl Drop for NodeSide {
     }
 }
 
-/// An AF_PACKET socket on `ifname` that sees its packets both ways, with a
-/// 100 ms receive timeout so its reader can notice a stop.
+/// The device's packets both ways, with a 100 ms receive timeout so its
+/// reader can notice a stop.
 fn packet_socket(ifname: &str) -> Result<std::os::fd::OwnedFd> {
-    use std::os::fd::FromRawFd;
-    let name = std::ffi::CString::new(ifname)?;
-    // SAFETY: plain libc calls with checked results; the descriptor is
-    // owned by the returned OwnedFd.
+    use std::os::fd::AsRawFd;
+    let fd = crate::flood::packet_socket(ifname)?;
+    let tv = libc::timeval {
+        tv_sec: 0,
+        tv_usec: 100_000,
+    };
+    // SAFETY: a valid option and value for an open socket.
     unsafe {
-        let ifindex = libc::if_nametoindex(name.as_ptr());
-        if ifindex == 0 {
-            bail!("{ifname}: {}", std::io::Error::last_os_error());
-        }
-        let raw = libc::socket(
-            libc::AF_PACKET,
-            libc::SOCK_RAW,
-            // ETH_P_ALL: only such taps see outgoing packets.
-            (libc::ETH_P_ALL as u16).to_be() as i32,
-        );
-        if raw < 0 {
-            bail!("AF_PACKET socket: {}", std::io::Error::last_os_error());
-        }
-        let fd = std::os::fd::OwnedFd::from_raw_fd(raw);
-        let mut sll: libc::sockaddr_ll = std::mem::zeroed();
-        sll.sll_family = libc::AF_PACKET as u16;
-        sll.sll_ifindex = ifindex as i32;
-        sll.sll_protocol = (libc::ETH_P_ALL as u16).to_be();
-        if libc::bind(
-            raw,
-            (&sll as *const libc::sockaddr_ll).cast(),
-            std::mem::size_of::<libc::sockaddr_ll>() as u32,
-        ) != 0
-        {
-            bail!("bind AF_PACKET: {}", std::io::Error::last_os_error());
-        }
-        let tv = libc::timeval {
-            tv_sec: 0,
-            tv_usec: 100_000,
-        };
         libc::setsockopt(
-            raw,
+            fd.as_raw_fd(),
             libc::SOL_SOCKET,
             libc::SO_RCVTIMEO,
             (&tv as *const libc::timeval).cast(),
             std::mem::size_of::<libc::timeval>() as u32,
         );
-        Ok(fd)
     }
+    Ok(fd)
 }
 
 /// Reads until `stop`; pairs each reply leaving the knock port with the
