@@ -354,19 +354,26 @@ impl KnockService {
     /// off or it would be larger than the knock. Sent only after the kernel
     /// write, so the admission is live when the client learns of it.
     pub fn reply(&self, g: &Granted) -> Option<Vec<u8>> {
-        if !self.reply {
-            return None;
-        }
-        portcullis_knock::reply_to(&self.node, &g.nonce, &g.service, g.expires, g.request_len)
+        self.sign_reply(&g.nonce, &g.service, g.expires, g.request_len)
     }
 
     /// The same reply, signed from the decision while its record syncs:
     /// the grant carries the decision's nonce, service, expiry and size.
     fn reply_to(&self, d: &Decided) -> Option<Vec<u8>> {
+        self.sign_reply(&d.nonce, &d.service, d.expires, d.request_len)
+    }
+
+    fn sign_reply(
+        &self,
+        nonce: &[u8; 16],
+        service: &str,
+        expires: SystemTime,
+        request_len: usize,
+    ) -> Option<Vec<u8>> {
         if !self.reply {
             return None;
         }
-        portcullis_knock::reply_to(&self.node, &d.nonce, &d.service, d.expires, d.request_len)
+        portcullis_knock::reply_to(&self.node, nonce, service, expires, request_len)
     }
 
     /// Binds the knock port: one dual-stack socket, IPv4 knocks arrive as

@@ -38,6 +38,7 @@ use anyhow::{Context, Result, bail};
 use portcullis_e2e::e2e::{Env, PROTECTED_PORT, SERVICE, Settings};
 use portcullis_testkit::{Netns, poll_until};
 
+mod capture;
 mod chart;
 mod configs;
 mod knock;
