@@ -38,6 +38,7 @@
 //! second, times the seconds left in the month; saturating. The window is
 //! not persisted: right after a restart the forecast is the spend.
 
+pub mod budgets;
 pub mod ledger;
 pub mod period;
 pub mod price;
@@ -63,6 +64,7 @@ use price::Carry;
 use portcullis_trail::time::unix_ns;
 
 use crate::{
+    budget::{Budget, BudgetView},
     config::{Config, Price, identity_key},
     loader::maps::Usage,
 };
@@ -92,6 +94,8 @@ struct Snapshot {
 #[derive(Default)]
 pub struct SpendBook {
     snapshot: RwLock<Snapshot>,
+    /// The budgets and their last evaluation.
+    budgets: RwLock<Arc<BudgetView>>,
     learned: Mutex<HashMap<u64, (String, String)>>,
 }
 
@@ -125,6 +129,18 @@ impl SpendBook {
         let mut l = self.learned.lock().unwrap_or_else(|p| p.into_inner());
         l.entry(key)
             .or_insert_with(|| (identity.to_string(), tenant.to_string()));
+    }
+
+    /// The budgets as of the last evaluation (`agent/src/budget/verdict.rs`).
+    pub fn budgets(&self) -> Arc<BudgetView> {
+        self.budgets
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn publish_budgets(&self, view: BudgetView) {
+        *self.budgets.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(view);
     }
 
     fn take_learned(&self) -> HashMap<u64, (String, String)> {
@@ -170,6 +186,16 @@ pub struct Accountant {
     window_tenant: HashMap<String, u64>,
     /// Ledger time of this process's first tick.
     started: Option<i64>,
+    /// Budgets in force: the config's, then those set at run time.
+    budgets: Vec<Budget>,
+    config_budgets: Vec<Budget>,
+    /// `cost_control.forecast_window`, seconds.
+    window_secs: i64,
+    /// Budget events not yet taken by the budget loop.
+    news: Vec<budgets::News>,
+    /// The last tick's kernel bytes (in, out) per identity, for the
+    /// extraction guard.
+    traffic: HashMap<String, (u64, u64)>,
 }
 
 impl Accountant {
@@ -198,6 +224,11 @@ impl Accountant {
             window_identity: HashMap::new(),
             window_tenant: HashMap::new(),
             started: None,
+            budgets: Vec::new(),
+            config_budgets: Vec::new(),
+            window_secs: 600,
+            news: Vec::new(),
+            traffic: HashMap::new(),
         };
         a.set_prices(cfg);
         for (name, to_date) in &a.state.identities {
@@ -246,6 +277,7 @@ impl Accountant {
             })
             .collect();
         self.currency = cfg.accounting.currency.clone();
+        self.configure_budgets(cfg);
     }
 
     /// Spend of an identity as of the last tick.
@@ -280,10 +312,12 @@ impl Accountant {
             self.state.counters = instance.to_string();
         }
         self.absorb_learned();
+        let p = period::periods(t);
 
         let old = std::mem::take(&mut self.state.baselines);
         let mut summary = TickSummary::default();
         let mut costs: Vec<Charged> = Vec::new();
+        self.traffic.clear();
         for row in rows {
             let (identity, tenant) = self.name_of(row.identity_key);
             let now_counters = Counters::from(row.stats);
@@ -309,7 +343,12 @@ impl Accountant {
             if !delta.has_traffic() {
                 continue;
             }
-            let cost = self.charge(&identity, &tenant, row.service, &delta);
+            if !first {
+                let e = self.traffic.entry(identity.clone()).or_default();
+                e.0 = e.0.saturating_add(delta.bytes_in);
+                e.1 = e.1.saturating_add(delta.bytes_out);
+            }
+            let cost = self.charge(&identity, &tenant, row.service, &delta, (t, &p, !first));
             summary.lines += 1;
             summary.cost_micros = summary.cost_micros.saturating_add(cost);
             if cost != 0 {
@@ -323,6 +362,7 @@ impl Accountant {
         }
         self.remember_rate(t, costs);
         self.publish();
+        self.evaluate_budgets(t, &p);
         // The clock alone is not worth a write: periods only move forward
         // against the saved month and day anyway.
         let changed = State {
@@ -360,9 +400,11 @@ impl Accountant {
             .map_or(tenant, |i| i.tenant.as_str())
             .to_string();
         self.know(identity, &tenant);
-        let cost = self.charge(identity, &tenant, service, usage);
+        let p = period::periods(t);
+        let cost = self.charge(identity, &tenant, service, usage, (t, &p, true));
         self.remember_rate(t, vec![(identity.to_string(), tenant, cost)]);
         self.publish();
+        self.evaluate_budgets(t, &p);
         self.save()?;
         Ok(Some((cost, self.book.identity(identity))))
     }
@@ -411,8 +453,17 @@ impl Accountant {
         }
     }
 
-    /// Prices one (identity, service) delta and adds it everywhere.
-    fn charge(&mut self, identity: &str, tenant: &str, service: u32, delta: &Counters) -> u64 {
+    /// Prices one (identity, service) delta and adds it everywhere: spend
+    /// to date, the budgets' meters (at ledger time `at.0`, in periods
+    /// `at.1`; into their recent rate unless `at.2` is false), the report.
+    fn charge(
+        &mut self,
+        identity: &str,
+        tenant: &str,
+        service: u32,
+        delta: &Counters,
+        at: (i64, &period::Periods, bool),
+    ) -> u64 {
         let (service_name, price) = match self.services.get(&service) {
             Some(s) => (s.name.clone(), s.price),
             // Counted under a service no longer configured: no price.
@@ -427,6 +478,13 @@ impl Accountant {
         if carry.is_zero() {
             self.state.carries.remove(&(identity.to_string(), service));
         }
+        self.state.budgets.charge(
+            &self.budgets,
+            (identity, tenant, &service_name),
+            cost,
+            at,
+            self.window_secs,
+        );
         let id = self
             .state
             .identities
@@ -659,6 +717,11 @@ impl Accountant {
     /// Month, day and the ledger's clock, for status output and tests.
     pub fn periods(&self) -> (&str, &str, i64) {
         (&self.state.month, &self.state.day, self.state.clock_secs)
+    }
+
+    /// Kernel bytes (in, out) per identity of the last tick.
+    pub fn traffic(&self) -> &HashMap<String, (u64, u64)> {
+        &self.traffic
     }
 
     /// Spend to date of a tenant as of the last tick.

@@ -7,6 +7,7 @@
 //! cross-references. Every error names the key (`services[1].port`) and
 //! says the fix. [`EXAMPLE`] documents every key with its default.
 
+mod budgets;
 mod control;
 mod edit;
 mod findings;
@@ -27,6 +28,7 @@ use std::time::Duration;
 use portcullis_common::{PROTO_TCP, PROTO_UDP};
 use serde::Deserialize;
 
+pub use budgets::{CostControlSection, ExtractionSection};
 pub use control::{
     ControlSection, ControlTcp, DEFAULT_SOCKET as DEFAULT_CONTROL_SOCKET, Grantee, Role,
 };
@@ -59,6 +61,9 @@ pub struct Config {
     pub control: ControlSection,
     pub metrics: MetricsSection,
     pub findings: FindingsSection,
+    /// `[[budgets]]` of the file (the control API adds its own).
+    pub budgets: Vec<crate::budget::Budget>,
+    pub cost_control: CostControlSection,
 }
 
 /// `[audit]`: the local spool every event is written to before anything

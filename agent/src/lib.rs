@@ -4,6 +4,7 @@ pub mod accounting;
 pub mod admin;
 pub mod admission;
 pub mod audit;
+pub mod budget;
 pub mod config;
 pub mod control;
 pub mod ctl;

@@ -147,6 +147,11 @@ pub struct Request {
     /// micro-units (saturated at `i64::MAX` for Cedar).
     pub spend_month: u64,
     pub forecast_month: u64,
+    /// The budgets' verdict on this request (`agent/src/budget/verdict.rs`):
+    /// the strictest action in force ("" for none, else warn, throttle,
+    /// deny) and the deciding budget's forecast in percent of its amount.
+    pub budget_action: &'static str,
+    pub budget_forecast_percent: u64,
 }
 
 /// The outcome of [`PolicySet::decide`].
@@ -321,7 +326,7 @@ struct Meta {
     offset: usize,
     ttl: Option<Duration>,
     /// The context attributes it mentions ([`CONTEXT_ATTRS`] bits).
-    context_use: u8,
+    context_use: u16,
     policy: cedar_policy::Policy,
 }
 
@@ -343,13 +348,13 @@ struct Slice {
     set: Arc<cedar_policy::PolicySet>,
     len: usize,
     /// The context attributes they mention ([`CONTEXT_ATTRS`] bits).
-    context_use: u8,
+    context_use: u16,
 }
 
 type Slices = HashMap<String, [Option<Arc<Slice>>; 4]>;
 
 /// The context attributes, in the order of the `context_use` bits.
-const CONTEXT_ATTRS: [&str; 7] = [
+const CONTEXT_ATTRS: [&str; 9] = [
     "hour",
     "weekday",
     "source",
@@ -357,6 +362,8 @@ const CONTEXT_ATTRS: [&str; 7] = [
     "token_age",
     "spend_month",
     "forecast_month",
+    "budget_action",
+    "budget_forecast_percent",
 ];
 
 /// Memo tables' sizes (each is emptied when full).
@@ -374,10 +381,12 @@ struct ContextKey {
     token_age: u64,
     spend_month: u64,
     forecast_month: u64,
+    budget_action: &'static str,
+    budget_forecast_percent: u64,
 }
 
 impl ContextKey {
-    fn of(req: &Request, uses: u8) -> Option<ContextKey> {
+    fn of(req: &Request, uses: u16) -> Option<ContextKey> {
         let (hour, weekday) = utc_hour_weekday(req.now)?;
         let on = |bit: usize| uses & (1 << bit) != 0;
         let pick = |bit: usize, v: u64| if on(bit) { v } else { 0 };
@@ -389,6 +398,8 @@ impl ContextKey {
             token_age: pick(4, req.token_age.as_secs()),
             spend_month: pick(5, req.spend_month),
             forecast_month: pick(6, req.forecast_month),
+            budget_action: if on(7) { req.budget_action } else { "" },
+            budget_forecast_percent: pick(8, req.budget_forecast_percent),
         })
     }
 }
@@ -824,6 +835,11 @@ impl PolicySet {
             ("token_age".to_owned(), long(req.token_age.as_secs())),
             ("spend_month".to_owned(), long(req.spend_month)),
             ("forecast_month".to_owned(), long(req.forecast_month)),
+            ("budget_action".to_owned(), s(req.budget_action)),
+            (
+                "budget_forecast_percent".to_owned(),
+                long(req.budget_forecast_percent),
+            ),
         ])
         .map_err(|e| format!("context: {e}"))?;
         let request = cedar_policy::Request::new(

@@ -19,6 +19,10 @@ use portcullis_common::IdentityStats;
 use serde::{Deserialize, Serialize};
 
 use super::price::Carry;
+use crate::budget::{BudgetDraft, Meters};
+
+mod budgets;
+use budgets::FileBudgets;
 
 /// Format version written in the file; others are refused.
 pub const LEDGER_VERSION: u32 = 1;
@@ -224,6 +228,10 @@ pub struct State {
     /// (identity, service id) → fractions of a micro-unit not yet charged.
     pub carries: BTreeMap<(String, u32), Carry>,
     pub pending: Pending,
+    /// Budget meters and approvals (`agent/src/budget/meter.rs`).
+    pub budgets: Meters,
+    /// Budgets set through the control API.
+    pub defined: Vec<BudgetDraft>,
 }
 
 // The file form: JSON objects need string keys, so compound keys become
@@ -242,6 +250,8 @@ struct File {
     baselines: Vec<FileBaseline>,
     carries: Vec<FileCarry>,
     pending: FilePending,
+    #[serde(default)]
+    budgets: FileBudgets,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -337,6 +347,7 @@ impl State {
                     })
                     .collect(),
             },
+            budgets: FileBudgets::of(&self.budgets, &self.defined),
         }
     }
 
@@ -397,7 +408,10 @@ impl State {
                 },
             );
         }
+        let (budgets, defined) = f.budgets.into_parts()?;
         Ok(State {
+            budgets,
+            defined,
             counters: f.counters,
             clock_secs: f.clock_secs,
             month: f.month,

@@ -29,6 +29,7 @@ use crate::{
         revocations::Change,
         token::{Claims, Verifier},
     },
+    budget::{Action as BudgetAction, Verdict},
     config::{Action, Config, ModelAttrs},
     identity::IdentityName,
     policy::{Decision, Method, PolicyStore, Principal, Request as PolicyRequest, Resource},
@@ -357,6 +358,12 @@ impl Admitter {
         ) {
             return Err(deny(refusal, attempt));
         }
+        // A budget whose forecast reached `deny` refuses before policy
+        // (unless an approval lets the identity through).
+        let verdict = self.budget(&claims, &k.service);
+        if verdict.enforced() == Some(BudgetAction::Deny) {
+            return Err(deny(Refusal::Budget(Box::new(verdict)), attempt));
+        }
         // Policy decides within what the token's scope allows: it can
         // narrow a token, never widen it.
         let decision = self.decide(&claims, &k.service, svc, source, k.method, now);
@@ -433,6 +440,18 @@ impl Admitter {
         self.grants().len()
     }
 
+    /// The budgets' verdict on `claims`'s identity at `service`.
+    fn budget(&self, claims: &Claims, service: &str) -> Verdict {
+        match &self.spend {
+            Some(book) => book.budgets().verdict(
+                &IdentityName::new(claims.tenant.as_deref(), &claims.subject).display(),
+                claims.tenant.as_deref().unwrap_or(""),
+                Some(service),
+            ),
+            None => Verdict::default(),
+        }
+    }
+
     fn decide(
         &self,
         claims: &Claims,
@@ -449,6 +468,7 @@ impl Admitter {
             ),
             None => (0, 0),
         };
+        let budget = self.budget(claims, service);
         self.policies.current().decide(&PolicyRequest {
             principal: Principal {
                 subject: claims.subject.clone(),
@@ -471,6 +491,8 @@ impl Admitter {
             token_age: now.duration_since(claims.issued_at).unwrap_or_default(),
             spend_month,
             forecast_month,
+            budget_action: budget.action.map_or("", BudgetAction::as_str),
+            budget_forecast_percent: budget.forecast_percent,
         })
     }
 
@@ -498,6 +520,14 @@ impl Admitter {
         pred: impl Fn(&AdmissionRef, &IdentityName) -> bool,
     ) -> Vec<AdmissionRef> {
         self.grants().take(|at, g| pred(at, &g.identity))
+    }
+
+    /// Every live knock-granted admission: where, whose, to which service.
+    pub fn live_grants(&self) -> Vec<(AdmissionRef, IdentityName, String)> {
+        self.grants()
+            .iter()
+            .map(|(&at, g)| (at, g.identity.clone(), g.service.clone()))
+            .collect()
     }
 
     /// Whether a live knock-granted admission came from the token `jti`.

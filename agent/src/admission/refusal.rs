@@ -38,6 +38,12 @@ pub enum Refusal {
         service: String,
         limit: u32,
     },
+    /// A budget's forecast reached its `deny` threshold.
+    #[error(
+        "budget {} denies: forecast {} of {} micro-units ({}%), spent {}; ask for an approval (`portcullis ctl budget approve`) or wait for the period to end",
+        .0.budget, .0.forecast_micros, .0.amount_micros, .0.forecast_percent, .0.spent_micros
+    )]
+    Budget(Box<crate::budget::Verdict>),
 }
 
 impl Refusal {
@@ -49,6 +55,7 @@ impl Refusal {
             Refusal::Scope { .. } => "scope",
             Refusal::Policy { .. } => "policy",
             Refusal::IdentityQuota { .. } => "identity_quota",
+            Refusal::Budget(_) => "budget",
         }
     }
 }

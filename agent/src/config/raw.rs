@@ -13,6 +13,7 @@ use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use toml::{Table, Value};
 
+use super::budgets::{RawBudget, RawCostControl};
 use super::control::RawControl;
 use super::findings::RawFindings;
 use super::metrics::RawMetrics;
@@ -47,6 +48,10 @@ pub(super) struct RawConfig {
     pub metrics: RawMetrics,
     #[serde(default)]
     pub findings: RawFindings,
+    #[serde(default)]
+    pub budgets: Vec<RawBudget>,
+    #[serde(default)]
+    pub cost_control: RawCostControl,
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -67,6 +67,9 @@ pub(super) fn validate(
     let control = super::control::validate(&raw.control)?;
     let metrics = super::metrics::validate(&raw.metrics)?;
     let findings = super::findings::validate(&raw.findings)?;
+    let names: Vec<&str> = services.iter().map(|s| s.name.as_str()).collect();
+    let budgets = super::budgets::budgets(&raw.budgets, &names)?;
+    let cost_control = super::budgets::cost_control(&raw.cost_control)?;
     Ok(Config {
         agent,
         kernel,
@@ -82,6 +85,8 @@ pub(super) fn validate(
         control,
         metrics,
         findings,
+        budgets,
+        cost_control,
     })
 }
 

@@ -12,7 +12,7 @@ use tokio::sync::{broadcast, mpsc};
 use tonic::Status;
 
 /// `Event.body` field names a client may filter on.
-pub const KINDS: [&str; 13] = [
+pub const KINDS: [&str; 14] = [
     "lifecycle",
     "admission_granted",
     "admission_denied",
@@ -26,6 +26,7 @@ pub const KINDS: [&str; 13] = [
     "spool_pressure",
     "key_set_change",
     "detection",
+    "budget",
 ];
 
 fn kind(b: &Body) -> &'static str {
@@ -43,6 +44,7 @@ fn kind(b: &Body) -> &'static str {
         Body::SpoolPressure(_) => KINDS[10],
         Body::KeySetChange(_) => KINDS[11],
         Body::Detection(_) => KINDS[12],
+        Body::Budget(_) => KINDS[13],
     }
 }
 
@@ -104,6 +106,16 @@ impl Filter {
                     && (self.service.is_empty() || (r.target_kind == "service" && svc(&r.target)))
             }
             Body::Detection(d) => self.identity.is_empty() && svc(&d.subject),
+            Body::Budget(b) => {
+                let keys = || b.key.split('|');
+                (self.identity.is_empty()
+                    || id(&b.identity)
+                    || keys().any(id)
+                    || b.scope.contains(&format!("identity={}", self.identity)))
+                    && (self.service.is_empty()
+                        || keys().any(svc)
+                        || b.scope.contains(&format!("service={}", self.service)))
+            }
             Body::CostReport(c) => c.lines.iter().any(|l| id(&l.identity) && svc(&l.service)),
             _ => self.identity.is_empty() && self.service.is_empty(),
         }

@@ -8,6 +8,7 @@
 //! [`knock_service`], the reloads [`upkeep`], the interval reports
 //! [`reports`].
 
+pub mod budgets;
 pub mod detect;
 pub mod knock_service;
 pub mod node;
@@ -172,8 +173,10 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
         accountant: std::sync::Mutex::new(acct),
         service_edits: Default::default(),
         findings: Default::default(),
+        budget_state: Default::default(),
     });
     let mut detector = detect::Detector::new(SystemTime::now());
+    let mut budget_loop = budgets::BudgetLoop::default();
     let bound = async {
         let control = control::bind(&cfg.control).await?;
         let metrics = metrics::bind(&cfg.metrics).await?;
@@ -232,6 +235,7 @@ pub async fn run(cfg: Config, opts: RunOptions) -> anyhow::Result<()> {
                 detector.tick(&node, &node.findings, SystemTime::now());
                 enforcer.reset_event_budget()?;
                 reports::account(&enforcer, &mut node.accountant());
+                budget_loop.tick(&node, &node.budget_state, SystemTime::now());
                 if let Some(k) = &knocks {
                     k.upkeep();
                 }

@@ -7,7 +7,7 @@ use crate::{
     accounting::{Accountant, SpendBook, totals::CostTotals},
     audit::auditor::Auditor,
     config::Config,
-    daemon::{detect::FindingsView, upkeep::Knocks},
+    daemon::{budgets::BudgetState, detect::FindingsView, upkeep::Knocks},
     enforce::Enforcer,
     loader::Origin,
 };
@@ -31,6 +31,8 @@ pub struct Node {
     pub service_edits: Mutex<()>,
     /// The detections' state, for the metrics.
     pub findings: Mutex<FindingsView>,
+    /// Cost control's state, for the metrics.
+    pub budget_state: Mutex<BudgetState>,
     pub origin: Origin,
     pub pin_durability: String,
 }

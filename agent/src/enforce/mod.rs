@@ -5,10 +5,11 @@
 //! how a map is written is the loader's (`agent/src/loader/maps.rs`).
 //! Readers (reports, status) look through [`Enforcer::observe`].
 
+pub mod clamp;
 pub mod configure;
 
 use std::{
-    collections::BTreeSet,
+    collections::{BTreeSet, HashMap},
     net::IpAddr,
     sync::{Arc, Mutex, MutexGuard, RwLock},
     time::Duration,
@@ -120,6 +121,9 @@ pub struct Enforcer {
     /// Ids of the services in shadow mode now: the config's, then as
     /// switched at run time. Changed only with the maps' lock held.
     shadow: Mutex<BTreeSet<u32>>,
+    /// Identities (kernel names) whose rates are lowered now
+    /// (`agent/src/enforce/clamp.rs`); every write of them applies it.
+    clamps: Mutex<HashMap<String, clamp::Clamp>>,
 }
 
 impl Enforcer {
@@ -134,6 +138,7 @@ impl Enforcer {
             maps: Mutex::new(maps),
             cfg: RwLock::new(cfg),
             shadow: Mutex::new(shadow),
+            clamps: Mutex::new(HashMap::new()),
         }
     }
 
@@ -248,7 +253,7 @@ impl Enforcer {
     /// Writes (or extends) an admission; returns the identity's slot.
     pub fn admit(&self, a: &Admission<'_>) -> Result<u32, AdmitError> {
         let mut maps = self.maps();
-        let limits = self.config().identity_limits(a.limits_of);
+        let limits = self.limits_of(a.name, a.limits_of);
         let (slot, _) = maps.upsert_identity(configure::identity_value(a.name, &limits), a.name)?;
         maps.admit(
             slot,
@@ -258,6 +263,62 @@ impl Enforcer {
             clock::expiry_after(a.ttl),
         )?;
         Ok(slot)
+    }
+
+    /// The limits `name` is written with: its own (`limits_of`'s),
+    /// lowered by its clamp if it has one.
+    fn limits_of(&self, name: &str, limits_of: &str) -> crate::config::Limits {
+        let cfg = self.config();
+        let base = cfg.identity_limits(limits_of);
+        match self.clamps().get(name) {
+            Some(c) => clamp::clamped(base, c, &cfg.cost_control),
+            None => base,
+        }
+    }
+
+    fn clamps(&self) -> MutexGuard<'_, HashMap<String, clamp::Clamp>> {
+        self.clamps.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Makes `next` the clamps in force: every identity the kernel holds
+    /// whose written rates differ from what its clamp (or its lifting)
+    /// asks for is rewritten. Compared with the kernel each time, so a
+    /// config reload that rewrote limits is corrected within a call.
+    /// Returns the names rewritten.
+    pub fn set_clamps(
+        &self,
+        next: HashMap<String, clamp::Clamp>,
+    ) -> Result<Vec<String>, KernelError> {
+        let mut maps = self.maps();
+        let cfg = self.config();
+        let mut clamps = self.clamps();
+        let mut names: BTreeSet<String> = clamps.keys().cloned().collect();
+        names.extend(next.keys().cloned());
+        let mut written = Vec::new();
+        for name in names {
+            let want = match (next.get(&name), clamps.get(&name)) {
+                (Some(c), _) => {
+                    clamp::clamped(cfg.identity_limits(&c.limits_of), c, &cfg.cost_control)
+                }
+                (None, Some(was)) => cfg.identity_limits(&was.limits_of),
+                (None, None) => continue,
+            };
+            let key = crate::config::identity_key(&name);
+            let Some(slot) = maps.find_identity(key)? else {
+                continue;
+            };
+            let cur = maps.identity(slot)?;
+            let mut value = configure::identity_value(&name, &want);
+            value.state = cur.state;
+            value.epoch = cur.epoch;
+            if cur.state != IDENTITY_LIVE || value == cur {
+                continue;
+            }
+            maps.upsert_identity(value, &name)?;
+            written.push(name);
+        }
+        *clamps = next;
+        Ok(written)
     }
 
     /// A break-glass or static admission: the identity's own limits.

@@ -102,6 +102,11 @@ struct Case {
     spend_month: u64,
     #[serde(default)]
     forecast_month: u64,
+    /// "", warn, throttle or deny.
+    #[serde(default)]
+    budget_action: String,
+    #[serde(default)]
+    budget_forecast_percent: u64,
     expect: String,
     #[serde(default)]
     expect_policies: Option<Vec<String>>,
@@ -174,6 +179,18 @@ impl Case {
             token_age: Duration::from_secs(self.token_age_secs),
             spend_month: self.spend_month,
             forecast_month: self.forecast_month,
+            budget_action: match self.budget_action.as_str() {
+                "" | "none" => "",
+                "warn" => "warn",
+                "throttle" => "throttle",
+                "deny" => "deny",
+                other => {
+                    return Err(format!(
+                        "budget_action {other:?}: use \"\", warn, throttle or deny"
+                    ));
+                }
+            },
+            budget_forecast_percent: self.budget_forecast_percent,
         })
     }
 }

@@ -511,6 +511,8 @@ fn probe(set: &PolicySet, schema: &Schema) -> Result<(), PolicyError> {
             token_age: Duration::from_secs(1),
             spend_month: 0,
             forecast_month: 0,
+            budget_action: "",
+            budget_forecast_percent: 0,
         };
         set.cedar_request(&req, i, Some(schema)).map_err(|e| {
             schema_problem(
@@ -530,9 +532,9 @@ fn probe(set: &PolicySet, schema: &Schema) -> Result<(), PolicyError> {
 /// any occurrence of the name as a string in the policy's JSON form (an
 /// attribute access, a `has`, a record key, or a mere string literal).
 /// Over-approximate on purpose; all of them if the JSON is unavailable.
-fn context_use(policy: &cedar_policy::Policy) -> u8 {
+fn context_use(policy: &cedar_policy::Policy) -> u16 {
     let Ok(json) = policy.to_json() else {
-        return u8::MAX;
+        return u16::MAX;
     };
     let text = json.to_string();
     CONTEXT_ATTRS

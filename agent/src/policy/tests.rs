@@ -36,6 +36,8 @@ fn request(action: &'static str, service: &str) -> Request {
         token_age: Duration::from_secs(30),
         spend_month: 0,
         forecast_month: 0,
+        budget_action: "",
+        budget_forecast_percent: 0,
     }
 }
 

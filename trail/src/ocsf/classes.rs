@@ -557,6 +557,46 @@ pub(super) fn classify(ev: &Event) -> Class<'_> {
                 },
             }
         }
+        Body::Budget(b) => custom(
+            PortcullisActivity::Budget,
+            match b.action.as_str() {
+                "deny" => 4,
+                "throttle" => 3,
+                "warn" => 2,
+                _ => 1,
+            },
+            match b.kind.as_str() {
+                "threshold" => format!(
+                    "budget {} ({}) {} -> {}: spent {}, forecast {} of {} micro-units per {}",
+                    b.budget,
+                    if b.key.is_empty() { &b.scope } else { &b.key },
+                    if b.previous.is_empty() {
+                        "none"
+                    } else {
+                        &b.previous
+                    },
+                    if b.action.is_empty() {
+                        "none"
+                    } else {
+                        &b.action
+                    },
+                    b.spent_micros,
+                    b.forecast_micros,
+                    b.amount_micros,
+                    b.period
+                ),
+                "approval" | "approval_ended" => format!(
+                    "{} for {}: {} of {} micro-units used{}{}",
+                    b.kind,
+                    b.identity,
+                    b.used_micros,
+                    b.amount_micros,
+                    if b.detail.is_empty() { "" } else { "; " },
+                    b.detail
+                ),
+                _ => format!("budget {} {} ({}): {}", b.budget, b.kind, b.scope, b.detail),
+            },
+        ),
         Body::SpoolPressure(s) => custom(
             PortcullisActivity::SpoolPressure,
             if s.full { 3 } else { 1 },

@@ -204,6 +204,28 @@ pub(super) fn write_event_json(j: &mut Json<'_>, ev: &Event) {
             j.k("detail").s(&d.detail);
             j.end();
         }
+        Some(Body::Budget(b)) => {
+            j.k("budget").obj();
+            j.k("kind").s(&b.kind);
+            j.k("budget").s(&b.budget);
+            j.k("scope").s(&b.scope);
+            j.k("key").s(&b.key);
+            j.k("period").s(&b.period);
+            j.k("action").s(&b.action);
+            j.k("previous").s(&b.previous);
+            j.k("amount_micros").u(b.amount_micros);
+            j.k("spent_micros").u(b.spent_micros);
+            j.k("forecast_micros").u(b.forecast_micros);
+            j.k("rate_micros_per_hour").u(b.rate_micros_per_hour);
+            j.k("threshold_percent").u(b.threshold_percent.into());
+            j.k("horizon_secs").u(b.horizon_secs);
+            j.k("identity").s(&b.identity);
+            j.k("until_unix_ms").i(b.until_unix_ms);
+            j.k("used_micros").u(b.used_micros);
+            j.k("by").s(&b.by);
+            j.k("detail").s(&b.detail);
+            j.end();
+        }
         Some(Body::SpoolPressure(s)) => {
             j.k("spool_pressure").obj();
             j.k("full").b(s.full);

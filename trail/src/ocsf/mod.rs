@@ -88,6 +88,7 @@ pub enum PortcullisActivity {
     Gap = 5,
     SpoolPressure = 6,
     KeySetChange = 7,
+    Budget = 8,
     Other = 99,
 }
 
@@ -101,6 +102,7 @@ impl PortcullisActivity {
             PortcullisActivity::Gap => "Gap",
             PortcullisActivity::SpoolPressure => "Spool Pressure",
             PortcullisActivity::KeySetChange => "Key Set Change",
+            PortcullisActivity::Budget => "Budget",
             PortcullisActivity::Other => "Other",
         }
     }
