@@ -34,7 +34,7 @@
 //! clock stepped back keeps charging the latest period.
 //!
 //! Forecast: spend this month plus the cost of the last
-//! [`RATE_WINDOW_SECS`] (or since the agent started, if shorter) per
+//! `cost_control.forecast_window_secs` (or since the agent started, if shorter) per
 //! second, times the seconds left in the month; saturating. The window is
 //! not persisted: right after a restart the forecast is the spend.
 
@@ -69,22 +69,30 @@ use crate::{
     loader::maps::Usage,
 };
 
-/// The forecast extrapolates the cost of this many recent seconds.
-pub const RATE_WINDOW_SECS: i64 = 600;
+/// What spend is listed by.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpendBy {
+    Identity,
+    Tenant,
+    Service,
+}
 
-/// Spend of one identity or tenant, in micro-units of the currency.
+/// Spend of one identity, tenant or service, in micro-units of the currency.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Spend {
     pub month_micros: u64,
     pub day_micros: u64,
     /// Month spend so far plus the recent rate over the rest of the month.
     pub forecast_month_micros: u64,
+    /// Cost of the forecast window, per hour.
+    pub rate_micros_per_hour: u64,
 }
 
 #[derive(Default)]
 struct Snapshot {
     identities: HashMap<String, Spend>,
     tenants: HashMap<String, Spend>,
+    services: HashMap<String, Spend>,
 }
 
 /// Spend to date as of the last tick, shared read-mostly with whoever
@@ -112,6 +120,20 @@ impl SpendBook {
     pub fn tenant(&self, tenant: &str) -> Spend {
         let s = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
         s.tenants.get(tenant).copied().unwrap_or_default()
+    }
+
+    /// Every identity's, tenant's or service's spend as of the last tick
+    /// (`ctl spend`), by name.
+    pub fn all(&self, by: SpendBy) -> Vec<(String, Spend)> {
+        let s = self.snapshot.read().unwrap_or_else(|p| p.into_inner());
+        let m = match by {
+            SpendBy::Identity => &s.identities,
+            SpendBy::Tenant => &s.tenants,
+            SpendBy::Service => &s.services,
+        };
+        let mut v: Vec<(String, Spend)> = m.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        v.sort_by(|a, b| a.0.cmp(&b.0));
+        v
     }
 
     /// `(spend_month, forecast_month)` of an identity (its kernel name,
@@ -157,8 +179,8 @@ struct ServicePrice {
     price: Price,
 }
 
-/// (identity, tenant, cost) of one tick.
-type Charged = (String, String, u64);
+/// (identity, tenant, service, cost) of one tick.
+type Charged = (String, String, String, u64);
 
 /// What one tick charged, for logs and tests.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -184,6 +206,7 @@ pub struct Accountant {
     recent: VecDeque<(i64, Vec<Charged>)>,
     window_identity: HashMap<String, u64>,
     window_tenant: HashMap<String, u64>,
+    window_service: HashMap<String, u64>,
     /// Ledger time of this process's first tick.
     started: Option<i64>,
     /// Budgets in force: the config's, then those set at run time.
@@ -223,6 +246,7 @@ impl Accountant {
             recent: VecDeque::new(),
             window_identity: HashMap::new(),
             window_tenant: HashMap::new(),
+            window_service: HashMap::new(),
             started: None,
             budgets: Vec::new(),
             config_budgets: Vec::new(),
@@ -352,7 +376,8 @@ impl Accountant {
             summary.lines += 1;
             summary.cost_micros = summary.cost_micros.saturating_add(cost);
             if cost != 0 {
-                costs.push((identity, tenant, cost));
+                let service = self.service_name(row.service);
+                costs.push((identity, tenant, service, cost));
             }
         }
         if first {
@@ -402,7 +427,8 @@ impl Accountant {
         self.know(identity, &tenant);
         let p = period::periods(t);
         let cost = self.charge(identity, &tenant, service, usage, (t, &p, true));
-        self.remember_rate(t, vec![(identity.to_string(), tenant, cost)]);
+        let name = self.service_name(service);
+        self.remember_rate(t, vec![(identity.to_string(), tenant, name, cost)]);
         self.publish();
         self.evaluate_budgets(t, &p);
         self.save()?;
@@ -500,6 +526,11 @@ impl Accountant {
             t.month_micros = t.month_micros.saturating_add(cost);
             t.day_micros = t.day_micros.saturating_add(cost);
         }
+        if cost != 0 {
+            let s = self.state.services.entry(service_name.clone()).or_default();
+            s.month_micros = s.month_micros.saturating_add(cost);
+            s.day_micros = s.day_micros.saturating_add(cost);
+        }
         let line = self
             .state
             .pending
@@ -543,37 +574,51 @@ impl Accountant {
                 v.day_micros = 0;
             }
             self.state.tenants.clear();
+            self.state.services.clear();
             self.state.month = p.month;
             self.state.day = p.day;
         } else if self.state.day.is_empty() || p.day > self.state.day {
             for v in self.state.identities.values_mut() {
                 v.day_micros = 0;
             }
-            for v in self.state.tenants.values_mut() {
+            for v in self
+                .state
+                .tenants
+                .values_mut()
+                .chain(self.state.services.values_mut())
+            {
                 v.day_micros = 0;
             }
             self.state.day = p.day;
         }
     }
 
+    fn service_name(&self, id: u32) -> String {
+        self.services
+            .get(&id)
+            .map_or_else(|| format!("#{id}"), |s| s.name.clone())
+    }
+
     fn remember_rate(&mut self, t: i64, costs: Vec<Charged>) {
-        for (identity, tenant, cost) in &costs {
+        for (identity, tenant, service, cost) in &costs {
             add_to(&mut self.window_identity, identity, *cost);
             if !tenant.is_empty() {
                 add_to(&mut self.window_tenant, tenant, *cost);
             }
+            add_to(&mut self.window_service, service, *cost);
         }
         if !costs.is_empty() {
             self.recent.push_back((t, costs));
         }
         while let Some((at, _)) = self.recent.front() {
-            if *at > t - RATE_WINDOW_SECS {
+            if *at > t - self.window_secs {
                 break;
             }
             let (_, old) = self.recent.pop_front().expect("front exists");
-            for (identity, tenant, cost) in old {
+            for (identity, tenant, service, cost) in old {
                 sub_from(&mut self.window_identity, &identity, cost);
                 sub_from(&mut self.window_tenant, &tenant, cost);
+                sub_from(&mut self.window_service, &service, cost);
             }
         }
     }
@@ -585,32 +630,32 @@ impl Accountant {
         // Rated ticks cover (started, t].
         let span = self
             .started
-            .map_or(1, |s| (t - s).clamp(1, RATE_WINDOW_SECS)) as u128;
-        let forecast = |month: u64, window: u64| {
-            price::saturate(u128::from(month) + u128::from(window) * left / span)
+            .map_or(1, |s| (t - s).clamp(1, self.window_secs)) as u128;
+        let spend = |v: &ToDate, window: u64| Spend {
+            month_micros: v.month_micros,
+            day_micros: v.day_micros,
+            forecast_month_micros: price::saturate(
+                u128::from(v.month_micros) + u128::from(window) * left / span,
+            ),
+            rate_micros_per_hour: price::saturate(u128::from(window) * 3_600 / span),
         };
+        let window = |m: &HashMap<String, u64>, k: &str| m.get(k).copied().unwrap_or(0);
         let mut snap = Snapshot::default();
         for (name, v) in &self.state.identities {
-            let w = self.window_identity.get(name).copied().unwrap_or(0);
-            snap.identities.insert(
-                name.clone(),
-                Spend {
-                    month_micros: v.month_micros,
-                    day_micros: v.day_micros,
-                    forecast_month_micros: forecast(v.month_micros, w),
-                },
-            );
+            let to_date = ToDate {
+                month_micros: v.month_micros,
+                day_micros: v.day_micros,
+            };
+            let s = spend(&to_date, window(&self.window_identity, name));
+            snap.identities.insert(name.clone(), s);
         }
         for (name, v) in &self.state.tenants {
-            let w = self.window_tenant.get(name).copied().unwrap_or(0);
-            snap.tenants.insert(
-                name.clone(),
-                Spend {
-                    month_micros: v.month_micros,
-                    day_micros: v.day_micros,
-                    forecast_month_micros: forecast(v.month_micros, w),
-                },
-            );
+            let s = spend(v, window(&self.window_tenant, name));
+            snap.tenants.insert(name.clone(), s);
+        }
+        for (name, v) in &self.state.services {
+            let s = spend(v, window(&self.window_service, name));
+            snap.services.insert(name.clone(), s);
         }
         self.book.publish(snap);
     }

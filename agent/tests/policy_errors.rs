@@ -177,6 +177,8 @@ fn an_evaluation_error_denies_with_its_location() {
         token_age: std::time::Duration::ZERO,
         spend_month: 0,
         forecast_month: u64::MAX,
+        budget_action: "",
+        budget_forecast_percent: 0,
     };
     let d = set.decide(&req);
     assert!(!d.allow);
@@ -187,6 +189,8 @@ fn an_evaluation_error_denies_with_its_location() {
     assert!(
         set.decide(&portcullis_agent::policy::Request {
             forecast_month: 1,
+            budget_action: "",
+            budget_forecast_percent: 0,
             ..req
         })
         .allow

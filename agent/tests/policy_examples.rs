@@ -71,6 +71,8 @@ fn decide(set: &PolicySet, a: Ask) -> (bool, Vec<String>) {
         token_age: Duration::from_secs(10),
         spend_month: 0,
         forecast_month: a.forecast,
+        budget_action: "",
+        budget_forecast_percent: 0,
     };
     let d = set.decide(&req);
     assert!(d.errors.is_empty(), "{:?}", d.errors);
@@ -389,6 +391,8 @@ fn ttls_come_from_the_annotations() {
         token_age: Duration::ZERO,
         spend_month: 0,
         forecast_month: 0,
+        budget_action: "",
+        budget_forecast_percent: 0,
     };
     let ttl = |r: Request| s.decide(&r).ttl.map(|t| t.as_secs());
     assert_eq!(ttl(req(&["app"], "invoke", "10.0.0.1")), Some(3600));

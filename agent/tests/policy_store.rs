@@ -28,6 +28,8 @@ fn request(service: &str) -> Request {
         token_age: Duration::ZERO,
         spend_month: 0,
         forecast_month: 0,
+        budget_action: "",
+        budget_forecast_percent: 0,
     }
 }
 

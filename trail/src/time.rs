@@ -89,9 +89,66 @@ pub fn format_utc(t: SystemTime) -> String {
     )
 }
 
+/// Unix seconds of `YYYY-MM-DDTHH:MM:SSZ` (what [`format_utc`] writes;
+/// RFC 3339 §5.6 restricted to UTC and whole seconds). `None` for
+/// anything else, or a field out of its range.
+pub fn parse_utc(s: &str) -> Option<i64> {
+    let b = s.as_bytes();
+    if b.len() != 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+        || b[19] != b'Z'
+    {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| -> Option<i64> {
+        let t = s.get(r)?;
+        t.bytes()
+            .all(|c| c.is_ascii_digit())
+            .then(|| t.parse().ok())?
+    };
+    let (y, mo, d, h, mi, se) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
+    if !(1..=12).contains(&mo) || d < 1 || h > 23 || mi > 59 || se > 59 {
+        return None;
+    }
+    let days = days_from_civil(y, mo as u32, d as u32);
+    // A day past the month's end lands in the next month: refused.
+    if civil_from_days(days) != (y, mo as u32, d as u32) {
+        return None;
+    }
+    Some(days * DAY_SECS + h * 3_600 + mi * 60 + se)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parse_utc_reads_what_format_utc_writes_and_nothing_else() {
+        let t = UNIX_EPOCH + std::time::Duration::from_secs(1_796_000_123);
+        assert_eq!(parse_utc(&format_utc(t)), Some(1_796_000_123));
+        for bad in [
+            "2026-02-30T00:00:00Z",
+            "2026-13-01T00:00:00Z",
+            "2026-12-05T24:00:00Z",
+            "2026-12-05 10:00:00Z",
+            "2026-12-05T10:00:00+01:00",
+            "+2026-1-05T10:00:00Z",
+            "",
+        ] {
+            assert_eq!(parse_utc(bad), None, "{bad}");
+        }
+    }
 
     #[test]
     fn known_dates() {

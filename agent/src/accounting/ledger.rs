@@ -223,6 +223,8 @@ pub struct State {
     pub day: String,
     pub identities: BTreeMap<String, IdentityToDate>,
     pub tenants: BTreeMap<String, ToDate>,
+    /// Spend to date per service (by name).
+    pub services: BTreeMap<String, ToDate>,
     /// (slot, service id) → last counters seen.
     pub baselines: BTreeMap<(u32, u32), Baseline>,
     /// (identity, service id) → fractions of a micro-unit not yet charged.
@@ -247,6 +249,8 @@ struct File {
     day: String,
     identities: BTreeMap<String, IdentityToDate>,
     tenants: BTreeMap<String, ToDate>,
+    #[serde(default)]
+    services: BTreeMap<String, ToDate>,
     baselines: Vec<FileBaseline>,
     carries: Vec<FileCarry>,
     pending: FilePending,
@@ -307,6 +311,7 @@ impl State {
             day: self.day.clone(),
             identities: self.identities.clone(),
             tenants: self.tenants.clone(),
+            services: self.services.clone(),
             baselines: self
                 .baselines
                 .iter()
@@ -418,6 +423,7 @@ impl State {
             day: f.day,
             identities: f.identities,
             tenants: f.tenants,
+            services: f.services,
             baselines,
             carries,
             pending: Pending {

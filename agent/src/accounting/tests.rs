@@ -424,7 +424,7 @@ fn forecast_is_spend_plus_recent_rate_over_the_rest_of_the_month() {
     );
     // Idle for longer than the window: the rate drops to zero.
     a.tick(
-        at(100 + RATE_WINDOW_SECS),
+        at(100 + 600),
         INST,
         &[row(1, "alice", embed(), 2_000, 0, 0)],
     )

@@ -78,9 +78,8 @@ pub fn allowed(method: &str) -> &'static [Role] {
     use Role::*;
     match method {
         "Status" => &[Viewer, Admitter, Operator],
-        "ListAdmissions" | "ListFlows" | "Stats" | "Services" | "Policy" | "Watch" => {
-            &[Viewer, Operator]
-        }
+        "ListAdmissions" | "ListFlows" | "Stats" | "Services" | "Policy" | "Watch" | "Budget"
+        | "Spend" => &[Viewer, Operator],
         "Admit" | "ReportUsage" => &[Admitter, Operator],
         _ => &[Operator],
     }

@@ -9,6 +9,7 @@
 //! path (`agent/src/daemon/knock_service.rs`).
 
 pub mod auth;
+pub mod budgets;
 pub mod listing;
 pub mod revoke;
 pub mod rpc;

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, transport::server::UdsConnectInfo};
 use super::{
     Node,
     auth::{self, CallLimiter, Caller},
-    listing, revoke,
+    budgets, listing, revoke,
     usage::{self, SeenReports},
     watch,
 };
@@ -823,6 +823,60 @@ impl Control for ControlApi {
         })
         .await
         .unwrap_or_else(|e| Err(Status::internal(format!("usage report failed: {e}"))));
+        self.end(call, result)
+    }
+
+    async fn budget(
+        &self,
+        req: Request<v1::BudgetRequest>,
+    ) -> Result<Response<v1::BudgetReply>, Status> {
+        use v1::budget_request::Op;
+        let (method, summary) = match &req.get_ref().op {
+            Some(Op::Set(s)) => (
+                "Budget.Set",
+                format!(
+                    "name={} identity={} tenant={} service={} period={} amount_micros={} thresholds={}",
+                    s.name,
+                    s.identity,
+                    s.tenant,
+                    s.service,
+                    s.period,
+                    s.amount_micros,
+                    s.thresholds
+                        .iter()
+                        .map(|t| format!("{}:{}", t.percent, t.action))
+                        .collect::<Vec<_>>()
+                        .join(",")
+                ),
+            ),
+            Some(Op::Remove(n)) => ("Budget.Remove", format!("name={n}")),
+            Some(Op::Approve(a)) => (
+                "Budget.Approve",
+                format!(
+                    "identity={} amount_micros={} until_unix_secs={} reason={}",
+                    a.identity, a.amount_micros, a.until_unix_secs, a.reason
+                ),
+            ),
+            _ => ("Budget", "list".to_string()),
+        };
+        let call = self.begin(&req, method, summary)?;
+        // Edits write the ledger (synced): off the async workers.
+        let node = self.node.clone();
+        let r = req.into_inner();
+        let caller = call.caller.clone();
+        let result = tokio::task::spawn_blocking(move || budgets::budget(&node, &r, &caller))
+            .await
+            .unwrap_or_else(|e| Err(Status::internal(format!("budget call failed: {e}"))));
+        self.end(call, result)
+    }
+
+    async fn spend(
+        &self,
+        req: Request<v1::SpendRequest>,
+    ) -> Result<Response<v1::SpendReply>, Status> {
+        let summary = format!("by={}", req.get_ref().by);
+        let call = self.begin(&req, "Spend", summary)?;
+        let result = budgets::spend(&self.node, req.get_ref());
         self.end(call, result)
     }
 

@@ -2,6 +2,7 @@
 //! Human tables by default, `--json` for automation; a refused call exits
 //! non-zero with the server's message.
 
+mod budget;
 mod fleet;
 mod show;
 
@@ -122,6 +123,17 @@ enum Call {
         /// again.
         #[arg(long, default_value = "")]
         report_id: String,
+    },
+    /// Budgets: list, set, remove, approve (docs/cost-control.md).
+    Budget {
+        #[command(subcommand)]
+        action: budget::BudgetCall,
+    },
+    /// Spend to date with the forecast and the budgets' verdict.
+    Spend {
+        /// identity, tenant or service.
+        #[arg(long, default_value = "identity")]
+        by: String,
     },
     /// Stream audit events as they are written.
     Watch {
@@ -396,6 +408,8 @@ async fn call(cmd: CtlCmd) -> anyhow::Result<ExitCode> {
             }
             show::flows(&rows, json);
         }
+        Call::Budget { action } => budget::budget(&mut c, action, json).await?,
+        Call::Spend { by } => budget::spend(&mut c, by, json).await?,
         Call::Stats { identity } => {
             let r = c
                 .stats(v1::StatsRequest {

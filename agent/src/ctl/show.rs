@@ -5,12 +5,12 @@ use portcullis_proto::v1::{self, event::Body};
 use prost::Message;
 use serde_json::{Value, json};
 
-fn print_json(v: &Value) {
+pub(super) fn print_json(v: &Value) {
     println!("{v}");
 }
 
 /// Prints rows as columns padded to their widest cell.
-fn table(header: &[&str], rows: &[Vec<String>]) {
+pub(super) fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut width: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in rows {
         for (w, c) in width.iter_mut().zip(r) {

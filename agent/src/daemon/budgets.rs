@@ -27,6 +27,7 @@ pub struct BudgetState {
     /// Identities throttled and egress-capped now.
     pub throttled: usize,
     pub capped: usize,
+    pub capped_identities: Vec<String>,
     /// Admissions revoked by budgets, extraction episodes opened, since
     /// start.
     pub revoked: u64,
@@ -147,6 +148,7 @@ impl BudgetLoop {
         let mut v = view.lock().unwrap_or_else(|p| p.into_inner());
         v.throttled = throttled;
         v.capped = capped.len();
+        v.capped_identities = capped.into_iter().collect();
         v.revoked = self.revoked;
         v.extraction_opened = self.guard.opened();
     }

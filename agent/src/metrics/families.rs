@@ -308,11 +308,24 @@ pub fn render(node: &Node) -> Result<String, KernelError> {
         by_service,
     );
 
-    let findings = node
+    let mut findings = node
         .findings
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    // The extraction guard's episodes are detections too.
+    {
+        let b = node.budget_state.lock().unwrap_or_else(|p| p.into_inner());
+        findings.open.extend(
+            b.capped_identities
+                .iter()
+                .map(|i| ("extraction".to_string(), i.clone())),
+        );
+        findings
+            .opened
+            .insert("extraction".to_string(), b.extraction_opened);
+    }
+    super::budgets::register(&mut reg, node);
     let open = Family::<FindingLabels, Gauge>::default();
     for (kind, subject) in &findings.open {
         open.get_or_create(&FindingLabels {
@@ -329,7 +342,7 @@ pub fn render(node: &Node) -> Result<String, KernelError> {
     }
     reg.register(
         "detection_open",
-        "1 while a detection episode (flood, refusal_storm, spool_stall) is open",
+        "1 while a detection episode (flood, refusal_storm, spool_stall, extraction) is open",
         open,
     );
     reg.register(

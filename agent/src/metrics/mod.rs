@@ -3,6 +3,7 @@
 //! HTTP/1; at most a few scrapes at a time, each bounded in time, so the
 //! endpoint cannot be used to tie the agent up.
 
+mod budgets;
 pub mod families;
 
 use std::{convert::Infallible, sync::Arc, time::Duration};

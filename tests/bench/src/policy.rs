@@ -227,6 +227,8 @@ fn requests(n: usize, rng: &mut Rng) -> Vec<Request> {
                 token_age: Duration::from_secs(rng.below(3600)),
                 spend_month: rng.below(100_000_000),
                 forecast_month: rng.below(250_000_000),
+                budget_action: "",
+                budget_forecast_percent: 0,
             }
         })
         .collect()
@@ -478,6 +480,8 @@ fn knock_request(source: IpAddr) -> Request {
         token_age: Duration::from_secs(5),
         spend_month: 0,
         forecast_month: 0,
+        budget_action: "",
+        budget_forecast_percent: 0,
     }
 }
 
