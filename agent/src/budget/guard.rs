@@ -149,9 +149,9 @@ impl Guard {
                 now,
                 || {
                     format!(
-                        "{out_min} response bytes in the last 60 s for {in_min} request bytes (ratio {}), trailing average {} B/min over {minutes} min; egress capped at {cap} B/s",
+                        "{out_min} response bytes in the last 60 s for {in_min} request bytes (ratio {}), trailing average {} over {minutes} min; egress capped at {cap} B/s",
                         f.ratio(),
-                        baseline.map_or_else(|| "not yet known".to_string(), |b| b.to_string()),
+                        baseline.map_or_else(|| "not yet known".to_string(), |b| format!("{b} B/min")),
                     )
                 },
             ) {

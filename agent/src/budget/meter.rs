@@ -41,10 +41,11 @@ impl Ring {
         s.1 = s.1.saturating_add(cost);
     }
 
-    fn sum(&self, slot: i64) -> u64 {
+    /// Cost of the `n` slots ending with `slot`.
+    fn sum(&self, slot: i64, n: i64) -> u64 {
         self.slots
             .iter()
-            .filter(|(at, _)| *at > slot - RATE_SLOTS as i64 && *at <= slot)
+            .filter(|(at, _)| *at > slot - n && *at <= slot)
             .fold(0u64, |a, (_, v)| a.saturating_add(*v))
     }
 }
@@ -140,9 +141,16 @@ impl PartialEq for Meters {
 }
 impl Eq for Meters {}
 
-/// The forecast window and its slot width, seconds.
+/// The width of one slot of the forecast window, seconds: the window
+/// in at most [`RATE_SLOTS`] whole seconds.
 fn slot_width(window_secs: i64) -> i64 {
     (window_secs / RATE_SLOTS as i64).max(1)
+}
+
+/// How many slots the window spans (fewer than [`RATE_SLOTS`] for a
+/// window shorter than that many seconds).
+fn slot_count(window_secs: i64) -> i64 {
+    (window_secs / slot_width(window_secs)).clamp(1, RATE_SLOTS as i64)
 }
 
 impl Meter {
@@ -242,7 +250,8 @@ impl Meters {
         let by_name: HashMap<&str, &Budget> =
             budgets.iter().map(|b| (b.name.as_str(), b)).collect();
         let slot = t / slot_width(window_secs);
-        let span = (slot_width(window_secs) * RATE_SLOTS as i64) as u128;
+        let n = slot_count(window_secs);
+        let span = (slot_width(window_secs) * n) as u128;
         let day_left = (86_400 - t.rem_euclid(86_400)) as u64;
         let mut readings = Vec::with_capacity(self.meters.len());
         let mut changed = Vec::new();
@@ -252,7 +261,7 @@ impl Meters {
                 continue;
             };
             m.roll(b.period, t, p);
-            let recent = self.rings.get(id).map_or(0, |r| r.sum(slot));
+            let recent = self.rings.get(id).map_or(0, |r| r.sum(slot, n));
             let horizon = match b.period {
                 Period::Day => day_left,
                 Period::Month => p.month_left_secs,

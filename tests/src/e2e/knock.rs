@@ -65,6 +65,8 @@ pub struct KnockSettings {
     pub service_extra: String,
     /// Extra lines of the `[control]` table (roles).
     pub control: String,
+    /// Tables appended to the config (`[[budgets]]`, `[cost_control]`).
+    pub extra: String,
 }
 
 impl Default for KnockSettings {
@@ -84,6 +86,7 @@ impl Default for KnockSettings {
             knock_global: (2000, 200),
             service_extra: String::new(),
             control: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -148,6 +151,15 @@ impl KnockEnv {
     /// A token from this node's trusted (development) issuer.
     pub fn mint(&self, scopes: &[&str], ttl: Duration) -> String {
         devtoken::mint(&self.issuer.key_path, self.claims(scopes, ttl)).expect("mint")
+    }
+
+    /// A token for another subject of the tenant.
+    pub fn mint_for(&self, subject: &str, scopes: &[&str], ttl: Duration) -> String {
+        let claims = MintClaims {
+            subject: subject.into(),
+            ..self.claims(scopes, ttl)
+        };
+        devtoken::mint(&self.issuer.key_path, claims).expect("mint")
     }
 
     /// A well-formed token from an issuer key the node does not trust.
@@ -507,6 +519,7 @@ conn_burst = 20
     if let Some(dir) = &s.policy_dir {
         let _ = write!(t, "\n[policy]\ndir = \"{}\"\n", dir.display());
     }
+    t.push_str(&s.extra);
     t
 }
 
