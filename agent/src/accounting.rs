@@ -266,6 +266,9 @@ impl Accountant {
             a.know(&adm.identity, "");
         }
         a.publish();
+        // Budgets and their last actions hold from the start, before the
+        // first tick: a restart does not open a window for knocks.
+        a.evaluate_now();
         Ok(a)
     }
 

@@ -122,7 +122,7 @@ impl Accountant {
         });
     }
 
-    fn evaluate_now(&mut self) {
+    pub(super) fn evaluate_now(&mut self) {
         let t = self.state.clock_secs;
         let p = period::periods(t);
         self.evaluate_budgets(t, &p);
@@ -229,6 +229,7 @@ impl Accountant {
     /// returns.
     pub fn approve(
         &mut self,
+        now: std::time::SystemTime,
         identity: &str,
         amount_micros: i128,
         until_secs: i64,
@@ -243,10 +244,8 @@ impl Accountant {
                 ),
             ));
         }
-        let now = self
-            .state
-            .clock_secs
-            .max(super::unix_secs(std::time::SystemTime::now()));
+        // The ledger's clock: approvals end by the time budgets are kept in.
+        let now = self.advance(now);
         if until_secs <= now {
             return Err(refuse(
                 "until",

@@ -21,6 +21,11 @@ const INST: &str = "boot-a/17";
 /// llm: 1000 per connection, 2,000,000 per MiB in, 4,000,000 per MiB out;
 /// embed: 10 per connection only.
 fn config(ledger: &Path) -> Config {
+    config_with(ledger, "")
+}
+
+/// [`config`] with more tables (budgets).
+fn config_with(ledger: &Path, extra: &str) -> Config {
     Config::from_toml_str(&format!(
         r#"
 [kernel]
@@ -39,6 +44,7 @@ price = {{ per_connection_micros = 10 }}
 [accounting]
 ledger = "{}"
 currency = "EUR"
+{extra}
 "#,
         ledger.display()
     ))
@@ -622,4 +628,126 @@ ledger = "{}"
     );
     assert_eq!(l.cost_micros, 2_000_010);
     assert_eq!(l.identity_month_micros, 2_000_010);
+}
+
+/// The spend of budget `name`'s meter `key` as of the last evaluation.
+fn meter(a: &Accountant, name: &str, key: &str) -> Option<u64> {
+    a.spend_book()
+        .budgets()
+        .readings
+        .get(&(name.to_string(), key.to_string()))
+        .map(|r| r.spent_micros)
+}
+
+#[test]
+fn a_budget_period_rolls_over_exactly_once_also_across_restarts() {
+    let dir = Dir::new();
+    let budgets = r#"
+[[budgets]]
+name = "daily"
+identity = "*"
+period = "day"
+amount_micros = 1000000
+thresholds = [{ percent = 80, action = "warn" }]
+"#;
+    let open_b = || {
+        let mut a =
+            Accountant::open(&config_with(&dir.ledger(), budgets), SpendBook::new()).unwrap();
+        a.know("alice", "acme");
+        a
+    };
+    let day_left = 12 * 3_600; // at(0) is noon
+    let mut a = open_b();
+    a.tick(
+        at(day_left - 10),
+        INST,
+        &[row(1, "alice", embed(), 10, 0, 0)],
+    )
+    .unwrap();
+    assert_eq!(meter(&a, "daily", "alice"), Some(100));
+    // The agent stops before midnight and starts after it.
+    drop(a);
+    let mut a = open_b();
+    a.tick(
+        at(day_left + 5),
+        INST,
+        &[row(1, "alice", embed(), 15, 0, 0)],
+    )
+    .unwrap();
+    assert_eq!(
+        meter(&a, "daily", "alice"),
+        Some(50),
+        "the new day starts from zero"
+    );
+    // Restarted again the same day: not reset a second time.
+    drop(a);
+    let mut a = open_b();
+    a.tick(
+        at(day_left + 10),
+        INST,
+        &[row(1, "alice", embed(), 20, 0, 0)],
+    )
+    .unwrap();
+    assert_eq!(meter(&a, "daily", "alice"), Some(100));
+    // A wall clock stepped back before midnight neither reopens
+    // yesterday nor resets today.
+    a.tick(
+        at(day_left - 100),
+        INST,
+        &[row(1, "alice", embed(), 25, 0, 0)],
+    )
+    .unwrap();
+    assert_eq!(meter(&a, "daily", "alice"), Some(150));
+    let list = a.budget_list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].1, budgets::Origin::Config);
+    // The recent rate the forecast gates on survives a restart too.
+    let forecast = |a: &Accountant| {
+        a.spend_book().budgets().readings[&("daily".to_string(), "alice".to_string())]
+            .forecast_micros
+    };
+    let before = forecast(&a);
+    assert!(before > 150, "a recent rate: {before}");
+    drop(a);
+    let a = open_b();
+    assert_eq!(forecast(&a), before);
+}
+
+#[test]
+fn run_time_budgets_and_approvals_are_kept_in_the_ledger() {
+    let dir = Dir::new();
+    let mut a = open(&dir);
+    a.tick(at(0), INST, &[row(1, "alice", embed(), 10, 0, 0)])
+        .unwrap();
+    let d = crate::budget::BudgetDraft {
+        name: "alice-day".into(),
+        identity: Some("alice".into()),
+        period: "day".into(),
+        amount_micros: 1_000,
+        thresholds: vec![(100, "deny".into())],
+        ..Default::default()
+    };
+    let (b, replaced) = a.set_budget(&d).unwrap();
+    assert!(!replaced);
+    assert_eq!(b.amount_micros, 1_000);
+    // A name the config owns is refused, as is an unknown identity's
+    // approval or one with no amount.
+    assert!(a.remove_budget("nope").is_err());
+    let until = at(3_600).duration_since(UNIX_EPOCH).unwrap().as_secs() as i64;
+    assert!(a.approve(at(1), "mallory", 5, until, "t", "").is_err());
+    assert!(a.approve(at(1), "alice", 0, until, "t", "").is_err());
+    assert!(
+        a.approve(at(1), "alice", 5, 10, "t", "").is_err(),
+        "in the past"
+    );
+    a.approve(at(1), "alice", 500, until, "t", "why").unwrap();
+    drop(a);
+    let a = open(&dir);
+    let list = a.budget_list();
+    assert_eq!(list.len(), 1);
+    assert_eq!(list[0].0, b);
+    assert_eq!(list[0].1, budgets::Origin::Control);
+    let view = a.spend_book().budgets();
+    assert_eq!(view.approvals["alice"].amount_micros, 500);
+    assert_eq!(view.approvals["alice"].reason, "why");
 }

@@ -27,12 +27,36 @@ const RATE_SLOTS: usize = 20;
 
 /// Cost per slot of the forecast window, tagged by slot number so stale
 /// slots are skipped without clearing them.
-#[derive(Clone, Debug, Default)]
-struct Ring {
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Ring {
+    /// Seconds per slot the slot numbers count in.
+    width: i64,
     slots: [(i64, u64); RATE_SLOTS],
 }
 
 impl Ring {
+    /// The non-empty slots, for the ledger.
+    pub fn to_vec(&self) -> (i64, Vec<(i64, u64)>) {
+        (
+            self.width,
+            self.slots.iter().copied().filter(|s| s.1 != 0).collect(),
+        )
+    }
+
+    /// A ring the ledger kept. Its slot numbers count in `width`
+    /// seconds; a ring of another width than the window's is ignored
+    /// when read.
+    pub fn from_vec(width: i64, slots: &[(i64, u64)]) -> Ring {
+        let mut r = Ring {
+            width,
+            ..Ring::default()
+        };
+        for &(at, v) in slots {
+            r.add(at, v);
+        }
+        r
+    }
+
     fn add(&mut self, slot: i64, cost: u64) {
         let s = &mut self.slots[slot.rem_euclid(RATE_SLOTS as i64) as usize];
         if s.0 != slot {
@@ -61,6 +85,9 @@ pub struct Meter {
     pub buckets: VecDeque<(i64, u64)>,
     /// The action in force after the last evaluation.
     pub level: Option<Action>,
+    /// Cost of the recent forecast window, kept so that a restart does
+    /// not forget the rate a forecast gates on.
+    pub recent: Ring,
 }
 
 /// An approval: `identity` may go past its budgets until `until_secs` or
@@ -125,21 +152,13 @@ pub struct Ended {
 }
 
 /// Every budget's meters and the approvals.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Meters {
     /// (budget, key) → meter.
     pub meters: BTreeMap<(String, String), Meter>,
     /// Identity → its approval.
     pub approvals: BTreeMap<String, Approval>,
-    rings: HashMap<(String, String), Ring>,
 }
-
-impl PartialEq for Meters {
-    fn eq(&self, o: &Meters) -> bool {
-        self.meters == o.meters && self.approvals == o.approvals
-    }
-}
-impl Eq for Meters {}
 
 /// The width of one slot of the forecast window, seconds: the window
 /// in at most [`RATE_SLOTS`] whole seconds.
@@ -213,15 +232,12 @@ impl Meters {
             let Some(key) = b.scope.covers(identity, tenant, Some(service)) else {
                 continue;
             };
-            let id = (b.name.clone(), key);
-            let m = self.meters.entry(id.clone()).or_default();
+            let m = self.meters.entry((b.name.clone(), key)).or_default();
             m.roll(b.period, t, p);
             m.add(b.period, t, cost);
             if rated {
-                self.rings
-                    .entry(id)
-                    .or_default()
-                    .add(t / slot_width(window_secs), cost);
+                m.recent.width = slot_width(window_secs);
+                m.recent.add(t / slot_width(window_secs), cost);
             }
         }
         if let Some(a) = self.approvals.get_mut(identity) {
@@ -234,7 +250,6 @@ impl Meters {
         let names: std::collections::HashSet<&str> =
             budgets.iter().map(|b| b.name.as_str()).collect();
         self.meters.retain(|(b, _), _| names.contains(b.as_str()));
-        self.rings.retain(|(b, _), _| names.contains(b.as_str()));
     }
 
     /// Rolls every meter to `t`, reads its forecast, and records each
@@ -261,7 +276,11 @@ impl Meters {
                 continue;
             };
             m.roll(b.period, t, p);
-            let recent = self.rings.get(id).map_or(0, |r| r.sum(slot, n));
+            let recent = if m.recent.width == slot_width(window_secs) {
+                m.recent.sum(slot, n)
+            } else {
+                0
+            };
             let horizon = match b.period {
                 Period::Day => day_left,
                 Period::Month => p.month_left_secs,
@@ -299,7 +318,6 @@ impl Meters {
         // keeping: per-identity budgets over many identities stay small.
         for id in idle {
             self.meters.remove(&id);
-            self.rings.remove(&id);
         }
         let mut ended = Vec::new();
         self.approvals.retain(|identity, a| {

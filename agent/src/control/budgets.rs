@@ -174,6 +174,7 @@ pub fn budget(
             let approval = node
                 .accountant()
                 .approve(
+                    std::time::SystemTime::now(),
                     &a.identity,
                     i128::from(a.amount_micros),
                     a.until_unix_secs,

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 
 use serde::{Deserialize, Serialize};
 
-use crate::budget::{Action, Approval, BudgetDraft, Meter, Meters};
+use crate::budget::{Action, Approval, BudgetDraft, Meter, Meters, meter::Ring};
 
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -33,6 +33,9 @@ struct FileMeter {
     buckets: Vec<(i64, u64)>,
     #[serde(default)]
     level: String,
+    /// The recent window's cost: (seconds per slot, [(slot, cost)]).
+    #[serde(default)]
+    recent: (i64, Vec<(i64, u64)>),
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -73,6 +76,7 @@ impl FileBudgets {
                     spent: v.spent,
                     buckets: v.buckets.iter().copied().collect(),
                     level: v.level.map_or("", Action::as_str).to_string(),
+                    recent: v.recent.to_vec(),
                 })
                 .collect(),
             approvals: m
@@ -123,6 +127,7 @@ impl FileBudgets {
                     spent: f.spent,
                     buckets,
                     level,
+                    recent: Ring::from_vec(f.recent.0, &f.recent.1),
                 },
             );
         }
