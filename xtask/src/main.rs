@@ -90,6 +90,8 @@ enum Bench {
     Control,
     /// A spoofed SYN flood against portcullis, iptables, nftables, xdp-filter and a trivial XDP_DROP
     Peers,
+    /// Cost control's once-a-second loop: 10k identities x 3 budgets vs the accounting tick alone
+    Budgets,
     /// Every benchmark, each with its defaults
     All,
 }
@@ -232,15 +234,17 @@ fn bench(what: Bench, args: &[String]) -> Result<()> {
             build()?;
             bench_run("peers", args)
         }
+        Bench::Budgets => bench_run("budgets", args),
         Bench::All => {
             if !args.is_empty() {
                 bail!(
-                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events|control|peers ARGS`"
+                    "extra arguments go to one benchmark: `cargo xtask bench xdp|admission|policy|events|control|peers|budgets ARGS`"
                 );
             }
             bench_run("xdp", &[])?;
             bench_run("admission", &[])?;
             bench_run("policy", &[])?;
+            bench_run("budgets", &[])?;
             build()?;
             bench_run("events", &[])?;
             bench_run("control", &[])?;

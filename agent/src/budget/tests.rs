@@ -366,3 +366,39 @@ fn the_guard_uses_the_identitys_own_baseline() {
     assert_eq!(opened.len(), 1);
     assert!(opened[0].open);
 }
+
+#[test]
+fn config_budgets_are_checked_with_the_field_path() {
+    let base = "[kernel]\ninterfaces = [\"eth0\"]\n\n[[services]]\nname = \"llm\"\nport = 8000\n";
+    let with = |b: &str| crate::config::Config::from_toml_str(&format!("{base}{b}"));
+    let ok = with(
+        "[[budgets]]\nname = \"a\"\ntenant = \"*\"\nservice = \"llm\"\nperiod = \"30d\"\namount_micros = 5\nthresholds = [{ percent = 100, action = \"deny\" }]\n",
+    )
+    .expect("a valid budget");
+    assert_eq!(ok.budgets[0].period, Period::Rolling30d);
+    for (text, field) in [
+        (
+            "[[budgets]]\nname = \"a\"\nservice = \"gpt\"\nperiod = \"day\"\namount_micros = 5\nthresholds = [{ percent = 100, action = \"deny\" }]\n",
+            "budgets[0].service",
+        ),
+        (
+            "[[budgets]]\nname = \"a\"\nidentity = \"x\"\nperiod = \"day\"\namount_micros = -1\nthresholds = [{ percent = 100, action = \"deny\" }]\n",
+            "budgets[0].amount_micros",
+        ),
+        (
+            "[[budgets]]\nname = \"a\"\nidentity = \"x\"\nperiod = \"day\"\namount_micros = 1\nthresholds = [{ percent = 100, action = \"deny\" }]\n[[budgets]]\nname = \"b\"\nidentity = \"x\"\nperiod = \"day\"\namount_micros = 2\nthresholds = [{ percent = 100, action = \"deny\" }]\n",
+            "budgets.scope",
+        ),
+        (
+            "[cost_control]\nforecast_window_secs = 0\n",
+            "cost_control.forecast_window_secs",
+        ),
+        (
+            "[cost_control.extraction]\nratio = -1\n",
+            "cost_control.extraction.ratio",
+        ),
+    ] {
+        let e = with(text).expect_err(field).to_string();
+        assert!(e.starts_with(&format!("{field}:")), "{field}: {e}");
+    }
+}

@@ -21,11 +21,18 @@
 //!
 //! `portcullis-bench peers [--secs N] [--windows N]`: a spoofed SYN flood
 //! against portcullis and the filters it is compared with, node CPU per
-//! packet (`tests/bench/src/peers.rs`). Benchmarks report; they never fail on a missed target.
+//! packet (`tests/bench/src/peers.rs`).
+//!
+//! `portcullis-bench budgets [--identities N] [--ticks N]`: the CPU of the
+//! once-a-second cost control for N identities with three budgets each,
+//! against the accounting tick without budgets
+//! (`tests/bench/src/budgets.rs`). Benchmarks report; they never fail on
+//! a missed target.
 
 use std::process::ExitCode;
 
 mod admission;
+mod budgets;
 mod control;
 mod events;
 mod flood;
@@ -34,6 +41,7 @@ mod peers;
 mod policy;
 mod support;
 mod xdp;
+mod xdp_clamp;
 mod xdp_scale;
 
 const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
@@ -49,7 +57,10 @@ const USAGE: &str = "usage: portcullis-bench xdp [--repeat N] [--singles N]
   --secs N     seconds per scenario (default 30)
        portcullis-bench peers [--secs N] [--windows N]
   --secs N     seconds per window (default 5)
-  --windows N  windows per configuration (default 3)";
+  --windows N  windows per configuration (default 3)
+       portcullis-bench budgets [--identities N] [--ticks N]
+  --identities N  active identities with 3 budgets each (default 10000)
+  --ticks N       one-second ticks per configuration (default 20)";
 
 fn main() -> ExitCode {
     let mut args = std::env::args().skip(1);
@@ -61,6 +72,7 @@ fn main() -> ExitCode {
         Some("events") => events::main(args),
         Some("control") => control::main(args),
         Some("peers") => peers::main(args),
+        Some("budgets") => budgets::main(args),
         Some("-h" | "--help") => {
             println!("{USAGE}");
             return ExitCode::SUCCESS;

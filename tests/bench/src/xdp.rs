@@ -372,6 +372,8 @@ fn run(args: &Args) -> Result<()> {
     );
     println!();
     crate::xdp_scale::print(&crate::xdp_scale::run(args.repeat)?);
+    println!();
+    crate::xdp_clamp::print(&crate::xdp_clamp::run(args.repeat)?, args.repeat);
     Ok(())
 }
 
