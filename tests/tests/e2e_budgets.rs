@@ -617,3 +617,94 @@ hold_secs = 30
         "ordinary request/response traffic is not extraction"
     );
 }
+
+/// The spend of budget `budget`'s meter `key`, as `ctl budget list` shows.
+fn meter_spent(k: &KnockEnv, budget: &str, key: &str) -> Option<u64> {
+    let v = ctl_json(&k.env, None, &["budget", "list"]);
+    v["budgets"]
+        .as_array()?
+        .iter()
+        .find(|b| b["name"] == budget)?["meters"]
+        .as_array()?
+        .iter()
+        .find(|m| m["key"] == key)?["spent_micros"]
+        .as_u64()
+}
+
+fn restart(k: &mut KnockEnv) {
+    k.env
+        .agent()
+        .terminate(Duration::from_secs(10))
+        .expect("agent stops");
+    k.env.agent = None;
+    assert_eq!(k.env.start_agent(), "adopted");
+}
+
+#[test]
+fn a_period_rolls_over_exactly_once_across_agent_restarts() {
+    let _one = serial();
+    let mut k = start(
+        "bgt-roll",
+        "per_mib_in_micros = 1000000",
+        r#"
+[[budgets]]
+name = "daily"
+identity = "*"
+period = "day"
+amount_micros = 1000000000000
+thresholds = [{ percent = 100, action = "warn" }]
+"#,
+    );
+    let token = k.mint(&[INVOKE], TOKEN_TTL);
+    k.knock_ok(false, &token, SERVICE, &[]);
+    let _echo = k.env.echo_server(false, PROTECTED_PORT);
+    let send = |k: &KnockEnv, mib: usize| {
+        let mut s = k
+            .env
+            .connect(false, PROTECTED_PORT, OK_TIMEOUT)
+            .expect("admitted connect");
+        s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
+        echo_bytes(&mut s, mib * MIB);
+    };
+    send(&k, 2);
+    let first = poll_until(ENFORCED, || {
+        meter_spent(&k, "daily", "acme/alice").filter(|s| *s >= 2_000_000)
+    })
+    .expect("the day's meter counts the first transfer");
+    // The agent stops; the meter's day is then over (as if it had been
+    // stopped before midnight and started after it).
+    k.env
+        .agent()
+        .terminate(Duration::from_secs(10))
+        .expect("agent stops");
+    k.env.agent = None;
+    let ledger = k.env.state_dir().join("ledger.json");
+    let mut j: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&ledger).expect("ledger")).expect("ledger JSON");
+    let meters = j["budgets"]["meters"].as_array_mut().expect("meters kept");
+    let m = meters
+        .iter_mut()
+        .find(|m| m["budget"] == "daily" && m["key"] == "acme/alice")
+        .expect("alice's meter kept in the ledger");
+    assert_eq!(m["spent"].as_u64(), Some(first));
+    m["period"] = serde_json::json!("2000-01-01");
+    std::fs::write(&ledger, serde_json::to_vec(&j).unwrap()).expect("write ledger");
+    assert_eq!(k.env.start_agent(), "adopted");
+    send(&k, 1);
+    let second = poll_until(ENFORCED, || {
+        meter_spent(&k, "daily", "acme/alice").filter(|s| *s >= 1_000_000)
+    })
+    .expect("the new day's meter counts the second transfer");
+    assert!(second < first, "the new day starts from zero: {second} after {first}");
+    // Restarted again within the day: the meter is not reset a second time.
+    restart(&mut k);
+    send(&k, 1);
+    let third = poll_until(ENFORCED, || {
+        meter_spent(&k, "daily", "acme/alice").filter(|s| *s >= second + 1_000_000)
+    });
+    assert!(
+        third.is_some(),
+        "spend since the roll-over is kept: {:?} after {second}",
+        meter_spent(&k, "daily", "acme/alice")
+    );
+}
