@@ -324,9 +324,15 @@ impl Accountant {
         instance: &str,
         rows: &[Usage],
     ) -> Result<TickSummary, LedgerError> {
-        let before = self.state.clone();
+        // What this tick changes, so the clock alone is not worth a write
+        // (periods only move forward against the saved month and day).
+        let periods_before = (self.state.month.clone(), self.state.day.clone());
+        let start_before = self.state.pending.start_unix_ns;
+        let mut dirty = false;
         let first = self.started.is_none();
         let t = self.advance(now);
+        dirty |= periods_before != (self.state.month.clone(), self.state.day.clone())
+            || start_before != self.state.pending.start_unix_ns;
         if self.state.counters != instance {
             if !self.state.counters.is_empty() {
                 tracing::info!(
@@ -337,6 +343,7 @@ impl Accountant {
             }
             self.state.baselines.clear();
             self.state.counters = instance.to_string();
+            dirty = true;
         }
         self.absorb_learned();
         let p = period::periods(t);
@@ -359,17 +366,19 @@ impl Accountant {
                 // it changed hands), counters reset, or first sight.
                 _ => now_counters,
             };
-            self.state.baselines.insert(
-                (row.slot, row.service),
-                Baseline {
-                    identity_key: row.identity_key,
-                    identity: identity.clone(),
-                    counters: now_counters,
-                },
-            );
+            let baseline = Baseline {
+                identity_key: row.identity_key,
+                identity: identity.clone(),
+                counters: now_counters,
+            };
+            dirty |= old.get(&(row.slot, row.service)) != Some(&baseline);
+            self.state
+                .baselines
+                .insert((row.slot, row.service), baseline);
             if !delta.has_traffic() {
                 continue;
             }
+            dirty = true;
             if !first {
                 let e = self.traffic.entry(identity.clone()).or_default();
                 e.0 = e.0.saturating_add(delta.bytes_in);
@@ -388,16 +397,12 @@ impl Accountant {
             // agent counted: not a rate.
             costs.clear();
         }
+        // Rows no longer read (their slot or service went away).
+        dirty |= old.len() != self.state.baselines.len();
         self.remember_rate(t, costs);
         self.publish();
-        self.evaluate_budgets(t, &p);
-        // The clock alone is not worth a write: periods only move forward
-        // against the saved month and day anyway.
-        let changed = State {
-            clock_secs: before.clock_secs,
-            ..self.state.clone()
-        } != before;
-        if changed {
+        dirty |= self.evaluate_budgets(t, &p);
+        if dirty {
             self.save()?;
         }
         Ok(summary)

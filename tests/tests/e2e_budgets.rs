@@ -695,7 +695,10 @@ thresholds = [{ percent = 100, action = "warn" }]
         meter_spent(&k, "daily", "acme/alice").filter(|s| *s >= 1_000_000)
     })
     .expect("the new day's meter counts the second transfer");
-    assert!(second < first, "the new day starts from zero: {second} after {first}");
+    assert!(
+        second < first,
+        "the new day starts from zero: {second} after {first}"
+    );
     // Restarted again within the day: the meter is not reset a second time.
     restart(&mut k);
     send(&k, 1);

@@ -95,9 +95,10 @@ impl Accountant {
         self.budgets = all;
     }
 
-    /// Evaluates every budget at ledger time `t` and publishes the view.
-    pub(super) fn evaluate_budgets(&mut self, t: i64, p: &period::Periods) {
-        let (readings, changed, ended) =
+    /// Evaluates every budget at ledger time `t` and publishes the view;
+    /// whether the meters or approvals changed (the ledger needs a write).
+    pub(super) fn evaluate_budgets(&mut self, t: i64, p: &period::Periods) -> bool {
+        let (readings, changed, ended, moved) =
             self.state
                 .budgets
                 .evaluate(&self.budgets, t, p, self.window_secs);
@@ -120,6 +121,7 @@ impl Accountant {
             approvals: self.state.budgets.approvals.clone(),
             at_secs: t,
         });
+        moved
     }
 
     pub(super) fn evaluate_now(&mut self) {

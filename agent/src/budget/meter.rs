@@ -174,8 +174,10 @@ fn slot_count(window_secs: i64) -> i64 {
 
 impl Meter {
     /// Moves to the period of `t`: a new day or month starts from zero, a
-    /// rolling window forgets buckets that left it. Only forward.
-    fn roll(&mut self, period: Period, t: i64, p: &Periods) {
+    /// rolling window forgets buckets that left it. Only forward. Whether
+    /// anything changed.
+    fn roll(&mut self, period: Period, t: i64, p: &Periods) -> bool {
+        let mut moved = false;
         match period.rolling() {
             None => {
                 let now = if period == Period::Day {
@@ -186,6 +188,7 @@ impl Meter {
                 if self.period.as_str() < now.as_str() {
                     self.period = now.clone();
                     self.spent = 0;
+                    moved = true;
                 }
             }
             Some((len, _)) => {
@@ -195,9 +198,11 @@ impl Meter {
                     }
                     self.buckets.pop_front();
                     self.spent = self.spent.saturating_sub(v);
+                    moved = true;
                 }
             }
         }
+        moved
     }
 
     fn add(&mut self, period: Period, t: i64, cost: u64) {
@@ -253,15 +258,17 @@ impl Meters {
     }
 
     /// Rolls every meter to `t`, reads its forecast, and records each
-    /// meter's action: the readings, the meters whose action changed, and
-    /// the approvals that ended.
+    /// meter's action: the readings, the meters whose action changed, the
+    /// approvals that ended, and whether anything kept in the ledger
+    /// changed.
     pub fn evaluate(
         &mut self,
         budgets: &[Budget],
         t: i64,
         p: &Periods,
         window_secs: i64,
-    ) -> (Vec<Reading>, Vec<Transition>, Vec<Ended>) {
+    ) -> (Vec<Reading>, Vec<Transition>, Vec<Ended>, bool) {
+        let mut moved = false;
         let by_name: HashMap<&str, &Budget> =
             budgets.iter().map(|b| (b.name.as_str(), b)).collect();
         let slot = t / slot_width(window_secs);
@@ -275,7 +282,7 @@ impl Meters {
             let Some(b) = by_name.get(id.0.as_str()) else {
                 continue;
             };
-            m.roll(b.period, t, p);
+            moved |= m.roll(b.period, t, p);
             let recent = if m.recent.width == slot_width(window_secs) {
                 m.recent.sum(slot, n)
             } else {
@@ -316,6 +323,7 @@ impl Meters {
         }
         // A meter back at zero with nothing in force holds nothing worth
         // keeping: per-identity budgets over many identities stay small.
+        moved |= !idle.is_empty() || !changed.is_empty();
         for id in idle {
             self.meters.remove(&id);
         }
@@ -335,6 +343,7 @@ impl Meters {
             });
             false
         });
-        (readings, changed, ended)
+        moved |= !ended.is_empty();
+        (readings, changed, ended, moved)
     }
 }

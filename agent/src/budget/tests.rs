@@ -121,15 +121,15 @@ fn a_day_budget_rolls_over_once_and_never_back() {
     assert_eq!(m.meters.len(), 1);
     // The next day: from zero, once.
     let next = t + DAY;
-    m.evaluate(&b, next, &periods(next), 60);
+    let _ = m.evaluate(&b, next, &periods(next), 60);
     charge(&mut m, &b, ("acme/alice", "acme", "llm"), 7, next);
     assert_eq!(m.meters[&key].spent, 7);
-    m.evaluate(&b, next + 1, &periods(next + 1), 60);
+    let _ = m.evaluate(&b, next + 1, &periods(next + 1), 60);
     assert_eq!(m.meters[&key].spent, 7, "a second roll-over does not reset");
     // A wall clock stepped back to yesterday: the ledger's clock never
     // goes back (the accountant passes max(wall, ledger)), and a meter
     // asked about an earlier period keeps its own.
-    m.evaluate(&b, t, &periods(t), 60);
+    let _ = m.evaluate(&b, t, &periods(t), 60);
     assert_eq!(m.meters[&key].spent, 7);
 }
 
@@ -143,7 +143,7 @@ fn the_forecast_gates_before_the_spend_crosses() {
     for s in 0..10 {
         charge(&mut m, &b, ("acme/alice", "acme", "llm"), 10_000, t + s);
     }
-    let (readings, changed, _) = m.evaluate(&b, t + 10, &periods(t + 10), 60);
+    let (readings, changed, _, _) = m.evaluate(&b, t + 10, &periods(t + 10), 60);
     let r = &readings[0];
     assert_eq!(r.spent_micros, 100_000);
     assert!(r.forecast_micros > r.amount_micros, "{r:?}");
@@ -151,12 +151,12 @@ fn the_forecast_gates_before_the_spend_crosses() {
     assert_eq!(changed.len(), 1, "one transition");
     assert_eq!(changed[0].from, None);
     // Evaluated again: no new transition.
-    let (_, again, _) = m.evaluate(&b, t + 11, &periods(t + 11), 60);
+    let (_, again, _, _) = m.evaluate(&b, t + 11, &periods(t + 11), 60);
     assert!(again.is_empty());
     // The rate leaves the window: the forecast falls back to the spend,
     // and the action is lifted (a transition down).
     let later = t + 200;
-    let (readings, down, _) = m.evaluate(&b, later, &periods(later), 60);
+    let (readings, down, _, _) = m.evaluate(&b, later, &periods(later), 60);
     assert_eq!(readings[0].forecast_micros, 100_000);
     assert_eq!(down.len(), 1);
     assert_eq!(down[0].from, Some(Action::Deny));
@@ -178,9 +178,9 @@ fn rolling_windows_forget_spend_bucket_by_bucket() {
     charge(&mut m, &b, ("acme/alice", "acme", "llm"), 100, t);
     charge(&mut m, &b, ("acme/alice", "acme", "llm"), 50, t + 3 * DAY);
     let key = ("week".to_string(), String::new());
-    m.evaluate(&b, t + 7 * DAY - 1, &periods(t + 7 * DAY - 1), 60);
+    let _ = m.evaluate(&b, t + 7 * DAY - 1, &periods(t + 7 * DAY - 1), 60);
     assert_eq!(m.meters[&key].spent, 150);
-    m.evaluate(&b, t + 7 * DAY + 3_600, &periods(t + 7 * DAY + 3_600), 60);
+    let _ = m.evaluate(&b, t + 7 * DAY + 3_600, &periods(t + 7 * DAY + 3_600), 60);
     assert_eq!(m.meters[&key].spent, 50, "the first day's spend left");
 }
 
@@ -219,7 +219,7 @@ fn the_strictest_budget_decides_and_an_approval_lets_one_identity_through() {
         6_000_000,
         t - 3_600,
     );
-    let (readings, _, _) = m.evaluate(&budgets, t, &periods(t), 60);
+    let (readings, _, _, _) = m.evaluate(&budgets, t, &periods(t), 60);
     let view = BudgetView {
         budgets: budgets.clone(),
         readings: readings
@@ -272,7 +272,7 @@ fn the_strictest_budget_decides_and_an_approval_lets_one_identity_through() {
         1_000,
         t + 1,
     );
-    let (_, _, ended) = m2.evaluate(&budgets, t + 2, &periods(t + 2), 60);
+    let (_, _, ended, _) = m2.evaluate(&budgets, t + 2, &periods(t + 2), 60);
     assert_eq!(ended.len(), 1);
     assert_eq!(ended[0].why, "amount used");
     assert!(m2.approvals.is_empty());
@@ -289,7 +289,7 @@ fn the_strictest_budget_decides_and_an_approval_lets_one_identity_through() {
             reason: String::new(),
         },
     );
-    let (_, _, ended) = m3.evaluate(&budgets, t + 10, &periods(t + 10), 60);
+    let (_, _, ended, _) = m3.evaluate(&budgets, t + 10, &periods(t + 10), 60);
     assert_eq!(ended[0].why, "time up");
 }
 
