@@ -96,10 +96,11 @@ pub struct Scope {
     pub service: Option<String>,
 }
 
-/// Each of the scopes' names matched against one (identity, tenant,
-/// service): `None` when the budget does not cover it, else the key of
-/// the budget's meter that does ("" for a budget with one meter).
 impl Scope {
+    /// Each of the scope's names matched against one (identity, tenant,
+    /// service): `None` when the budget does not cover it, else the key of
+    /// the budget's meter that does ("" for a budget with one meter; the
+    /// `*` parts' values joined by `|` otherwise).
     pub fn covers(&self, identity: &str, tenant: &str, service: Option<&str>) -> Option<String> {
         let part = |want: &Option<String>, have: &str| -> Option<Option<String>> {
             match want.as_deref() {
