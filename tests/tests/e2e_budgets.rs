@@ -64,6 +64,17 @@ fn wait_budget_event(
         .unwrap_or_else(|| panic!("no budget event: {what}\nagent log:\n{}", k.log()))
 }
 
+/// An admitted connection to the echo service, from the client's main
+/// IPv4 address.
+fn connect(k: &KnockEnv) -> TcpStream {
+    let s = k
+        .env
+        .connect(false, PROTECTED_PORT, OK_TIMEOUT)
+        .expect("admitted connect");
+    s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
+    s
+}
+
 /// Echoes `bytes` through `s` in 64 KiB round trips.
 fn echo_bytes(s: &mut TcpStream, bytes: usize) {
     let chunk = vec![0x5a_u8; 64 * 1024];
@@ -91,6 +102,26 @@ fn echo_rate(s: &mut TcpStream, for_: Duration) -> f64 {
         moved += chunk.len();
     }
     moved as f64 / start.elapsed().as_secs_f64()
+}
+
+/// `ctl budget set NAME` for alice over 7 days, with an amount of one
+/// micro-unit (her spend is over it at once) and the thresholds `at`.
+fn set_alice_budget(k: &KnockEnv, name: &str, at: &[&str]) -> serde_json::Value {
+    let mut args = vec![
+        "budget",
+        "set",
+        name,
+        "--identity",
+        "acme/alice",
+        "--period",
+        "7d",
+        "--amount",
+        "1",
+    ];
+    for a in at {
+        args.extend(["--at", a]);
+    }
+    ctl_json(&k.env, None, &args)
 }
 
 fn spend_row(k: &KnockEnv, identity: &str) -> Option<serde_json::Value> {
@@ -147,11 +178,7 @@ thresholds = [{ percent = 100, action = "deny" }]
     let token = k.mint(&[INVOKE], TOKEN_TTL);
     k.knock_ok(false, &token, SERVICE, &[]);
     let _echo = k.env.echo_server(false, PROTECTED_PORT);
-    let mut s = k
-        .env
-        .connect(false, PROTECTED_PORT, OK_TIMEOUT)
-        .expect("admitted connect");
-    s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
+    let mut s = connect(&k);
     // 4 MiB: 4 units of a 100-unit weekly budget, at a rate that would
     // spend far more than 100 within the week.
     echo_bytes(&mut s, 4 * MIB);
@@ -219,30 +246,11 @@ throttle_floor_bytes_per_sec = 262144
     let token = k.mint(&[INVOKE], TOKEN_TTL);
     k.knock_ok(false, &token, SERVICE, &[]);
     let _echo = k.env.echo_server(false, PROTECTED_PORT);
-    let mut s = k
-        .env
-        .connect(false, PROTECTED_PORT, OK_TIMEOUT)
-        .expect("admitted connect");
+    let mut s = connect(&k);
     let free = echo_rate(&mut s, Duration::from_millis(1500));
     assert!(free > 4_000_000.0, "unthrottled rate {free:.0} B/s");
     // A budget set at run time that alice's spend already exceeds.
-    let set = ctl_json(
-        &k.env,
-        None,
-        &[
-            "budget",
-            "set",
-            "slow",
-            "--identity",
-            "acme/alice",
-            "--period",
-            "7d",
-            "--amount",
-            "1",
-            "--at",
-            "100:throttle",
-        ],
-    );
+    let set = set_alice_budget(&k, "slow", &["100:throttle"]);
     assert_eq!(set["budgets"][0]["name"], "slow");
     wait_action(&k, "acme/alice", "throttle");
     let throttled = echo_rate(&mut s, Duration::from_millis(2000));
@@ -299,25 +307,7 @@ throttle_floor_bytes_per_sec = 262144
     });
     assert!(lifted.is_some(), "removing the budget restores the rate");
     // Tightened to deny, the same live connection is cut.
-    ctl_json(
-        &k.env,
-        None,
-        &[
-            "budget",
-            "set",
-            "slow",
-            "--identity",
-            "acme/alice",
-            "--period",
-            "7d",
-            "--amount",
-            "1",
-            "--at",
-            "50:throttle",
-            "--at",
-            "100:deny",
-        ],
-    );
+    set_alice_budget(&k, "slow", &["50:throttle", "100:deny"]);
     let cut = poll_until(ENFORCED, || {
         echo_roundtrip(&mut s, b"x", Duration::from_millis(500))
             .is_err()
@@ -578,11 +568,7 @@ hold_secs = 30
     k.knock_ok(true, &bob, "weights", &[]);
     let _echo = k.env.echo_server(false, PROTECTED_PORT);
     let _bulk = Bulk::start(&k, k.env.server(true, BULK_PORT), 16 * MIB);
-    let mut s = k
-        .env
-        .connect(false, PROTECTED_PORT, OK_TIMEOUT)
-        .expect("alice connects");
-    s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
+    let mut s = connect(&k);
     echo_bytes(&mut s, 8 * MIB);
     let (got, free) = download(&k, true, BULK_PORT, Duration::from_secs(20));
     assert!(got >= 16 * MIB, "the first download completes: {got}");
@@ -658,14 +644,7 @@ thresholds = [{ percent = 100, action = "warn" }]
     let token = k.mint(&[INVOKE], TOKEN_TTL);
     k.knock_ok(false, &token, SERVICE, &[]);
     let _echo = k.env.echo_server(false, PROTECTED_PORT);
-    let send = |k: &KnockEnv, mib: usize| {
-        let mut s = k
-            .env
-            .connect(false, PROTECTED_PORT, OK_TIMEOUT)
-            .expect("admitted connect");
-        s.set_read_timeout(Some(OK_TIMEOUT)).unwrap();
-        echo_bytes(&mut s, mib * MIB);
-    };
+    let send = |k: &KnockEnv, mib: usize| echo_bytes(&mut connect(k), mib * MIB);
     send(&k, 2);
     let first = poll_until(ENFORCED, || {
         meter_spent(&k, "daily", "acme/alice").filter(|s| *s >= 2_000_000)
