@@ -21,7 +21,7 @@ use e2e::{
     OK_TIMEOUT, PROTECTED_PORT, SERVICE,
     control::{ctl, ctl_json, ctl_refused},
     knock::{KnockEnv, KnockSettings},
-    serial,
+    metrics, serial,
 };
 use portcullis_proto::v1::{self, event::Body};
 use portcullis_testkit::{echo_roundtrip, poll_until};
@@ -241,6 +241,9 @@ fn throttling_lowers_a_live_connection_and_lifting_or_an_approval_restores_it() 
 [cost_control]
 forecast_window_secs = 3
 throttle_floor_bytes_per_sec = 262144
+
+[metrics]
+listen = "127.0.0.1:9477"
 "#,
     );
     let token = k.mint(&[INVOKE], TOKEN_TTL);
@@ -253,6 +256,16 @@ throttle_floor_bytes_per_sec = 262144
     let set = set_alice_budget(&k, "slow", &["100:throttle"]);
     assert_eq!(set["budgets"][0]["name"], "slow");
     wait_action(&k, "acme/alice", "throttle");
+    // The metrics show the meter's action and the throttled identity.
+    let (_, body) = metrics::get(&k, "/metrics");
+    metrics::promtool_check(&body);
+    let m = metrics::samples(&body);
+    assert_eq!(
+        m.get(r#"portcullis_budget_action{budget="slow",key="",period="7d"}"#),
+        Some(&2.0),
+        "{body}"
+    );
+    assert_eq!(m.get("portcullis_budget_throttled_identities"), Some(&1.0));
     let throttled = echo_rate(&mut s, Duration::from_millis(2000));
     assert!(
         throttled * 8.0 < free && throttled < 4.0 * 262_144.0,

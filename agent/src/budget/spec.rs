@@ -404,9 +404,23 @@ impl Budget {
     }
 }
 
-/// A set of budgets is refused when two have one name, or the same scope
-/// and period (two limits on one meter: which one is meant?).
+/// Most budgets a node holds: `*` scopes give every identity or tenant a
+/// budget of its own, so more than this is a mistake (or an attack on the
+/// evaluation every second).
+pub const MAX_BUDGETS: usize = 1_024;
+
+/// A set of budgets is refused when it is larger than [`MAX_BUDGETS`], or
+/// two have one name, or the same scope and period (two limits on one
+/// meter: which one is meant?).
 pub fn check_set(budgets: &[Budget]) -> Result<(), BudgetError> {
+    if budgets.len() > MAX_BUDGETS {
+        return Err(err(
+            "name",
+            format!(
+                "more than {MAX_BUDGETS} budgets; use `*` scopes for a budget per identity or tenant"
+            ),
+        ));
+    }
     for (i, b) in budgets.iter().enumerate() {
         for o in &budgets[..i] {
             if o.name == b.name {

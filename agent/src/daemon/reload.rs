@@ -3,7 +3,8 @@
 //! configuration are reported (logged), and the ones the running agent can
 //! take are applied: `[[services]]` (through the one path of
 //! `agent/src/daemon/services.rs`, so services added or removed through
-//! the control API since are replaced by the file's) and `[findings]`.
+//! the control API since are replaced by the file's), `[findings]`,
+//! `[[budgets]]` and `[cost_control]`.
 //! Policy, token keys and revocations are re-read by the upkeep on the
 //! same signal; everything else in the file takes a restart (the kernel's
 //! pinned state keeps enforcing across it).
@@ -14,7 +15,7 @@ use super::{node::Node, services};
 use crate::config::Config;
 
 /// Sections a SIGHUP applies without a restart.
-pub const LIVE_SECTIONS: [&str; 2] = ["services", "findings"];
+pub const LIVE_SECTIONS: [&str; 4] = ["services", "findings", "budgets", "cost_control"];
 
 /// The top-level sections of `new` that differ from `old`.
 pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
@@ -38,6 +39,8 @@ pub fn changed_sections(old: &Config, new: &Config) -> Vec<&'static str> {
     differ("control", old.control != new.control);
     differ("metrics", old.metrics != new.metrics);
     differ("findings", old.findings != new.findings);
+    differ("budgets", old.budgets != new.budgets);
+    differ("cost_control", old.cost_control != new.cost_control);
     out
 }
 
@@ -106,6 +109,10 @@ pub fn reload_config(node: &Node, path: &Path, why: &str) {
             let mut next = cfg.clone();
             next.services = new.services.clone();
             next.findings = new.findings;
+            // Taken by the accountant with the prices (budgets whose
+            // meters exist keep their spend).
+            next.budgets = new.budgets.clone();
+            next.cost_control = new.cost_control;
             next.admissions
                 .retain(|a| new.services.iter().any(|s| s.name == a.service));
             Ok(next)

@@ -531,3 +531,4 @@ impl Drop for EchoLoop {
 pub mod collector;
 pub mod control;
 pub mod knock;
+pub mod metrics;
