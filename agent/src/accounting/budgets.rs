@@ -191,8 +191,9 @@ impl Accountant {
         Ok((b, replaced))
     }
 
-    /// Removes a run-time budget (its meters with it).
-    pub fn remove_budget(&mut self, name: &str) -> Result<Budget, EditError> {
+    /// Removes a run-time budget (its meters with it); returns it as it
+    /// was set (it may not have been in force: see `recompute_budgets`).
+    pub fn remove_budget(&mut self, name: &str) -> Result<BudgetDraft, EditError> {
         if self.config_budgets.iter().any(|b| b.name == name) {
             return Err(refuse(
                 "name",
@@ -206,23 +207,10 @@ impl Accountant {
             ));
         };
         let d = self.state.defined.remove(i);
-        let b = self
-            .budgets
-            .iter()
-            .find(|b| b.name == name)
-            .cloned()
-            .unwrap_or_else(|| Budget {
-                name: d.name.clone(),
-                scope: Default::default(),
-                period: spec::Period::Day,
-                amount_micros: 0,
-                thresholds: Vec::new(),
-                throttle_percent: 0,
-            });
         self.recompute_budgets();
         self.evaluate_now();
         self.save()?;
-        Ok(b)
+        Ok(d)
     }
 
     /// Lets `identity` (its kernel name) through its budgets until

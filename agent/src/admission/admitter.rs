@@ -360,13 +360,13 @@ impl Admitter {
         }
         // A budget whose forecast reached `deny` refuses before policy
         // (unless an approval lets the identity through).
-        let verdict = self.budget(&claims, &k.service);
+        let verdict = self.budget(&identity, &k.service);
         if verdict.enforced() == Some(BudgetAction::Deny) {
             return Err(deny(Refusal::Budget(Box::new(verdict)), attempt));
         }
         // Policy decides within what the token's scope allows: it can
         // narrow a token, never widen it.
-        let decision = self.decide(&claims, &k.service, svc, source, k.method, now);
+        let decision = self.decide(&claims, &k.service, svc, source, k.method, now, &verdict);
         if !decision.allow {
             attempt.policies = decision.determining.clone();
             attempt.policy_version = decision.version.clone();
@@ -440,18 +440,20 @@ impl Admitter {
         self.grants().len()
     }
 
-    /// The budgets' verdict on `claims`'s identity at `service`.
-    fn budget(&self, claims: &Claims, service: &str) -> Verdict {
+    /// The budgets' verdict on `identity` at `service`: computed once per
+    /// decision, for the refusal and for the policy context alike.
+    fn budget(&self, identity: &IdentityName, service: &str) -> Verdict {
         match &self.spend {
             Some(book) => book.budgets().verdict(
-                &IdentityName::new(claims.tenant.as_deref(), &claims.subject).display(),
-                claims.tenant.as_deref().unwrap_or(""),
+                &identity.display(),
+                identity.tenant.as_deref().unwrap_or(""),
                 Some(service),
             ),
             None => Verdict::default(),
         }
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn decide(
         &self,
         claims: &Claims,
@@ -460,6 +462,7 @@ impl Admitter {
         source: IpAddr,
         method: Method,
         now: SystemTime,
+        budget: &Verdict,
     ) -> Decision {
         let (spend_month, forecast_month) = match &self.spend {
             Some(book) => book.spend(
@@ -468,7 +471,6 @@ impl Admitter {
             ),
             None => (0, 0),
         };
-        let budget = self.budget(claims, service);
         self.policies.current().decide(&PolicyRequest {
             principal: Principal {
                 subject: claims.subject.clone(),
@@ -507,7 +509,8 @@ impl Admitter {
             .filter(|(_, g)| g.claims.expires_at > now)
             .filter_map(|(&at, g)| {
                 let svc = services.get(&g.service)?;
-                let d = self.decide(&g.claims, &g.service, svc, at.0, g.method, now);
+                let budget = self.budget(&g.identity, &g.service);
+                let d = self.decide(&g.claims, &g.service, svc, at.0, g.method, now, &budget);
                 (!d.allow).then_some(at)
             })
             .collect()

@@ -150,16 +150,21 @@ pub fn budget(
             );
         }
         Op::Remove(name) => {
-            let b = node.accountant().remove_budget(name).map_err(refused)?;
-            tracing::info!(event = "budget_removed", budget = %b.name, caller, "budget removed");
+            let d = node.accountant().remove_budget(name).map_err(refused)?;
+            tracing::info!(event = "budget_removed", budget = %d.name, caller, "budget removed");
+            let scope = crate::budget::Scope {
+                identity: d.identity.clone(),
+                tenant: d.tenant.clone(),
+                service: d.service.clone(),
+            };
             audit(
                 node,
                 v1::BudgetEvent {
                     kind: "removed".into(),
-                    budget: b.name.clone(),
-                    scope: b.scope.to_string(),
-                    period: b.period.as_str().into(),
-                    amount_micros: b.amount_micros,
+                    budget: d.name.clone(),
+                    scope: scope.to_string(),
+                    period: d.period.clone(),
+                    amount_micros: u64::try_from(d.amount_micros).unwrap_or(0),
                     by: caller.into(),
                     ..Default::default()
                 },
